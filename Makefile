@@ -1,0 +1,51 @@
+# Every target bootstraps .venv from requirements.lock when it is missing or stale.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+UI_PORT ?= 5000
+
+export PLOOMBER_STATS_ENABLED := false
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
+
+.PHONY: help run test export clean-nbs lint check nbdev-test pytest ui lock clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.lock setup.py settings.ini pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
+	@touch $(STAMP)
+
+run: $(STAMP) export ## run the whole pipeline on the default data, tracked in ./mlflow.db
+	$(BIN)/nbs run
+
+test: $(STAMP) ## everything CI checks: notebook hygiene, lint, nbdev_test, pytest
+	$(BIN)/nbs check
+	$(BIN)/ruff check .
+	$(BIN)/nbdev_test --n_workers 2
+	$(BIN)/pytest
+
+export: $(STAMP) ## regenerate nbs_lib/ from notebooks/
+	$(BIN)/nbdev_export
+
+clean-nbs: $(STAMP) ## strip outputs and metadata from every notebook (before committing)
+	$(BIN)/nbdev_clean
+	find notebooks -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' -print0 | xargs -0 $(BIN)/nbstripout --keep-id
+
+ui: $(STAMP) ## MLflow UI on 127.0.0.1 (port 5000, or UI_PORT=...) over ./mlflow.db
+	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT) --workers 1
+
+lock: ## re-resolve requirements.in into requirements.lock and env.yml
+	scripts/lock.sh
+
+clean: ## remove products and the embedded MLflow store (keeps .venv)
+	rm -rf products mlflow.db mlartifacts

@@ -1,0 +1,27 @@
+"""Packaging for nbs_lib: every field comes from settings.ini, nbdev's single source."""
+
+from configparser import ConfigParser
+
+import setuptools
+
+config = ConfigParser(delimiters=["="])
+config.read("settings.ini", encoding="utf-8")
+cfg = config["DEFAULT"]
+
+setuptools.setup(
+    name=cfg["lib_name"],
+    version=cfg["version"],
+    description=cfg["description"],
+    author=cfg["author"],
+    author_email=cfg["author_email"],
+    license="Apache-2.0",
+    keywords=cfg["keywords"].split(),
+    python_requires=f">={cfg['min_python']}",
+    packages=setuptools.find_packages(include=[f"{cfg['lib_path']}*"]),
+    install_requires=cfg["requirements"].split(),
+    entry_points={
+        "console_scripts": cfg["console_scripts"].split(),
+        "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
+    },
+    zip_safe=False,
+)
