@@ -61,7 +61,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     print(f"\nRan {len(ran)} of {len(dag)} tasks. Products:")
     for task in dag.values():
-        print(f"  {task.name:10} {task.product}")
+        products = task.product.to_json_serializable()
+        paths = products.values() if isinstance(products, dict) else [products]
+        print(f"  {task.name:10} " + "\n  {:10} ".format("").join(map(str, paths)))
     print(f"\nTracked in {tracking_uri()}. To browse the runs: make ui  (http://127.0.0.1:5000)")
     return 0
 

@@ -10,11 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+from ploomber.constants import TaskStatus
+from ploomber.executors.abc import Executor
+
 from .errors import PipelineError, TaskFailure
 from .tracking import RUN_ID_ENV, finish_run, get_client, start_pipeline_run, start_task_run
 
 # %% auto #0
-__all__ = ['task_params', 'executed_notebook', 'describe_failure', 'build_tracked']
+__all__ = ['task_params', 'executed_notebook', 'describe_failure', 'TrackedExecutor']
 
 # %% ../notebooks/09_executor.ipynb #a231fd1e
 _PATH_PARAMS = {"product", "upstream"}
@@ -61,37 +64,44 @@ def _say(message: str, show: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def build_tracked(dag, show_progress: bool = True, experiment: str = "nbs") -> list:
-    "Ploomber executor: build the scheduled tasks of `dag` in order, each in its own MLflow run."
-    from ploomber.constants import TaskStatus
+class TrackedExecutor(Executor):
+    "Ploomber executor: build the scheduled tasks of a DAG in order, each in its own MLflow run."
 
-    scheduled = [t for t in dag.values() if t.exec_status != TaskStatus.Skipped]
-    if not scheduled:
-        return []
-    client, root = get_client(), Path.cwd()
-    params = {k: v for t in scheduled for k, v in task_params(t).items()}
-    parent = start_pipeline_run(client, experiment, [t.name for t in scheduled], params, root)
-    _say(f"MLflow pipeline run {parent} (experiment {experiment!r})", show_progress)
-    reports, failures, status = [], [], "KILLED"
-    try:
-        for task in scheduled:
-            if task.exec_status == TaskStatus.Aborted:
-                _say(f"  skipped {task.name}: an upstream task failed", show_progress)
-                continue
-            reports.extend(_build_task(client, parent, task, root, failures, show_progress))
-        status = "FAILED" if failures else "FINISHED"
-    finally:
-        client.set_tag(parent, "nbs.failed_tasks", ",".join(f.task for f in failures))
-        finish_run(client, parent, status)
-    if failures:
-        raise PipelineError(failures, hint="the executed notebooks show the failing cells; "
-                            "they are attached to the FAILED runs in MLflow")
-    return reports
+    def __init__(self, experiment: str = "nbs"):
+        self.experiment = experiment
+
+    def __call__(self, dag, show_progress: bool = True) -> list:
+        "Build `dag`'s out-of-date tasks under one pipeline run; raise PipelineError if any fails."
+        super().__call__(dag)
+        scheduled = [t for t in dag.values() if t.exec_status != TaskStatus.Skipped]
+        if not scheduled:
+            return []
+        client, root = get_client(), Path.cwd()
+        params = {k: v for t in scheduled for k, v in task_params(t).items()}
+        parent = start_pipeline_run(client, self.experiment, [t.name for t in scheduled], params, root)
+        _say(f"MLflow pipeline run {parent} (experiment {self.experiment!r})", show_progress)
+        reports, failures, status = [], [], "KILLED"
+        try:
+            for task in scheduled:
+                if task.exec_status == TaskStatus.Aborted:
+                    _say(f"  skipped  {task.name}: an upstream task failed", show_progress)
+                    continue
+                reports.extend(_build_task(client, parent, task, root, failures, show_progress))
+            status = "FAILED" if failures else "FINISHED"
+        finally:
+            client.set_tag(parent, "nbs.failed_tasks", ",".join(f.task for f in failures))
+            finish_run(client, parent, status)
+        if failures:
+            raise PipelineError(failures, hint="the executed notebooks show the failing cells; "
+                                "they are attached to the FAILED runs in MLflow")
+        return reports
 
 
 def _build_task(client, parent: str, task, root: Path, failures: list, show: bool) -> list:
     notebook = _display_path(task.source.loc, root) if hasattr(task.source, "loc") else task.name
     run_id = start_task_run(client, parent, task.name, notebook, task_params(task), root)
+    if hasattr(task, "executor_params"):  # progress is reported per task here, not per cell
+        task.executor_params.setdefault("progress_bar", False)
     _say(f"  running {task.name} ({notebook}) ...", show)
     started, status, reports = time.monotonic(), "KILLED", []
     os.environ[RUN_ID_ENV] = run_id

@@ -1,0 +1,64 @@
+"""Fixtures: scratch copies of the project, the real `nbs` command, and its MLflow store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NBS = Path(sys.executable).with_name("nbs")
+PROJECT_FILES = ["notebooks", "nbs_lib", "pipeline.yaml", "env.yaml", "env.yml", "settings.ini",
+                 "requirements.in", "requirements.lock", "setup.py", "pyproject.toml"]
+
+
+def copy_project(dest: Path) -> Path:
+    "A copy of the project's source (no products, no store) at `dest`, committed to a fresh git repo."
+    dest.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints")
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=ignore)
+        else:
+            shutil.copy(source, dest / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "scratch"], cwd=dest, check=True)
+    return dest
+
+
+def run_nbs(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    "Run the installed `nbs` command in `cwd` with the embedded store of that folder."
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
+    env["PLOOMBER_STATS_ENABLED"] = "false"
+    return subprocess.run([str(NBS), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def store(root: Path):
+    "An MlflowClient on the embedded store of the project at `root`."
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+
+
+def runs_of(root: Path, experiment: str = "nbs") -> list:
+    "Every run of `experiment` in the store of `root`, oldest first."
+    client = store(root)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"],
+                              max_results=1000)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    "A fresh copy of the project for one test."
+    return copy_project(tmp_path / "project")

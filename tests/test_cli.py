@@ -1,0 +1,59 @@
+"""`nbs` refuses bad input before any kernel starts or any run is created, with exit code 2."""
+
+from __future__ import annotations
+
+from conftest import run_nbs
+
+
+def test_help_lists_the_commands(tmp_path):
+    done = run_nbs("--help", cwd=tmp_path)
+    assert done.returncode == 0
+    assert "run " in done.stdout and "check " in done.stdout
+    run_help = run_nbs("run", "--help", cwd=tmp_path)
+    assert "-p NAME=VALUE" in run_help.stdout and "--force" in run_help.stdout
+
+
+def test_outside_a_project(tmp_path):
+    done = run_nbs("run", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "no pipeline.yaml here or in any parent folder" in done.stderr
+
+
+def test_parameter_no_task_declares(project):
+    done = run_nbs("run", "-p", "learning_rate=0.1", cwd=project)
+    assert done.returncode == 2
+    assert "parameter 'learning_rate' is not declared in env.yaml" in done.stderr
+    assert "valid parameters: data_path, experiment," in done.stderr
+    assert not (project / "mlflow.db").exists(), "a refused build must not touch the store"
+
+
+def test_parameter_name_that_is_code(project):
+    done = run_nbs("run", "-p", "__import__('os').system('touch pwned')=1", cwd=project)
+    assert done.returncode == 2
+    assert "is not of the form name=value" in done.stderr
+    assert not (project / "pwned").exists()
+
+
+def test_parameter_of_the_wrong_type(project):
+    done = run_nbs("run", "-p", "test_size=a quarter", cwd=project)
+    assert done.returncode == 2
+    assert "parameter 'test_size' expects float (default 0.2), got 'a quarter'" in done.stderr
+
+
+def test_malformed_pipeline_yaml(project):
+    spec = project / "pipeline.yaml"
+    spec.write_text(spec.read_text().replace("    name: validate", "   name: validate", 1))
+    done = run_nbs("run", cwd=project)
+    assert done.returncode == 2
+    assert "pipeline.yaml: line" in done.stderr
+    assert not (project / "mlflow.db").exists()
+
+
+def test_pipeline_yaml_that_ploomber_rejects(project):
+    spec = project / "pipeline.yaml"
+    spec.write_text(spec.read_text().replace("notebooks/pipeline/20_validate.ipynb",
+                                             "notebooks/pipeline/missing.ipynb"))
+    done = run_nbs("run", cwd=project)
+    assert done.returncode == 2
+    assert "pipeline.yaml:" in done.stderr and "missing.ipynb" in done.stderr
+    assert not (project / "mlflow.db").exists()

@@ -1,0 +1,172 @@
+"""The whole pipeline in real papermill kernels, tracked in a real MLflow store, on scratch copies."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import copy_project, run_nbs, runs_of, store
+
+TASKS = ["ingest", "validate", "features", "train", "evaluate", "register"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    "A project copy after one `nbs run` on the default data."
+    root = copy_project(tmp_path_factory.mktemp("built") / "project")
+    done = run_nbs("run", cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return root, done
+
+
+def test_run_writes_every_declared_product(built):
+    root, done = built
+    for path in ["data/raw.parquet", "data/validated.parquet", "data/train.parquet",
+                 "data/test.parquet", "model/model.joblib", "model/registered.json",
+                 "evaluation/metrics.json", "evaluation/confusion_matrix.png", "evaluation/roc.png",
+                 *[f"executed/{t}.ipynb" for t in TASKS]]:
+        assert (root / "products" / path).is_file(), path
+    assert "Ran 6 of 6 tasks" in done.stdout and "make ui" in done.stdout
+    metrics = json.loads((root / "products/evaluation/metrics.json").read_text())
+    assert metrics["roc_auc"] > 0.95
+
+
+def test_one_parent_run_with_a_finished_child_per_task(built):
+    root, _ = built
+    runs = runs_of(root)
+    parents = [r for r in runs if r.data.tags["nbs.kind"] == "pipeline"]
+    children = [r for r in runs if r.data.tags["nbs.kind"] == "task"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert [r.data.tags["nbs.task"] for r in children] == TASKS
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                          text=True).stdout.strip()
+    client = store(root)
+    for run in children:
+        task = run.data.tags["nbs.task"]
+        assert run.info.status == "FINISHED", task
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert run.data.tags["nbs.notebook"].startswith("notebooks/pipeline/")
+        assert run.data.tags["mlflow.source.git.commit"] == head
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "notebook")]
+        assert artifacts == [f"notebook/{task}.ipynb"], task
+    by_task = {r.data.tags["nbs.task"]: r for r in children}
+    assert by_task["ingest"].data.params == {"data_path": "", "target": "target"}
+    assert by_task["ingest"].data.metrics == {"rows": 569.0, "columns": 31.0}
+    assert by_task["train"].data.params["model"] == "logistic_regression"
+    assert by_task["evaluate"].data.metrics["accuracy"] > 0.9
+    assert parents[0].data.params["seed"] == "42"
+
+
+def test_executed_notebook_holds_injected_parameters_and_outputs(built):
+    root, _ = built
+    nb = json.loads((root / "products/executed/features.ipynb").read_text())
+    injected = [c for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert len(injected) == 1 and "test_size = 0.2" in "".join(injected[0]["source"])
+    assert any(c.get("outputs") for c in nb["cells"])
+
+
+def test_model_registered_as_champion_and_serves_like_the_product(built):
+    import mlflow.pyfunc
+    from nbs_lib.train import load_model
+
+    root, _ = built
+    client = store(root)
+    champion = client.get_model_version_by_alias("nbs-classifier", "champion")
+    challenger = client.get_model_version_by_alias("nbs-classifier", "challenger")
+    assert int(champion.version) == int(challenger.version) == 1
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    served = mlflow.pyfunc.load_model("models:/nbs-classifier@champion")
+    test = pd.read_parquet(root / "products/data/test.parquet").drop(columns="target")
+    product = load_model(root / "products/model/model.joblib")
+    assert np.array_equal(served.predict(test), product.predict(test))
+    assert served.metadata.signature.inputs.input_names() == list(test.columns)
+
+
+def test_second_run_skips_every_up_to_date_task(built):
+    root, _ = built
+    before = len(runs_of(root))
+    done = run_nbs("run", cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert "All 6 tasks are up to date; nothing ran" in done.stdout
+    assert len(runs_of(root)) == before
+
+
+def test_parameter_override_reruns_only_affected_tasks(built):
+    root, _ = built
+    before = {r.info.run_id for r in runs_of(root)}
+    done = run_nbs("run", "-p", "model=random_forest", "-p", "model_params={n_estimators: 25}",
+                   cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    new = [r for r in runs_of(root) if r.info.run_id not in before]
+    assert [r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task"] == [
+        "train", "evaluate", "register"]
+    train = next(r for r in new if r.data.tags.get("nbs.task") == "train")
+    assert train.data.params["model"] == "random_forest"
+    client = store(root)
+    assert int(client.get_model_version_by_alias("nbs-classifier", "challenger").version) == 2
+    assert int(client.get_model_version_by_alias("nbs-classifier", "champion").version) == 1
+
+
+def _assert_nothing_left_running(root):
+    statuses = [r.info.status for r in runs_of(root)]
+    assert statuses and "RUNNING" not in statuses, statuses
+
+
+def test_data_file_that_does_not_exist(project):
+    done = run_nbs("run", "-p", "data_path=data/nope.csv", cwd=project)
+    assert done.returncode == 1
+    assert "task 'ingest'" in done.stderr and "data file 'data/nope.csv' does not exist" in done.stderr
+    _assert_nothing_left_running(project)
+    runs = runs_of(project)
+    assert {r.data.tags.get("nbs.task", "pipeline"): r.info.status for r in runs} == {
+        "pipeline": "FAILED", "ingest": "FAILED"}
+    failed = next(r for r in runs if r.data.tags.get("nbs.task") == "ingest")
+    assert [a.path for a in store(project).list_artifacts(failed.info.run_id, "notebook")] == [
+        "notebook/ingest.ipynb"], "the partial executed notebook must be kept"
+    assert not (project / "products/data/raw.parquet").exists()
+
+
+def test_target_column_not_in_the_data(project):
+    pd.DataFrame({"x": [1.0, 2.0], "label": [0, 1]}).to_parquet(project / "tiny.parquet")
+    done = run_nbs("run", "-p", "data_path=tiny.parquet", "-p", "target=outcome", cwd=project)
+    assert done.returncode == 1
+    assert "target column 'outcome' is not in 'tiny.parquet'" in done.stderr
+    _assert_nothing_left_running(project)
+
+
+def test_data_that_fails_validation_stops_the_build(project):
+    rng = np.random.default_rng(0)
+    data = pd.DataFrame({"x": rng.normal(size=40), "z": rng.normal(size=40),
+                         "y": np.tile([0, 1], 20)})
+    data.loc[7, "x"] = np.inf
+    data.loc[:9, "z"] = np.nan
+    data.to_csv(project / "bad.csv", index=False)
+    done = run_nbs("run", "-p", "data_path=bad.csv", "-p", "target=y", cwd=project)
+    assert done.returncode == 1
+    assert "task 'validate'" in done.stderr
+    assert "column 'x' fails 'finite' at row 7: inf" in done.stderr
+    assert "column 'z' fails 'missing_fraction<=0.1'" in done.stderr
+    _assert_nothing_left_running(project)
+    statuses = {r.data.tags.get("nbs.task", "pipeline"): r.info.status for r in runs_of(project)}
+    assert statuses == {"pipeline": "FAILED", "ingest": "FINISHED", "validate": "FAILED"}
+    assert not (project / "products/data/validated.parquet").exists()
+
+
+def test_any_csv_with_a_named_target_column(project):
+    rng = np.random.default_rng(1)
+    n = 120
+    colour = rng.choice(["red", "green", "blue"], size=n)
+    x = rng.normal(size=n)
+    churn = np.where(x + (colour == "red") + rng.normal(scale=0.3, size=n) > 0.5, "yes", "no")
+    pd.DataFrame({"x": x, "colour": colour, "churn": churn}).to_csv(project / "churn.csv", index=False)
+    done = run_nbs("run", "-p", "data_path=churn.csv", "-p", "target=churn",
+                   "-p", "model_name=churn", cwd=project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    client = store(project)
+    champion = client.get_model_version_by_alias("churn", "champion")
+    assert int(champion.version) == 1
+    metrics = json.loads((project / "products/evaluation/metrics.json").read_text())
+    assert metrics["accuracy"] > 0.7
