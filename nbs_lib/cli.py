@@ -14,6 +14,7 @@ from nbs_lib.config import (
     DEFAULT_TRACKING_URI,
     ENV_FILE,
     PIPELINE_FILE,
+    display_path,
     find_project_root,
     parse_overrides,
     read_yaml_mapping,
@@ -56,14 +57,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     dag = load_dag(root, overrides)
     dag.build(force=args.force, show_progress=True)
     ran = [t for t in dag.values() if t.exec_status == TaskStatus.Executed]
-    if not ran:
-        print(f"All {len(dag)} tasks are up to date; nothing ran (--force re-runs them).")
-        return 0
-    print(f"\nRan {len(ran)} of {len(dag)} tasks. Products:")
+    if ran:
+        print(f"\nRan {len(ran)} of {len(dag)} tasks. Products:")
+    else:
+        print(f"All {len(dag)} tasks are up to date; nothing ran (--force re-runs them). Products:")
     for task in dag.values():
         products = task.product.to_json_serializable()
         paths = products.values() if isinstance(products, dict) else [products]
-        print(f"  {task.name:10} " + "\n  {:10} ".format("").join(map(str, paths)))
+        shown = [display_path(p, root) for p in paths]
+        print(f"  {task.name:10} " + "\n  {:10} ".format("").join(shown))
     print(f"\nTracked in {tracking_uri()}. To browse the runs: make ui  (http://127.0.0.1:5000)")
     return 0
 

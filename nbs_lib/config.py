@@ -14,7 +14,7 @@ from .errors import ConfigError, ParameterError
 
 # %% auto #0
 __all__ = ['PIPELINE_FILE', 'ENV_FILE', 'DEFAULT_TRACKING_URI', 'find_project_root', 'read_yaml_mapping', 'parse_overrides',
-           'coerce_value', 'artifact_location', 'tracking_uri']
+           'coerce_value', 'display_path', 'artifact_location', 'tracking_uri']
 
 # %% ../notebooks/01_config.ipynb #775068e2
 PIPELINE_FILE = "pipeline.yaml"
@@ -80,6 +80,12 @@ def coerce_value(name: str, raw: str, default: object) -> object:
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     raise ParameterError(name, f"expects {expected.__name__} (default {default!r}), got {raw!r}")
+
+# %% ../notebooks/01_config.ipynb #9e0ccceb
+def display_path(path: str | Path, root: Path) -> str:
+    "`path` relative to the project `root` when inside it, else absolute: for messages and tags."
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 # %% ../notebooks/01_config.ipynb #bb3b17a5
 def artifact_location(uri: str) -> str | None:

@@ -70,17 +70,18 @@ class DataValidationError(DataError):
 
 # %% ../notebooks/00_errors.ipynb #d5c3ea54
 class TaskFailure:
-    "Where and how one pipeline task failed: task, notebook, cell, error name and value."
+    "Where and how one pipeline task failed: task, notebook, cell, error, and the executed notebook."
 
     def __init__(self, task: str, notebook: str, error: str, cell_index: int | None = None,
-                 ename: str = "", evalue: str = ""):
+                 ename: str = "", evalue: str = "", executed: str = ""):
         self.task, self.notebook, self.error = task, notebook, error
-        self.cell_index, self.ename, self.evalue = cell_index, ename, evalue
+        self.cell_index, self.ename, self.evalue, self.executed = cell_index, ename, evalue, executed
 
     def __str__(self) -> str:
         where = f" at cell {self.cell_index}" if self.cell_index is not None else ""
         what = f"{self.ename}: {self.evalue}" if self.ename else self.error
-        return f"task {self.task!r} ({self.notebook}){where} failed: {what}"
+        kept = f"\n  executed notebook: {self.executed}" if self.executed else ""
+        return f"task {self.task!r} ({self.notebook}) failed{where}: {what}{kept}"
 
 
 class PipelineError(NbsError):

@@ -13,6 +13,7 @@ from pathlib import Path
 from ploomber.constants import TaskStatus
 from ploomber.executors.abc import Executor
 
+from .config import display_path
 from .errors import PipelineError, TaskFailure
 from .tracking import RUN_ID_ENV, finish_run, get_client, start_pipeline_run, start_task_run
 
@@ -38,27 +39,21 @@ def executed_notebook(task) -> Path | None:
     return path if path.suffix == ".ipynb" else None
 
 
-def describe_failure(task, exc: BaseException) -> TaskFailure:
+def describe_failure(task, exc: BaseException, notebook: str, executed: str = "") -> TaskFailure:
     "A TaskFailure for `task` from the chain of `exc` (papermill's cell error when there is one)."
-    notebook = str(getattr(task.source, "loc", task.name))
     seen, cause = set(), exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
         if hasattr(cause, "ename") and hasattr(cause, "cell_index"):
             return TaskFailure(task.name, notebook, str(cause), cause.cell_index,
-                               cause.ename, cause.evalue)
+                               cause.ename, cause.evalue, executed)
         cause = cause.__cause__ or cause.__context__
     root = exc
     while root.__cause__ is not None:
         root = root.__cause__
-    return TaskFailure(task.name, notebook, f"{type(root).__name__}: {root}")
+    return TaskFailure(task.name, notebook, f"{type(root).__name__}: {root}", executed=executed)
 
 # %% ../notebooks/09_executor.ipynb #ea74a00a
-def _display_path(path: str | Path, root: Path) -> str:
-    path = Path(path).resolve()
-    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-
-
 def _say(message: str, show: bool) -> None:
     if show:
         print(message, file=sys.stderr, flush=True)
@@ -92,29 +87,29 @@ class TrackedExecutor(Executor):
             client.set_tag(parent, "nbs.failed_tasks", ",".join(f.task for f in failures))
             finish_run(client, parent, status)
         if failures:
-            raise PipelineError(failures, hint="the executed notebooks show the failing cells; "
-                                "they are attached to the FAILED runs in MLflow")
+            raise PipelineError(failures, hint="executed notebooks are attached to the FAILED runs in MLflow")
         return reports
 
 
 def _build_task(client, parent: str, task, root: Path, failures: list, show: bool) -> list:
-    notebook = _display_path(task.source.loc, root) if hasattr(task.source, "loc") else task.name
+    notebook = display_path(task.source.loc, root) if hasattr(task.source, "loc") else task.name
     run_id = start_task_run(client, parent, task.name, notebook, task_params(task), root)
     if hasattr(task, "executor_params"):  # progress is reported per task here, not per cell
         task.executor_params.setdefault("progress_bar", False)
-    _say(f"  running {task.name} ({notebook}) ...", show)
+    _say(f"  running  {task.name} ({notebook}) ...", show)
     started, status, reports = time.monotonic(), "KILLED", []
+    executed = executed_notebook(task)
     os.environ[RUN_ID_ENV] = run_id
     try:
         report, _ = task._build(catch_exceptions=True)
         reports.append(report)
         status = "FINISHED"
     except Exception as exc:
-        failures.append(describe_failure(task, exc))
+        kept = display_path(executed, root) if executed is not None and executed.is_file() else ""
+        failures.append(describe_failure(task, exc, notebook, kept))
         status = "FAILED"
     finally:
         os.environ.pop(RUN_ID_ENV, None)
-        executed = executed_notebook(task)
         if executed is not None and executed.is_file():
             client.log_artifact(run_id, str(executed), "notebook")
         finish_run(client, run_id, status)

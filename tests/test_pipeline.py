@@ -70,6 +70,7 @@ def test_executed_notebook_holds_injected_parameters_and_outputs(built):
 
 def test_model_registered_as_champion_and_serves_like_the_product(built):
     import mlflow.pyfunc
+
     from nbs_lib.train import load_model
 
     root, _ = built
