@@ -22,6 +22,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": cfg["console_scripts"].split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
+        "papermill.engine": cfg["papermill_engines"].split(),
     },
     zip_safe=False,
 )

@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['NbsError', 'ConfigError', 'ParameterError', 'DataError', 'DataValidationError', 'TaskFailure', 'PipelineError']
+__all__ = ['NbsError', 'ConfigError', 'ParameterError', 'DataError', 'DataValidationError', 'TaskFailure', 'PipelineError',
+           'Interrupted']
 
 # %% ../notebooks/00_errors.ipynb #b4ea7153
 class NbsError(Exception):
@@ -73,12 +74,15 @@ class TaskFailure:
     "Where and how one pipeline task failed: task, notebook, cell, error, and the executed notebook."
 
     def __init__(self, task: str, notebook: str, error: str, cell_index: int | None = None,
-                 ename: str = "", evalue: str = "", executed: str = ""):
+                 ename: str = "", evalue: str = "", executed: str = "", source: str = ""):
         self.task, self.notebook, self.error = task, notebook, error
         self.cell_index, self.ename, self.evalue, self.executed = cell_index, ename, evalue, executed
+        self.source = source
 
     def __str__(self) -> str:
+        first_line = next((line for line in self.source.splitlines() if line.strip()), "")
         where = f" at cell {self.cell_index}" if self.cell_index is not None else ""
+        where += f" ({first_line.strip()[:60]})" if first_line else ""
         what = f"{self.ename}: {self.evalue}" if self.ename else self.error
         kept = f"\n  executed notebook: {self.executed}" if self.executed else ""
         return f"task {self.task!r} ({self.notebook}) failed{where}: {what}{kept}"
@@ -92,3 +96,11 @@ class PipelineError(NbsError):
     def __init__(self, failures: list[TaskFailure], hint: str = ""):
         self.failures = failures
         super().__init__("\n".join(str(f) for f in failures), hint)
+
+# %% ../notebooks/00_errors.ipynb #ff4f1900
+class Interrupted(KeyboardInterrupt):
+    "The build was stopped by a signal (SIGINT, SIGTERM); `signum` says which."
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum

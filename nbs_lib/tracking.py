@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from functools import lru_cache
 from pathlib import Path
@@ -13,8 +14,9 @@ from pathlib import Path
 from .config import artifact_location, tracking_uri
 
 # %% auto #0
-__all__ = ['RUN_ID_ENV', 'PARAM_VALUE_LIMIT', 'get_client', 'experiment_id', 'git_commit', 'start_pipeline_run', 'start_task_run',
-           'finish_run', 'active_run_id', 'log_metrics', 'log_tags', 'log_artifact']
+__all__ = ['RUN_ID_ENV', 'PARAM_VALUE_LIMIT', 'get_client', 'experiment_id', 'git_state', 'owner_tags', 'reap_orphans',
+           'start_pipeline_run', 'start_task_run', 'finish_run', 'active_run_id', 'log_metrics', 'log_tags',
+           'log_artifact']
 
 # %% ../notebooks/07_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -41,16 +43,62 @@ def experiment_id(client, name: str) -> str:
     return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
 
 # %% ../notebooks/07_tracking.ipynb #52529b94
-def git_commit(root: str | Path = ".") -> str:
-    "The commit checked out at `root`, or 'unknown' outside a git repository."
+def _git(root: str | Path, *args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def git_state(root: str | Path = ".") -> dict[str, str]:
+    "Tags for the commit checked out at `root` and whether the work tree differs from it."
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit is None:
+        return {"mlflow.source.git.commit": "unknown", "nbs.git.dirty": "unknown"}
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return {"mlflow.source.git.commit": commit, "nbs.git.dirty": str(bool(dirty)).lower()}
 
 # %% ../notebooks/07_tracking.ipynb #c1d0dd63
+def owner_tags() -> dict[str, str]:
+    "Tags naming this process (host, pid, start time), so a run it leaves RUNNING can be found."
+    import psutil
+
+    me = psutil.Process()
+    return {"nbs.host": socket.gethostname(), "nbs.pid": str(me.pid),
+            "nbs.pid_started": repr(me.create_time())}
+
+
+def _alive(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(pid).create_time() - started) < 0.01
+    except psutil.NoSuchProcess:
+        return False
+
+
+def reap_orphans(client, experiment: str) -> list[str]:
+    "Mark KILLED the RUNNING runs of `experiment` whose process on this host is gone; their ids."
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    host = socket.gethostname()
+    running = client.search_runs(
+        [found.experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`nbs.host` = '{host}'")
+    reaped = []
+    for run in running:
+        tags = run.data.tags
+        if _alive(int(tags["nbs.pid"]), float(tags["nbs.pid_started"])):
+            continue
+        client.set_tag(run.info.run_id, "nbs.end_reason",
+                       f"process {tags['nbs.pid']} on {host} ended without closing this run")
+        client.set_terminated(run.info.run_id, "KILLED")
+        reaped.append(run.info.run_id)
+    return reaped
+
+# %% ../notebooks/07_tracking.ipynb #0a0c6816
 def _as_param(value: object) -> str:
     return str(value)[:PARAM_VALUE_LIMIT]
 
@@ -61,7 +109,8 @@ def start_pipeline_run(client, experiment: str, tasks: list[str], params: dict,
     run = client.create_run(experiment_id(client, experiment), run_name="pipeline", tags={
         "nbs.kind": "pipeline",
         "nbs.tasks": ",".join(tasks),
-        "mlflow.source.git.commit": git_commit(root),
+        **git_state(root),
+        **owner_tags(),
     })
     if params:
         from mlflow.entities import Param
@@ -83,7 +132,8 @@ def start_task_run(client, parent_run_id: str, task: str, notebook: str, params:
         "nbs.task": task,
         "nbs.notebook": notebook,
         "mlflow.source.name": notebook,
-        "mlflow.source.git.commit": git_commit(root),
+        **git_state(root),
+        **owner_tags(),
     })
     if params:
         client.log_batch(run.info.run_id,

@@ -1,0 +1,178 @@
+"""Faults put into a tiny two-task pipeline: each is recorded truthfully in MLflow and on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import nbformat
+import psutil
+import pytest
+from conftest import NBS, run_nbs, runs_of, store
+
+FIRST_BODY = """\
+import os, sys, time
+from pathlib import Path
+if mode == "raise":
+    raise ValueError("bad things")
+if mode == "exit0":
+    sys.exit(0)
+if mode == "dead":
+    os._exit(1)
+if mode == "sleep":
+    time.sleep(120)
+Path(product["data"]).write_text(mode)"""
+
+PIPELINE = """\
+executor:
+  dotted_path: nbs_lib.executor.TrackedExecutor
+  experiment: '{{experiment}}'
+  cell_timeout: '{{cell_timeout}}'
+tasks:
+  - source: first.ipynb
+    name: first
+    product:
+      nb: products/first.ipynb
+      data: products/first.txt
+    params:
+      mode: '{{mode}}'
+  - source: second.ipynb
+    name: second
+    product:
+      nb: products/second.ipynb
+      data: products/second.txt
+"""
+
+
+def _notebook(path: Path, parameters: str, *bodies: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(parameters)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, *(nbformat.v4.new_code_cell(b) for b in bodies)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    "A two-task project: `first` misbehaves as its `mode` parameter says, `second` reads it."
+    (tmp_path / "env.yaml").write_text("experiment: tiny\nmode: ok\ncell_timeout: 60\n")
+    (tmp_path / "pipeline.yaml").write_text(PIPELINE)
+    _notebook(tmp_path / "first.ipynb", 'upstream = None\nproduct = None\nmode = "ok"',
+              FIRST_BODY, "print('after')")
+    _notebook(tmp_path / "second.ipynb", 'upstream = ["first"]\nproduct = None',
+              'from pathlib import Path\nPath(product["data"]).write_text(Path(upstream["first"]["data"]).read_text())')
+    return tmp_path
+
+
+def _statuses(root: Path) -> dict[str, str]:
+    return {r.data.tags.get("nbs.task", "pipeline"): r.info.status for r in runs_of(root, "tiny")}
+
+
+def _cell_statuses(path: Path) -> list:
+    nb = json.loads(path.read_text())
+    return [c["metadata"].get("papermill", {}).get("status") for c in nb["cells"]]
+
+
+def test_a_raising_cell_fails_the_task_and_stops_downstream(tiny):
+    done = run_nbs("run", "-p", "mode=raise", cwd=tiny)
+    assert done.returncode == 1
+    assert "task 'first' (first.ipynb) failed at cell 2 (import os, sys, time): ValueError: bad things" in done.stderr
+    assert "executed notebook: products/first.ipynb" in done.stderr
+    assert _statuses(tiny) == {"pipeline": "FAILED", "first": "FAILED"}
+    executed = tiny / "products/first.ipynb"
+    assert "An Exception was encountered" in executed.read_text()
+    assert _cell_statuses(executed)[-2:] == ["failed", "pending"]
+    run = next(r for r in runs_of(tiny, "tiny") if r.data.tags.get("nbs.task") == "first")
+    assert [a.path for a in store(tiny).list_artifacts(run.info.run_id, "notebook")] == [
+        "notebook/first.ipynb"]
+
+
+def test_a_cell_past_its_timeout_is_marked_and_fails(tiny):
+    started = time.monotonic()
+    done = run_nbs("run", "-p", "mode=sleep", "-p", "cell_timeout=3", cwd=tiny)
+    assert time.monotonic() - started < 60
+    assert done.returncode == 1
+    assert "CellTimeoutError" in done.stderr and "at cell 2" in done.stderr
+    assert _statuses(tiny) == {"pipeline": "FAILED", "first": "FAILED"}
+    executed = tiny / "products/first.ipynb"
+    assert _cell_statuses(executed)[-2:] == ["failed", "pending"], "papermill says 'completed' here"
+    assert json.loads(executed.read_text())["metadata"]["papermill"]["exception"] is True
+
+
+def test_a_dead_kernel_is_marked_and_fails(tiny):
+    done = run_nbs("run", "-p", "mode=dead", cwd=tiny)
+    assert done.returncode == 1
+    assert "DeadKernelError: the kernel died while this cell ran" in done.stderr
+    assert _statuses(tiny) == {"pipeline": "FAILED", "first": "FAILED"}
+    assert _cell_statuses(tiny / "products/first.ipynb")[-2:] == ["failed", "pending"]
+
+
+def test_sys_exit_zero_is_a_failure_not_a_silent_truncation(tiny):
+    done = run_nbs("run", "-p", "mode=exit0", cwd=tiny)
+    assert done.returncode == 1
+    assert "SystemExit: 0 (sys.exit() stopped the notebook before its last cell)" in done.stderr
+    assert _statuses(tiny) == {"pipeline": "FAILED", "first": "FAILED"}
+    assert not (tiny / "products/first.txt").exists()
+
+
+def _start_sleeping_build(root: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
+    env["PLOOMBER_STATS_ENABLED"] = "false"
+    build = subprocess.Popen([str(NBS), "run", "-p", "mode=sleep"], cwd=root, env=env,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    for line in build.stderr:
+        if "running  first" in line or time.monotonic() > deadline:
+            break
+    kernels: list[psutil.Process] = []
+    while not kernels and time.monotonic() < deadline:
+        time.sleep(0.5)
+        kernels = psutil.Process(build.pid).children(recursive=True)
+    time.sleep(2)  # let the kernel reach the sleeping cell
+    assert kernels, "the kernel never started"
+    return build, kernels
+
+
+def _stop(build: subprocess.Popen, kernels: list[psutil.Process]) -> None:
+    for process in [*kernels]:
+        if process.is_running():
+            process.kill()
+    if build.poll() is None:
+        os.killpg(build.pid, signal.SIGKILL)
+    build.wait(10)
+
+
+def test_sigterm_mid_build_ends_runs_killed_and_stops_the_kernel(tiny):
+    build, kernels = _start_sleeping_build(tiny)
+    try:
+        build.send_signal(signal.SIGTERM)
+        assert build.wait(30) == 128 + signal.SIGTERM
+        stderr = build.stderr.read()
+        assert "stopped by SIGTERM" in stderr
+        gone, alive = psutil.wait_procs(kernels, timeout=15)
+        assert alive == [], "the kernel outlived the build"
+    finally:
+        _stop(build, kernels)
+    assert _statuses(tiny) == {"pipeline": "KILLED", "first": "KILLED"}
+
+
+def test_sigkilled_build_is_marked_killed_by_the_next_command(tiny):
+    build, kernels = _start_sleeping_build(tiny)
+    try:
+        build.kill()
+        build.wait(10)
+    finally:
+        _stop(build, kernels)
+    assert _statuses(tiny) == {"pipeline": "RUNNING", "first": "RUNNING"}
+    done = run_nbs("run", cwd=tiny)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("KILLED: the process that ran it is gone") == 2
+    killed = [r for r in runs_of(tiny, "tiny") if r.info.status == "KILLED"]
+    assert len(killed) == 2
+    assert all("ended without closing this run" in r.data.tags["nbs.end_reason"] for r in killed)
+    assert "RUNNING" not in [r.info.status for r in runs_of(tiny, "tiny")]
