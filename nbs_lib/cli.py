@@ -22,6 +22,7 @@ from nbs_lib.config import (
     tracking_uri,
 )
 from .errors import ConfigError, Interrupted, NbsError
+from .lineage import pin_library_code
 
 # %% auto #0
 __all__ = ['load_dag', 'cmd_run', 'cmd_check', 'build_parser', 'main']
@@ -34,6 +35,7 @@ def load_dag(root: Path, overrides: dict | None = None):
     read_yaml_mapping(root / PIPELINE_FILE)  # syntax errors, with their line, before Ploomber's
     try:
         dag = DAGSpec(str(root / PIPELINE_FILE), env=overrides or {}).to_dag()
+        pin_library_code(dag)
         dag.render(show_progress=False)
     except Exception as e:  # Ploomber raises many types here; all mean the spec is unusable
         detail = str(e).strip().splitlines()

@@ -5,6 +5,7 @@
 # %% ../notebooks/11_executor.ipynb #1798f12d
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -15,6 +16,14 @@ from ploomber.executors.abc import Executor
 
 from .config import display_path
 from .errors import PipelineError, TaskFailure
+from nbs_lib.lineage import (
+    LIBRARY_DIGEST_PARAM,
+    dag_description,
+    file_digest,
+    installed_packages,
+    library_digest,
+    product_digests,
+)
 from nbs_lib.tracking import (
     RUN_ID_ENV,
     finish_run,
@@ -25,15 +34,16 @@ from nbs_lib.tracking import (
 )
 
 # %% auto #0
-__all__ = ['task_params', 'executed_notebook', 'describe_failure', 'TrackedExecutor']
+__all__ = ['task_params', 'executed_notebook', 'describe_failure', 'TrackedExecutor', 'log_upstream_inputs', 'log_outputs',
+           'log_notebook']
 
 # %% ../notebooks/11_executor.ipynb #a231fd1e
-_PATH_PARAMS = {"product", "upstream"}
+_NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM}
 
 # %% ../notebooks/11_executor.ipynb #fb05800a
 def task_params(task) -> dict:
-    "The parameters a task's notebook receives, without the `product` and `upstream` paths."
-    return {k: v for k, v in task.params.to_dict().items() if k not in _PATH_PARAMS}
+    "The parameters a task's notebook receives, without `product`, `upstream` and the library digest."
+    return {k: v for k, v in task.params.to_dict().items() if k not in _NOT_USER_PARAMS}
 
 
 def executed_notebook(task) -> Path | None:
@@ -83,7 +93,13 @@ class TrackedExecutor(Executor):
         for run_id in reap_orphans(client, self.experiment):
             _say(f"marked run {run_id} KILLED: the process that ran it is gone", show_progress)
         params = {k: v for t in scheduled for k, v in task_params(t).items()}
-        parent = start_pipeline_run(client, self.experiment, [t.name for t in scheduled], params, root)
+        lib, environment = library_digest(), installed_packages()
+        lineage = {"nbs.lib.version": lib["version"], "nbs.lib.sha256": lib["all"],
+                   "nbs.env.sha256": hashlib.sha256(environment.encode()).hexdigest()}
+        parent = start_pipeline_run(client, self.experiment, [t.name for t in scheduled], params,
+                                    root, tags=lineage)
+        client.log_dict(parent, dag_description(dag), "dag.json")
+        client.log_text(parent, environment, "environment/requirements.txt")
         _say(f"MLflow pipeline run {parent} (experiment {self.experiment!r})", show_progress)
         reports, failures, status = [], [], "KILLED"
         try:
@@ -92,7 +108,8 @@ class TrackedExecutor(Executor):
                     _say(f"  skipped  {task.name}: an upstream task failed", show_progress)
                     continue
                 _use_nbs_engine(task, self.cell_timeout)
-                reports.extend(_build_task(client, parent, task, root, failures, show_progress))
+                reports.extend(_build_task(client, parent, task, root, failures, show_progress,
+                                           lineage))
             status = "FAILED" if failures else "FINISHED"
         finally:
             client.set_tag(parent, "nbs.failed_tasks", ",".join(f.task for f in failures))
@@ -113,9 +130,60 @@ def _use_nbs_engine(task, cell_timeout: float | None) -> None:
         task.executor_params.setdefault("execution_timeout", cell_timeout)
 
 
-def _build_task(client, parent: str, task, root: Path, failures: list, show: bool) -> list:
+def _is_data(path: Path) -> bool:
+    return path.suffix != ".ipynb"  # executed notebooks are logged as notebooks, not data
+
+
+def log_upstream_inputs(client, run_id: str, task, root: Path) -> None:
+    "Record the digest of every upstream data file `task` reads as an MLflow dataset input."
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = [
+        DatasetInput(Dataset(name=f"{name}.{key}", digest=digest[:16], source_type="local",
+                             source=display_path(path, root)),
+                     tags=[InputTag("mlflow.data.context", "upstream"), InputTag("sha256", digest)])
+        for name, upstream in task.upstream.items()
+        for key, (path, digest) in product_digests(upstream.product).items() if _is_data(path)
+    ]
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
+
+
+def log_outputs(client, run_id: str, task, root: Path) -> None:
+    "Tag the run with the path and digest of every data file `task` wrote."
+    from mlflow.entities import RunTag
+
+    tags = [RunTag(f"nbs.output.{key}", f"{display_path(path, root)} sha256:{digest}")
+            for key, (path, digest) in product_digests(task.product).items() if _is_data(path)]
+    if tags:
+        client.log_batch(run_id, tags=tags)
+
+
+def log_notebook(client, run_id: str, executed: Path) -> None:
+    "Attach the executed notebook to the run, as .ipynb and rendered as self-contained HTML."
+    import tempfile
+
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    client.log_artifact(run_id, str(executed), "notebook")
+    html, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / executed.with_suffix(".html").name
+        page.write_text(html, encoding="utf-8")
+        client.log_artifact(run_id, str(page), "notebook")
+
+
+def _build_task(client, parent: str, task, root: Path, failures: list, show: bool,
+                lineage: dict) -> list:
     notebook = display_path(task.source.loc, root) if hasattr(task.source, "loc") else task.name
-    run_id = start_task_run(client, parent, task.name, notebook, task_params(task), root)
+    tags = dict(lineage)
+    if hasattr(task.source, "loc"):
+        tags["nbs.notebook.sha256"] = file_digest(task.source.loc)
+    if LIBRARY_DIGEST_PARAM in task.params:
+        tags["nbs.lib.imports_sha256"] = task.params[LIBRARY_DIGEST_PARAM]
+    run_id = start_task_run(client, parent, task.name, notebook, task_params(task), root, tags)
+    log_upstream_inputs(client, run_id, task, root)
     _say(f"  running  {task.name} ({notebook}) ...", show)
     started, status, reports = time.monotonic(), "KILLED", []
     executed = executed_notebook(task)
@@ -123,6 +191,7 @@ def _build_task(client, parent: str, task, root: Path, failures: list, show: boo
     try:
         report, _ = task._build(catch_exceptions=True)
         reports.append(report)
+        log_outputs(client, run_id, task, root)
         status = "FINISHED"
     except Exception as exc:
         kept = display_path(executed, root) if executed is not None and executed.is_file() else ""
@@ -131,7 +200,7 @@ def _build_task(client, parent: str, task, root: Path, failures: list, show: boo
     finally:
         os.environ.pop(RUN_ID_ENV, None)
         if executed is not None and executed.is_file():
-            client.log_artifact(run_id, str(executed), "notebook")
+            log_notebook(client, run_id, executed)
         finish_run(client, run_id, status)
         _say(f"  {status.lower():8} {task.name} in {time.monotonic() - started:.1f} s", show)
     return reports

@@ -104,13 +104,14 @@ def _as_param(value: object) -> str:
 
 
 def start_pipeline_run(client, experiment: str, tasks: list[str], params: dict,
-                       root: str | Path = ".") -> str:
-    "A RUNNING run for one pipeline build: the tasks it will run and the resolved parameters."
+                       root: str | Path = ".", tags: dict | None = None) -> str:
+    "A RUNNING run for one pipeline build: the tasks it will run, the resolved parameters, `tags`."
     run = client.create_run(experiment_id(client, experiment), run_name="pipeline", tags={
         "nbs.kind": "pipeline",
         "nbs.tasks": ",".join(tasks),
         **git_state(root),
         **owner_tags(),
+        **(tags or {}),
     })
     if params:
         from mlflow.entities import Param
@@ -121,8 +122,8 @@ def start_pipeline_run(client, experiment: str, tasks: list[str], params: dict,
 
 
 def start_task_run(client, parent_run_id: str, task: str, notebook: str, params: dict,
-                   root: str | Path = ".") -> str:
-    "A RUNNING child run of `parent_run_id` for one task, tagged with its notebook and commit."
+                   root: str | Path = ".", tags: dict | None = None) -> str:
+    "A RUNNING child run of `parent_run_id` for one task, tagged with its notebook, commit and `tags`."
     from mlflow.entities import Param
 
     parent = client.get_run(parent_run_id)
@@ -132,8 +133,10 @@ def start_task_run(client, parent_run_id: str, task: str, notebook: str, params:
         "nbs.task": task,
         "nbs.notebook": notebook,
         "mlflow.source.name": notebook,
+        "nbs.pipeline_run_id": parent_run_id,
         **git_state(root),
         **owner_tags(),
+        **(tags or {}),
     })
     if params:
         client.log_batch(run.info.run_id,

@@ -37,6 +37,8 @@ def run_nbs(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
     "Run the installed `nbs` command in `cwd` with the embedded store of that folder."
     env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
     env["PLOOMBER_STATS_ENABLED"] = "false"
+    if (cwd / "nbs_lib").is_dir():  # the copy's library, for `nbs` and its kernels alike
+        env["PYTHONPATH"] = str(cwd)
     return subprocess.run([str(NBS), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -89,7 +89,7 @@ def test_a_raising_cell_fails_the_task_and_stops_downstream(tiny):
     assert _cell_statuses(executed)[-2:] == ["failed", "pending"]
     run = next(r for r in runs_of(tiny, "tiny") if r.data.tags.get("nbs.task") == "first")
     assert [a.path for a in store(tiny).list_artifacts(run.info.run_id, "notebook")] == [
-        "notebook/first.ipynb"]
+        "notebook/first.html", "notebook/first.ipynb"]
 
 
 def test_a_cell_past_its_timeout_is_marked_and_fails(tiny):

@@ -51,13 +51,46 @@ def test_one_parent_run_with_a_finished_child_per_task(built):
         assert run.data.tags["nbs.notebook"].startswith("notebooks/pipeline/")
         assert run.data.tags["mlflow.source.git.commit"] == head
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "notebook")]
-        assert artifacts == [f"notebook/{task}.ipynb"], task
+        assert artifacts == [f"notebook/{task}.html", f"notebook/{task}.ipynb"], task
     by_task = {r.data.tags["nbs.task"]: r for r in children}
     assert by_task["ingest"].data.params == {"data_path": "", "target": "target"}
     assert by_task["ingest"].data.metrics == {"rows": 569.0, "columns": 31.0}
     assert by_task["train"].data.params["model"] == "logistic_regression"
     assert by_task["evaluate"].data.metrics["accuracy"] > 0.9
     assert parents[0].data.params["seed"] == "42"
+
+
+def test_lineage_of_every_task_run(built, tmp_path):
+    import hashlib
+
+    from nbs_lib.lineage import file_digest, library_digest
+
+    root, _ = built
+    runs = runs_of(root)
+    parent = next(r for r in runs if r.data.tags["nbs.kind"] == "pipeline")
+    children = {r.data.tags["nbs.task"]: r for r in runs if r.data.tags["nbs.kind"] == "task"}
+    client = store(root)
+    dag = json.loads(open(client.download_artifacts(parent.info.run_id, "dag.json", str(tmp_path))).read())
+    assert [t["name"] for t in dag["tasks"]] == TASKS
+    assert ["ingest", "validate"] in dag["edges"] and ["train", "evaluate"] in dag["edges"]
+    env_text = open(client.download_artifacts(parent.info.run_id, "environment/requirements.txt",
+                                              str(tmp_path))).read()
+    assert "mlflow==" in env_text
+    assert parent.data.tags["nbs.env.sha256"] == hashlib.sha256(env_text.encode()).hexdigest()
+    lib = library_digest()
+    for task, run in children.items():
+        tags = run.data.tags
+        assert tags["nbs.git.dirty"] == "false", task
+        assert tags["nbs.lib.version"] == lib["version"] and tags["nbs.lib.sha256"] == lib["all"]
+        assert tags["nbs.pipeline_run_id"] == parent.info.run_id
+        assert tags["nbs.notebook.sha256"] == file_digest(root / tags["nbs.notebook"])
+    raw = root / "products/data/raw.parquet"
+    assert children["ingest"].data.tags["nbs.output.data"] == f"products/data/raw.parquet sha256:{file_digest(raw)}"
+    inputs = children["validate"].inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.source) for i in inputs] == [("ingest.data", "products/data/raw.parquet")]
+    assert {t.key: t.value for t in inputs[0].tags}["sha256"] == file_digest(raw)
+    evaluate_inputs = sorted(i.dataset.name for i in children["evaluate"].inputs.dataset_inputs)
+    assert evaluate_inputs == ["features.test", "features.train", "train.model"]
 
 
 def test_executed_notebook_holds_injected_parameters_and_outputs(built):
@@ -111,6 +144,32 @@ def test_parameter_override_reruns_only_affected_tasks(built):
     assert int(client.get_model_version_by_alias("nbs-classifier", "champion").version) == 1
 
 
+def test_library_edit_reruns_exactly_the_tasks_that_import_it(built):
+    import os
+    import sys
+    from pathlib import Path
+
+    root, _ = built
+    notebook = root / "notebooks/06_evaluate.ipynb"
+    source = notebook.read_text()
+    edited = source.replace("Accuracy, precision, recall, F1 and ROC AUC",
+                            "Accuracy, precision, recall, F1 and ROC AUC (edited)", 1)
+    assert edited != source
+    notebook.write_text(edited)
+    env = {k: v for k, v in os.environ.items() if k != "IN_TEST"}
+    subprocess.run([str(Path(sys.executable).with_name("nbdev_export"))], cwd=root, env=env, check=True)
+    assert "(edited)" in (root / "nbs_lib/evaluate.py").read_text()
+    before = {r.info.run_id for r in runs_of(root)}
+    same_params = ["-p", "model=random_forest", "-p", "model_params={n_estimators: 25}"]
+    done = run_nbs("run", *same_params, cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    new = [r for r in runs_of(root) if r.info.run_id not in before]
+    # only 50_evaluate imports nbs_lib.evaluate; register runs because it is downstream
+    assert [r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task"] == [
+        "evaluate", "register"]
+    assert "All 6 tasks are up to date" in run_nbs("run", *same_params, cwd=root).stdout
+
+
 def _assert_nothing_left_running(root):
     statuses = [r.info.status for r in runs_of(root)]
     assert statuses and "RUNNING" not in statuses, statuses
@@ -126,7 +185,7 @@ def test_data_file_that_does_not_exist(project):
         "pipeline": "FAILED", "ingest": "FAILED"}
     failed = next(r for r in runs if r.data.tags.get("nbs.task") == "ingest")
     assert [a.path for a in store(project).list_artifacts(failed.info.run_id, "notebook")] == [
-        "notebook/ingest.ipynb"], "the partial executed notebook must be kept"
+        "notebook/ingest.html", "notebook/ingest.ipynb"], "the partial executed notebook must be kept"
     assert not (project / "products/data/raw.parquet").exists()
 
 
