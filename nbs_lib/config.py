@@ -14,7 +14,7 @@ from .errors import ConfigError, ParameterError
 
 # %% auto #0
 __all__ = ['PIPELINE_FILE', 'ENV_FILE', 'DEFAULT_TRACKING_URI', 'find_project_root', 'read_yaml_mapping', 'parse_overrides',
-           'coerce_value', 'display_path', 'artifact_location', 'tracking_uri']
+           'coerce_value', 'check_type', 'display_path', 'artifact_location', 'merge_env_file', 'tracking_uri']
 
 # %% ../notebooks/01_config.ipynb #775068e2
 PIPELINE_FILE = "pipeline.yaml"
@@ -73,6 +73,12 @@ def coerce_value(name: str, raw: str, default: object) -> object:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
         raise ParameterError(name, f"has a value that cannot be parsed: {raw!r}") from e
+    return check_type(name, value, default, raw)
+
+
+def check_type(name: str, value: object, default: object, shown: object = None) -> object:
+    "`value` if it has the type of `default` (an int passes for a float); a ParameterError otherwise."
+    raw = value if shown is None else shown
     expected = type(default)
     bool_for_number = isinstance(value, bool) and expected is not bool
     if default is None or (isinstance(value, expected) and not bool_for_number):
@@ -94,6 +100,16 @@ def artifact_location(uri: str) -> str | None:
         return None
     database = Path(uri.removeprefix("sqlite:///"))
     return (database.parent / "mlartifacts").resolve().as_uri()
+
+# %% ../notebooks/01_config.ipynb #a1196c48
+def merge_env_file(path: Path, declared: dict) -> dict:
+    "The values of the YAML file at `path`, each declared in env.yaml and of its default's type."
+    values = read_yaml_mapping(path)
+    for name, value in values.items():
+        if name not in declared:
+            raise ParameterError(name, f"in {path} is not declared in env.yaml", valid=list(declared))
+        check_type(name, value, declared[name])
+    return values
 
 # %% ../notebooks/01_config.ipynb #06b4b57a
 def tracking_uri() -> str:

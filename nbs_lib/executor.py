@@ -35,7 +35,7 @@ from nbs_lib.tracking import (
 
 # %% auto #0
 __all__ = ['task_params', 'executed_notebook', 'describe_failure', 'TrackedExecutor', 'log_upstream_inputs', 'log_outputs',
-           'log_notebook']
+           'copy_metrics_to_parent', 'log_notebook']
 
 # %% ../notebooks/11_executor.ipynb #a231fd1e
 _NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM}
@@ -159,6 +159,15 @@ def log_outputs(client, run_id: str, task, root: Path) -> None:
         client.log_batch(run_id, tags=tags)
 
 
+def copy_metrics_to_parent(client, run_id: str, parent: str, task_name: str) -> None:
+    "Give the pipeline run each metric of a task's run as `task.metric`, to compare builds at a glance."
+    from mlflow.entities import Metric
+
+    metrics = client.get_run(run_id).data.metrics
+    if metrics:
+        client.log_batch(parent, metrics=[Metric(f"{task_name}.{k}", v, 0, 0) for k, v in metrics.items()])
+
+
 def log_notebook(client, run_id: str, executed: Path) -> None:
     "Attach the executed notebook to the run, as .ipynb and rendered as self-contained HTML."
     import tempfile
@@ -187,11 +196,15 @@ def _build_task(client, parent: str, task, root: Path, failures: list, show: boo
     _say(f"  running  {task.name} ({notebook}) ...", show)
     started, status, reports = time.monotonic(), "KILLED", []
     executed = executed_notebook(task)
+    # Forget the last success before running: if this run dies mid-write, no stale metadata
+    # vouches for a half-written product, and the next build runs the task again.
+    task.product.metadata.delete()
     os.environ[RUN_ID_ENV] = run_id
     try:
         report, _ = task._build(catch_exceptions=True)
         reports.append(report)
         log_outputs(client, run_id, task, root)
+        copy_metrics_to_parent(client, run_id, parent, task.name)
         status = "FINISHED"
     except Exception as exc:
         kept = display_path(executed, root) if executed is not None and executed.is_file() else ""

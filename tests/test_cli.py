@@ -57,3 +57,23 @@ def test_pipeline_yaml_that_ploomber_rejects(project):
     assert done.returncode == 2
     assert "pipeline.yaml:" in done.stderr and "missing.ipynb" in done.stderr
     assert not (project / "mlflow.db").exists()
+
+
+def test_only_with_a_task_that_does_not_exist(project):
+    done = run_nbs("run", "--only", "deploy", cwd=project)
+    assert done.returncode == 2
+    assert "no task named 'deploy'" in done.stderr and "tasks: ingest, validate" in done.stderr
+    assert not (project / "mlflow.db").exists()
+
+
+def test_env_file_is_checked_like_parameters(project):
+    (project / "env.prod.yaml").write_text("seed: 7\nlearning_rate: 0.1\n")
+    done = run_nbs("status", "--env-file", "env.prod.yaml", cwd=project)
+    assert done.returncode == 2
+    assert "parameter 'learning_rate' in" in done.stderr and "is not declared in env.yaml" in done.stderr
+    (project / "env.prod.yaml").write_text("seed: seven\n")
+    done = run_nbs("status", "--env-file", "env.prod.yaml", cwd=project)
+    assert done.returncode == 2 and "parameter 'seed' expects int" in done.stderr
+    (project / "env.prod.yaml").write_text("seed: 7\n")
+    done = run_nbs("status", "--env-file", "env.prod.yaml", cwd=project)
+    assert done.returncode == 0 and "a product is missing" in done.stdout

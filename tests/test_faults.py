@@ -25,6 +25,10 @@ if mode == "dead":
     os._exit(1)
 if mode == "sleep":
     time.sleep(120)
+if mode == "halfwrite":
+    Path(product["data"]).write_text("half")
+    if Path("crash.flag").exists():
+        time.sleep(120)
 Path(product["data"]).write_text(mode)"""
 
 PIPELINE = """\
@@ -120,10 +124,10 @@ def test_sys_exit_zero_is_a_failure_not_a_silent_truncation(tiny):
     assert not (tiny / "products/first.txt").exists()
 
 
-def _start_sleeping_build(root: Path) -> tuple[subprocess.Popen, list[psutil.Process]]:
+def _start_sleeping_build(root: Path, *args: str) -> tuple[subprocess.Popen, list[psutil.Process]]:
     env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
     env["PLOOMBER_STATS_ENABLED"] = "false"
-    build = subprocess.Popen([str(NBS), "run", "-p", "mode=sleep"], cwd=root, env=env,
+    build = subprocess.Popen([str(NBS), "run", *(args or ("-p", "mode=sleep"))], cwd=root, env=env,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
     for line in build.stderr:
@@ -176,3 +180,22 @@ def test_sigkilled_build_is_marked_killed_by_the_next_command(tiny):
     assert len(killed) == 2
     assert all("ended without closing this run" in r.data.tags["nbs.end_reason"] for r in killed)
     assert "RUNNING" not in [r.info.status for r in runs_of(tiny, "tiny")]
+
+
+def test_a_product_half_written_by_a_killed_build_is_rebuilt(tiny):
+    assert run_nbs("run", "-p", "mode=halfwrite", cwd=tiny).returncode == 0
+    product = tiny / "products/first.txt"
+    assert product.read_text() == "halfwrite"
+    (tiny / "crash.flag").touch()
+    build, kernels = _start_sleeping_build(tiny, "--force", "-p", "mode=halfwrite")
+    try:
+        build.kill()
+        build.wait(10)
+    finally:
+        _stop(build, kernels)
+    assert product.read_text() == "half", "the crash should leave a half-written product"
+    (tiny / "crash.flag").unlink()
+    done = run_nbs("run", "-p", "mode=halfwrite", cwd=tiny)
+    assert done.returncode == 0, done.stderr
+    assert "Ran 2 of 2 tasks" in done.stdout, "a half-written product was trusted as up to date"
+    assert product.read_text() == "halfwrite"

@@ -128,6 +128,37 @@ def test_second_run_skips_every_up_to_date_task(built):
     assert len(runs_of(root)) == before
 
 
+def test_status_says_what_would_run_and_why(built):
+    root, _ = built
+    done = run_nbs("status", cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[:4] for line in done.stdout.splitlines()] == [
+        [t, "up", "to", "date"] for t in TASKS]
+    changed = run_nbs("status", "-p", "seed=7", cwd=root).stdout.splitlines()
+    assert changed[0].split()[:4] == ["ingest", "up", "to", "date"]
+    assert "features     would run   parameter seed changed: 42 -> 7" in changed
+    assert changed[4].startswith("evaluate     would run   upstream train will run")
+
+
+def test_runs_lists_recent_pipeline_runs_with_metrics(built):
+    root, _ = built
+    done = run_nbs("runs", cwd=root)
+    assert done.returncode == 0, done.stderr
+    header, first = done.stdout.splitlines()[:2]
+    assert header.split() == ["started", "status", "run_id", "commit", "evaluate.accuracy",
+                              "evaluate.f1", "evaluate.roc_auc"]
+    assert first.split()[2] == "FINISHED"
+    metrics = json.loads((root / "products/evaluation/metrics.json").read_text())
+    assert first.split()[-1] == f"{metrics['roc_auc']:.4g}"
+
+
+def test_plot_draws_the_dag_offline(built, tmp_path):
+    root, _ = built
+    done = run_nbs("plot", "-o", str(tmp_path / "dag.png"), cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "dag.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_parameter_override_reruns_only_affected_tasks(built):
     root, _ = built
     before = {r.info.run_id for r in runs_of(root)}
@@ -168,6 +199,16 @@ def test_library_edit_reruns_exactly_the_tasks_that_import_it(built):
     assert [r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task"] == [
         "evaluate", "register"]
     assert "All 6 tasks are up to date" in run_nbs("run", *same_params, cwd=root).stdout
+
+
+def test_only_runs_just_the_named_task(built):
+    root, _ = built
+    before = {r.info.run_id for r in runs_of(root)}
+    same_params = ["-p", "model=random_forest", "-p", "model_params={n_estimators: 25}"]
+    done = run_nbs("run", "--only", "evaluate", "--force", *same_params, cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    new = [r for r in runs_of(root) if r.info.run_id not in before]
+    assert sorted(r.data.tags.get("nbs.task", "pipeline") for r in new) == ["evaluate", "pipeline"]
 
 
 def _assert_nothing_left_running(root):
