@@ -25,6 +25,15 @@ if mode == "dead":
     os._exit(1)
 if mode == "sleep":
     time.sleep(120)
+if mode == "leak":
+    import tempfile
+    from nbs_lib.credentials import secret
+    from nbs_lib.tracking import log_artifact
+    token = secret("NBS_TEST_TOKEN")
+    print("connecting with", token)
+    log = Path(tempfile.mkdtemp()) / "connection.log"
+    log.write_text(f"token={token}\\n")
+    log_artifact(log)
 if mode == "halfwrite":
     Path(product["data"]).write_text("half")
     if Path("crash.flag").exists():
@@ -36,6 +45,7 @@ executor:
   dotted_path: nbs_lib.executor.TrackedExecutor
   experiment: '{{experiment}}'
   cell_timeout: '{{cell_timeout}}'
+  secrets: [NBS_TEST_TOKEN]
 tasks:
   - source: first.ipynb
     name: first
@@ -199,3 +209,23 @@ def test_a_product_half_written_by_a_killed_build_is_rebuilt(tiny):
     assert done.returncode == 0, done.stderr
     assert "Ran 2 of 2 tasks" in done.stdout, "a half-written product was trusted as up to date"
     assert product.read_text() == "halfwrite"
+
+
+def test_a_secret_never_reaches_a_notebook_param_tag_or_artifact(tiny):
+    import uuid
+
+    token = f"s3cr3t-{uuid.uuid4().hex}"
+    (tiny / ".env").write_text(f"NBS_TEST_TOKEN={token}\n")
+    done = run_nbs("run", "-p", "mode=leak", cwd=tiny)
+    assert done.returncode == 0, done.stderr
+    assert "[secret]" in (tiny / "products/first.ipynb").read_text(), "the notebook did print it"
+    run = next(r for r in runs_of(tiny, "tiny") if r.data.tags.get("nbs.task") == "first")
+    assert [a.path for a in store(tiny).list_artifacts(run.info.run_id)] == ["connection.log", "notebook"]
+    stored = [p for p in tiny.rglob("*") if p.is_file() and p.name != ".env"]
+    assert any("mlartifacts" in p.parts for p in stored) and (tiny / "mlflow.db") in stored
+    leaks = [p for p in stored if token.encode() in p.read_bytes()]
+    assert leaks == [], f"the secret leaked into {leaks}"
+    refused = run_nbs("run", "-p", f"mode={token}", cwd=tiny)
+    assert refused.returncode == 2
+    assert "holds the value of secret NBS_TEST_TOKEN" in refused.stderr
+    assert token not in refused.stderr
