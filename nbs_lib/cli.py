@@ -24,7 +24,7 @@ from nbs_lib.config import (
     tracking_uri,
 )
 from .errors import ConfigError, Interrupted, NbsError
-from .lineage import LIBRARY_DIGEST_PARAM, pin_library_code
+from .lineage import LIBRARY_DIGEST_PARAM, pin_library_code, product_files
 
 # %% auto #0
 __all__ = ['load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_check', 'build_parser', 'main']
@@ -95,11 +95,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         print(f"All {len(dag)} tasks are up to date; nothing ran (--force re-runs them). Products:")
     for task in dag.values():
-        products = task.product.to_json_serializable()
-        paths = products.values() if isinstance(products, dict) else [products]
-        shown = [display_path(p, root) for p in paths]
+        shown = [display_path(p, root) for p in product_files(task.product).values()]
         print(f"  {task.name:10} " + "\n  {:10} ".format("").join(shown))
-    print(f"\nTracked in {tracking_uri()}. To browse the runs: make ui  (http://127.0.0.1:5000)")
+    uri = tracking_uri()
+    browse = "make ui  (http://127.0.0.1:5000)" if uri.startswith("sqlite:") else uri
+    print(f"\nTracked in {uri}. To browse the runs: {browse}")
     return 0
 
 
@@ -107,7 +107,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     "Show which tasks are up to date and, for the others, why they would run."
     from nbs_lib.report import pipeline_status
 
-    root, values, dag = _project_dag(args)
+    _, _, dag = _project_dag(args)
     for row in pipeline_status(dag):
         state = "up to date" if row["up_to_date"] else "would run"
         print(f"{row['task']:12} {state:11} {'; '.join(row['why'])}".rstrip())

@@ -24,6 +24,7 @@ from nbs_lib.lineage import (
     installed_packages,
     library_digest,
     product_digests,
+    product_files,
 )
 from nbs_lib.tracking import (
     RUN_ID_ENV,
@@ -49,12 +50,8 @@ def task_params(task) -> dict:
 
 def executed_notebook(task) -> Path | None:
     "Where the task writes its executed notebook, if it is a notebook task."
-    product = task.product
-    if hasattr(product, "to_json_serializable") and isinstance(product.to_json_serializable(), dict):
-        nb = product.to_json_serializable().get("nb")
-        return Path(nb) if nb else None
-    path = Path(str(product))
-    return path if path.suffix == ".ipynb" else None
+    files = product_files(task.product)
+    return files.get("nb") or next((p for p in files.values() if p.suffix == ".ipynb"), None)
 
 
 def describe_failure(task, exc: BaseException, notebook: str, executed: str = "") -> TaskFailure:
@@ -116,6 +113,9 @@ class TrackedExecutor(Executor):
                 reports.extend(_build_task(client, parent, task, root, failures, show_progress,
                                            lineage, set(secret_values.values())))
             status = "FAILED" if failures else "FINISHED"
+        except Exception:
+            status = "FAILED"  # our own bookkeeping failed; an interrupt leaves it KILLED
+            raise
         finally:
             client.set_tag(parent, "nbs.failed_tasks", ",".join(f.task for f in failures))
             finish_run(client, parent, status)
