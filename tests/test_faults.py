@@ -199,6 +199,9 @@ def test_a_product_half_written_by_a_killed_build_is_rebuilt(tiny):
     (tiny / "crash.flag").touch()
     build, kernels = _start_sleeping_build(tiny, "--force", "-p", "mode=halfwrite")
     try:
+        deadline = time.monotonic() + 60
+        while product.read_text() != "half" and time.monotonic() < deadline:
+            time.sleep(0.2)
         build.kill()
         build.wait(10)
     finally:
