@@ -17,10 +17,10 @@ CHALLENGER, CHAMPION = "challenger", "champion"
 
 # %% ../notebooks/09_registry.ipynb #ea449e99
 def model_requirements() -> list[str]:
-    "Exact pip requirements of a scikit-learn model, so MLflow need not infer them (about 4 s)."
+    "Exact pip requirements of a scikit-learn model saved with skops, so MLflow need not infer them (about 4 s)."
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in ("scikit-learn", "pandas", "numpy", "cloudpickle")]
+    return [f"{name}=={version(name)}" for name in ("scikit-learn", "pandas", "numpy", "skops")]
 
 # %% ../notebooks/09_registry.ipynb #2e51420e
 def register_model(model, name: str, example: pd.DataFrame, metrics: dict | None = None,
