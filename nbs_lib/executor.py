@@ -147,7 +147,7 @@ def log_upstream_inputs(client, run_id: str, task, root: Path) -> None:
         DatasetInput(Dataset(name=f"{name}.{key}", digest=digest[:16], source_type="local",
                              source=display_path(path, root)),
                      tags=[InputTag("mlflow.data.context", "upstream"), InputTag("sha256", digest)])
-        for name, upstream in task.upstream.items()
+        for name, upstream in sorted(task.upstream.items())
         for key, (path, digest) in product_digests(upstream.product).items() if _is_data(path)
     ]
     if inputs:

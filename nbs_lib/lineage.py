@@ -118,5 +118,5 @@ def dag_description(dag) -> dict:
     for name, task in dag.items():
         tasks.append({"name": name, "source": str(getattr(task.source, "loc", "")),
                       "products": {k: str(v) for k, v in product_files(task.product).items()}})
-        edges.extend([upstream, name] for upstream in task.upstream)
+        edges.extend([upstream, name] for upstream in sorted(task.upstream))
     return {"tasks": tasks, "edges": edges}

@@ -37,7 +37,7 @@ def why_outdated(task) -> list[str]:
                 for k in changed if k != LIBRARY_DIGEST_PARAM]
     if product.metadata.stored_source_code != str(task.source):
         reasons.append("its notebook changed")
-    reasons += [f"upstream {name} will run" for name, up in task.upstream.items()
+    reasons += [f"upstream {name} will run" for name, up in sorted(task.upstream.items())
                 if up.exec_status != TaskStatus.Skipped]
     return reasons or ["an upstream product is newer"]
 

@@ -137,7 +137,7 @@ def test_status_says_what_would_run_and_why(built):
     changed = run_nbs("status", "-p", "seed=7", cwd=root).stdout.splitlines()
     assert changed[0].split()[:4] == ["ingest", "up", "to", "date"]
     assert "features     would run   parameter seed changed: 42 -> 7" in changed
-    assert changed[4].startswith("evaluate     would run   upstream train will run")
+    assert changed[4] == "evaluate     would run   upstream features will run; upstream train will run"
 
 
 def test_runs_lists_recent_pipeline_runs_with_metrics(built):
