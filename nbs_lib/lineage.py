@@ -50,10 +50,11 @@ def _imported(code: str, package: str) -> set[str]:
     return names
 
 
-def imports_digest(code: str, package: str = "nbs_lib") -> str | None:
+def imports_digest(code: str, package: str = "nbs_lib", library: dict | None = None) -> str | None:
     "Digest of the modules of `package` that `code` imports, directly or through each other; None if none."
     from importlib import import_module
 
+    library = library or library_digest(package)  # pass it in to hash the package only once
     folder = Path(import_module(package).__file__).parent
     todo, seen = _imported(code, package), set()
     while todo:
@@ -65,7 +66,7 @@ def imports_digest(code: str, package: str = "nbs_lib") -> str | None:
         todo |= _imported(path.read_text(encoding="utf-8"), package)
     if not seen:
         return None
-    listing = "".join(f"{m}={file_digest(folder / f'{m}.py')}\n" for m in sorted(seen))
+    listing = "".join(f"{m}={library[m]}\n" for m in sorted(seen))
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
@@ -101,11 +102,12 @@ def pin_library_code(dag, package: str = "nbs_lib") -> None:
     "Give each notebook task of `dag` the digest of the library code it imports, as a parameter."
     # Ploomber re-runs a task whose parameters changed, and everything downstream of it: with
     # the digest as a parameter, editing a library module re-runs exactly the tasks importing it.
+    library = library_digest(package)
     for task in dag.values():
         loc = getattr(task.source, "loc", None)
         if loc is None or not str(loc).endswith(".ipynb"):
             continue
-        digest = imports_digest(notebook_code(loc), package)
+        digest = imports_digest(notebook_code(loc), package, library)
         if digest is not None:
             # Params are read-only in Ploomber's public API; this private setter is the one
             # Ploomber itself uses. ploomber is pinned to 0.23.3, and tests cover this path.
