@@ -5,12 +5,18 @@
 # %% ../notebooks/10_engine.ipynb #c5bb79e2
 from __future__ import annotations
 
+import logging
+import os
+import signal
+import threading
+
 import nbformat
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
+from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine
 
 # %% auto #0
-__all__ = ['SYS_EXIT_NOTE', 'mark_unfinished', 'flag_sys_exit', 'NbsEngine']
+__all__ = ['SYS_EXIT_NOTE', 'mark_unfinished', 'flag_sys_exit', 'kill_kernels', 'NbsEngine']
 
 # %% ../notebooks/10_engine.ipynb #e93744e3
 SYS_EXIT_NOTE = "sys.exit() stopped the notebook before its last cell"
@@ -46,14 +52,61 @@ def flag_sys_exit(nb) -> list[int]:
     return flagged
 
 
+_running_kernels: dict[int, object] = {}  # id(client) -> kernel manager, while its notebook runs
+_running_lock = threading.Lock()
+
+
+class _KillableClient(PapermillNotebookClient):
+    "papermill's notebook client, with its kernel listed in `_running_kernels` while it runs."
+
+    def start_new_kernel(self, **kwargs) -> None:
+        super().start_new_kernel(**kwargs)
+        with _running_lock:
+            _running_kernels[id(self)] = self.km
+
+    def execute(self, **kwargs):
+        try:
+            return super().execute(**kwargs)
+        finally:
+            with _running_lock:
+                _running_kernels.pop(id(self), None)
+
+
+def kill_kernels() -> int:
+    "SIGKILL the process group of every kernel this process is running a notebook in; how many."
+    with _running_lock:
+        managers = list(_running_kernels.values())
+    killed = 0
+    for manager in managers:
+        group = getattr(manager.provisioner, "pgid", None)
+        if group is None:
+            continue
+        try:
+            os.killpg(group, signal.SIGKILL)
+            killed += 1
+        except ProcessLookupError:
+            pass  # it ended on its own meanwhile
+    return killed
+
+
 class NbsEngine(NBClientEngine):
     "papermill's nbclient engine, but a timeout, a dead kernel or `sys.exit()` fails honestly."
 
     @classmethod
-    def execute_managed_notebook(cls, nb_man, kernel_name, **kwargs):
-        "Execute like papermill's engine; leave unfinished cells marked for papermill to raise on."
+    def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,
+                                 stderr_file=None, start_timeout=60, execution_timeout=None,
+                                 kernel_env: dict[str, str] | None = None, **kwargs):
+        "Execute like papermill's engine, with `kernel_env` added to the kernel's environment."
+        # papermill's own body, repeated because its client takes the kernel's env only in execute()
+        kwargs.pop("input_path", None)
+        timeout = execution_timeout or kwargs.pop("timeout", None)
+        kwargs.pop("startup_timeout", None)
+        client = _KillableClient(nb_man, timeout=timeout, startup_timeout=start_timeout,
+                                 kernel_name=kernel_name, log=logging.getLogger("papermill"),
+                                 log_output=log_output, stdout_file=stdout_file,
+                                 stderr_file=stderr_file, **kwargs)
         try:
-            super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+            client.execute(env={**os.environ, **(kernel_env or {})})
         except (CellTimeoutError, DeadKernelError) as error:
             if mark_unfinished(nb_man, error) is None:
                 raise

@@ -5,6 +5,7 @@
 # %% ../notebooks/08_tracking.ipynb #d2e24b51
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
@@ -27,7 +28,18 @@ PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value's length
 def _client_for(uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    # MLflow creates a new SQLite store's tables when a client first opens it; two processes
+    # doing that at once (parallel tasks, overlapping cron jobs) crash with "table ... already
+    # exists" or alembic errors. The first to take this lock creates them; the others wait.
+    database = Path(uri.removeprefix("sqlite:///").split("?")[0])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)
+    return client
 
 
 def get_client():
@@ -37,10 +49,17 @@ def get_client():
 
 def experiment_id(client, name: str) -> str:
     "The id of the experiment `name`, created when missing (files beside an embedded store)."
+    from mlflow.exceptions import MlflowException
+
     found = client.get_experiment_by_name(name)
     if found:
         return found.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # another process created it first
 
 # %% ../notebooks/08_tracking.ipynb #52529b94
 def _git(root: str | Path, *args: str) -> str | None:
