@@ -9,6 +9,8 @@ import hashlib
 import os
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ploomber.constants import TaskStatus
@@ -16,7 +18,8 @@ from ploomber.executors.abc import Executor
 
 from .config import display_path
 from .credentials import declared_secrets, redact_notebook
-from .errors import ParameterError, PipelineError, TaskFailure
+from .engine import kill_kernels
+from .errors import ConfigError, ParameterError, PipelineError, TaskFailure
 from nbs_lib.lineage import (
     LIBRARY_DIGEST_PARAM,
     dag_description,
@@ -36,8 +39,8 @@ from nbs_lib.tracking import (
 )
 
 # %% auto #0
-__all__ = ['task_params', 'executed_notebook', 'describe_failure', 'TrackedExecutor', 'log_upstream_inputs', 'log_outputs',
-           'copy_metrics_to_parent', 'log_notebook', 'refuse_secret_parameters']
+__all__ = ['task_params', 'executed_notebook', 'describe_failure', 'parallel_jobs', 'TrackedExecutor', 'log_upstream_inputs',
+           'log_outputs', 'copy_metrics_to_parent', 'log_notebook', 'refuse_secret_parameters']
 
 # %% ../notebooks/12_executor.ipynb #a231fd1e
 _NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM}
@@ -74,14 +77,24 @@ def _say(message: str, show: bool) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def parallel_jobs(jobs: int | str | None) -> int:
+    "How many tasks may run at once: `jobs`, or one per CPU core when it is 0 or empty."
+    text = str(0 if jobs is None else jobs).strip() or "0"
+    if not text.isdigit():  # also refuses True, -1 and 2.5
+        raise ConfigError("pipeline.yaml", f"executor jobs must be a whole number >= 0, not {jobs!r}",
+                          hint="jobs: 1 runs tasks one by one, 0 runs one per CPU core")
+    return int(text) or os.cpu_count() or 1
+
+
 class TrackedExecutor(Executor):
-    "Ploomber executor: build the scheduled tasks of a DAG in order, each in its own MLflow run."
+    "Ploomber executor: build a DAG's out-of-date tasks, up to `jobs` at once, each in its own MLflow run."
 
     def __init__(self, experiment: str = "nbs", cell_timeout: float | None = None,
-                 secrets: list[str] | None = None):
+                 secrets: list[str] | None = None, jobs: int | str = 1):
         self.experiment = experiment
         self.cell_timeout = cell_timeout or None
         self.secrets = list(secrets or [])
+        self.jobs = parallel_jobs(jobs)
 
     def __call__(self, dag, show_progress: bool = True) -> list:
         "Build `dag`'s out-of-date tasks under one pipeline run; raise PipelineError if any fails."
@@ -102,29 +115,26 @@ class TrackedExecutor(Executor):
                                     root, tags=lineage)
         client.log_dict(parent, dag_description(dag), "dag.json")
         client.log_text(parent, environment, "environment/requirements.txt")
-        _say(f"MLflow pipeline run {parent} (experiment {self.experiment!r})", show_progress)
-        reports, failures, status = [], [], "KILLED"
+        _say(f"MLflow pipeline run {parent} (experiment {self.experiment!r}, "
+             f"up to {self.jobs} task{'s' if self.jobs > 1 else ''} at once)", show_progress)
+        build = _Build(client, parent, root, lineage, set(secret_values.values()), self.cell_timeout,
+                       show_progress)
+        status = "KILLED"
         try:
-            for task in scheduled:
-                if task.exec_status == TaskStatus.Aborted:
-                    _say(f"  skipped  {task.name}: an upstream task failed", show_progress)
-                    continue
-                _use_nbs_engine(task, self.cell_timeout)
-                reports.extend(_build_task(client, parent, task, root, failures, show_progress,
-                                           lineage, set(secret_values.values())))
-            status = "FAILED" if failures else "FINISHED"
+            build.run(scheduled, self.jobs)
+            status = "FAILED" if build.failures else "FINISHED"
         except Exception:
             status = "FAILED"  # our own bookkeeping failed; an interrupt leaves it KILLED
             raise
         finally:
-            client.set_tag(parent, "nbs.failed_tasks", ",".join(f.task for f in failures))
+            client.set_tag(parent, "nbs.failed_tasks", ",".join(f.task for f in build.failures))
             finish_run(client, parent, status)
-        if failures:
-            raise PipelineError(failures, hint="executed notebooks are attached to the FAILED runs in MLflow")
-        return reports
+        if build.failures:
+            raise PipelineError(build.failures, hint="executed notebooks are attached to the FAILED runs in MLflow")
+        return build.reports
 
 
-def _use_nbs_engine(task, cell_timeout: float | None) -> None:
+def _use_nbs_engine(task, cell_timeout: float | None, kernel_env: dict[str, str]) -> None:
     # Set at build time, not in pipeline.yaml: Ploomber refuses an engine_name other than its
     # executor's name when the task is created. A task's own execution_timeout wins.
     if getattr(task, "executor", None) != "papermill":
@@ -133,6 +143,7 @@ def _use_nbs_engine(task, cell_timeout: float | None) -> None:
     task.executor_params.setdefault("progress_bar", False)  # progress is reported per task
     if cell_timeout:
         task.executor_params.setdefault("execution_timeout", cell_timeout)
+    task.executor_params["kernel_env"] = kernel_env
 
 
 def _is_data(path: Path) -> bool:
@@ -199,38 +210,98 @@ def refuse_secret_parameters(tasks: list, secret_values: dict[str, str]) -> None
                                      f"nbs_lib.credentials.secret({leaked[0]!r})")
 
 
-def _build_task(client, parent: str, task, root: Path, failures: list, show: bool,
-                lineage: dict, secret_values: set[str]) -> list:
-    notebook = display_path(task.source.loc, root) if hasattr(task.source, "loc") else task.name
-    tags = dict(lineage)
-    if hasattr(task.source, "loc"):
-        tags["nbs.notebook.sha256"] = file_digest(task.source.loc)
-    if LIBRARY_DIGEST_PARAM in task.params:
-        tags["nbs.lib.imports_sha256"] = task.params[LIBRARY_DIGEST_PARAM]
-    run_id = start_task_run(client, parent, task.name, notebook, task_params(task), root, tags)
-    log_upstream_inputs(client, run_id, task, root)
-    _say(f"  running  {task.name} ({notebook}) ...", show)
-    started, status, reports = time.monotonic(), "KILLED", []
-    executed = executed_notebook(task)
-    # Forget the last success before running: if this run dies mid-write, no stale metadata
-    # vouches for a half-written product, and the next build runs the task again.
-    task.product.metadata.delete()
-    os.environ[RUN_ID_ENV] = run_id
-    try:
-        report, _ = task._build(catch_exceptions=True)
-        reports.append(report)
-        log_outputs(client, run_id, task, root)
-        copy_metrics_to_parent(client, run_id, parent, task.name)
-        status = "FINISHED"
-    except Exception as exc:
-        kept = display_path(executed, root) if executed is not None and executed.is_file() else ""
-        failures.append(describe_failure(task, exc, notebook, kept))
-        status = "FAILED"
-    finally:
-        os.environ.pop(RUN_ID_ENV, None)
-        if executed is not None and executed.is_file():
-            redact_notebook(executed, secret_values)
-            log_notebook(client, run_id, executed)
-        finish_run(client, run_id, status)
-        _say(f"  {status.lower():8} {task.name} in {time.monotonic() - started:.1f} s", show)
-    return reports
+@dataclass
+class _Build:
+    "The bookkeeping of one build: runs started and ended by the main thread, tasks run by workers."
+
+    client: object
+    parent: str
+    root: Path
+    lineage: dict
+    secret_values: set[str]
+    cell_timeout: float | None
+    show: bool
+    reports: list = field(default_factory=list)
+    failures: list[TaskFailure] = field(default_factory=list)
+
+    def run(self, tasks: list, jobs: int) -> None:
+        "Run `tasks` (in topological order), each once all its scheduled upstream tasks succeeded."
+        names = {t.name for t in tasks}
+        waiting, succeeded, broken = list(tasks), set(), set()
+        running: dict[Future, tuple] = {}
+        with ThreadPoolExecutor(jobs, thread_name_prefix="nbs-task") as pool:
+            try:
+                while waiting or running:
+                    for task in list(waiting):
+                        needs = set(task.upstream) & names
+                        if needs & broken:
+                            waiting.remove(task)
+                            broken.add(task.name)
+                            _say(f"  skipped  {task.name}: an upstream task failed", self.show)
+                        elif needs <= succeeded and len(running) < jobs:
+                            waiting.remove(task)
+                            run_id, started = self.start(task), time.monotonic()
+                            running[pool.submit(task._build, catch_exceptions=True)] = (task, run_id, started)
+                    if not running:
+                        break
+                    for future in wait(running, return_when=FIRST_COMPLETED).done:
+                        task, run_id, started = running.pop(future)
+                        ok = self.finish(task, run_id, started, future)
+                        (succeeded if ok else broken).add(task.name)
+            except BaseException:
+                self.stop(running)
+                raise
+
+    def stop(self, running: dict[Future, tuple]) -> None:
+        "Kill the kernels of the running tasks, wait for their threads, and end their runs KILLED."
+        while not all(f.done() for f in running):
+            kill_kernels()  # again and again: a worker may have been starting a kernel
+            wait(running, timeout=0.5)
+        for future, (task, run_id, started) in running.items():
+            self.finish(task, run_id, started, future, interrupted=True)
+
+    def start(self, task) -> str:
+        "Start `task`'s child run, record its inputs, and make its kernel report to that run."
+        notebook = self.notebook(task)
+        tags = dict(self.lineage)
+        if hasattr(task.source, "loc"):
+            tags["nbs.notebook.sha256"] = file_digest(task.source.loc)
+        if LIBRARY_DIGEST_PARAM in task.params:
+            tags["nbs.lib.imports_sha256"] = task.params[LIBRARY_DIGEST_PARAM]
+        run_id = start_task_run(self.client, self.parent, task.name, notebook, task_params(task),
+                                self.root, tags)
+        log_upstream_inputs(self.client, run_id, task, self.root)
+        # Forget the last success before running: if this run dies mid-write, no stale metadata
+        # vouches for a half-written product, and the next build runs the task again.
+        task.product.metadata.delete()
+        _use_nbs_engine(task, self.cell_timeout, {RUN_ID_ENV: run_id})
+        _say(f"  running  {task.name} ({notebook}) ...", self.show)
+        return run_id
+
+    def finish(self, task, run_id: str, started: float, future: Future, interrupted: bool = False) -> bool:
+        "End `task`'s run with its true status and its executed notebook attached; whether it succeeded."
+        status, executed = "KILLED" if interrupted else "FAILED", executed_notebook(task)
+        try:
+            error = future.exception()
+            if error is None:
+                self.reports.append(future.result()[0])
+                log_outputs(self.client, run_id, task, self.root)
+                copy_metrics_to_parent(self.client, run_id, self.parent, task.name)
+                status = "FINISHED"
+            else:
+                kept = display_path(executed, self.root) if executed is not None and executed.is_file() else ""
+                self.failures.append(describe_failure(task, error, self.notebook(task), kept))
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if executed is not None and executed.is_file():
+                redact_notebook(executed, self.secret_values)
+                log_notebook(self.client, run_id, executed)
+            finish_run(self.client, run_id, status)
+            _say(f"  {status.lower():8} {task.name} in {time.monotonic() - started:.1f} s", self.show)
+        return status == "FINISHED"
+
+    def notebook(self, task) -> str:
+        "How progress and failures name `task`'s source: its notebook's path, or the task's name."
+        return display_path(task.source.loc, self.root) if hasattr(task.source, "loc") else task.name
