@@ -38,11 +38,7 @@ def load_dag(root: Path, overrides: dict | None = None):
     try:
         dag = DAGSpec(str(root / PIPELINE_FILE), env=overrides or {}).to_dag()
         pin_library_code(dag)
-        with warnings.catch_warnings():
-            # the digest is for Ploomber's change detection; notebooks need not use it
-            warnings.filterwarnings("ignore", message="These parameters are not used in the "
-                                    f"task's source code: '{LIBRARY_DIGEST_PARAM}'$")
-            dag.render(show_progress=False)
+        dag.render(show_progress=False)
     except Exception as e:  # Ploomber raises many types here; all mean the spec is unusable
         detail = str(e).strip().splitlines()
         raise ConfigError(root / PIPELINE_FILE, f"{type(e).__name__}: {' '.join(detail[:6])}",
@@ -63,6 +59,10 @@ def _stop_on_signals() -> None:
 
 def _prepare_environment(root: Path) -> None:
     os.chdir(root)  # relative product paths and the default ./mlflow.db resolve in the project
+    # The library digest is a parameter for Ploomber's change detection only; notebooks need not
+    # declare it. Ploomber renders again in every build, so the filter must hold for the process.
+    warnings.filterwarnings("ignore", message="These parameters are not used in the task's "
+                            f"source code: '{LIBRARY_DIGEST_PARAM}'$")
     os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     os.environ.setdefault("PLOOMBER_STATS_ENABLED", "false")
 

@@ -39,8 +39,8 @@ from nbs_lib.tracking import (
 )
 
 # %% auto #0
-__all__ = ['task_params', 'executed_notebook', 'describe_failure', 'parallel_jobs', 'TrackedExecutor', 'log_upstream_inputs',
-           'log_outputs', 'copy_metrics_to_parent', 'log_notebook', 'refuse_secret_parameters']
+__all__ = ['task_params', 'shared_params', 'executed_notebook', 'describe_failure', 'parallel_jobs', 'TrackedExecutor',
+           'log_upstream_inputs', 'log_outputs', 'copy_metrics_to_parent', 'log_notebook', 'refuse_secret_parameters']
 
 # %% ../notebooks/12_executor.ipynb #a231fd1e
 _NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM}
@@ -49,6 +49,15 @@ _NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM}
 def task_params(task) -> dict:
     "The parameters a task's notebook receives, without `product`, `upstream` and the library digest."
     return {k: v for k, v in task.params.to_dict().items() if k not in _NOT_USER_PARAMS}
+
+
+def shared_params(tasks: list) -> dict:
+    "The parameters with one value in every task that takes them: a grid's varying ones are left out."
+    values: dict[str, list] = {}
+    for task in tasks:
+        for name, value in task_params(task).items():
+            values.setdefault(name, []).append(value)
+    return {name: seen[0] for name, seen in values.items() if all(v == seen[0] for v in seen)}
 
 
 def executed_notebook(task) -> Path | None:
@@ -107,7 +116,7 @@ class TrackedExecutor(Executor):
         client, root = get_client(), Path.cwd()
         for run_id in reap_orphans(client, self.experiment):
             _say(f"marked run {run_id} KILLED: the process that ran it is gone", show_progress)
-        params = {k: v for t in scheduled for k, v in task_params(t).items()}
+        params = shared_params(scheduled)
         lib, environment = library_digest(), installed_packages()
         lineage = {"nbs.lib.version": lib["version"], "nbs.lib.sha256": lib["all"],
                    "nbs.env.sha256": hashlib.sha256(environment.encode()).hexdigest()}

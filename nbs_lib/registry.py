@@ -24,7 +24,7 @@ def model_requirements() -> list[str]:
 
 # %% ../notebooks/09_registry.ipynb #2e51420e
 def register_model(model, name: str, example: pd.DataFrame, metrics: dict | None = None,
-                   experiment: str = "nbs") -> dict:
+                   experiment: str = "nbs", tags: dict[str, str] | None = None) -> dict:
     "Log `model` to this task's run, register it as `name` with alias challenger, and champion if none."
     import mlflow
     import mlflow.sklearn
@@ -52,6 +52,8 @@ def register_model(model, name: str, example: pd.DataFrame, metrics: dict | None
     client.set_registered_model_alias(name, CHALLENGER, version)
     for metric, value in (metrics or {}).items():
         client.set_model_version_tag(name, version, f"metric.{metric}", str(value))
+    for key, value in (tags or {}).items():
+        client.set_model_version_tag(name, version, key, str(value))
     aliases = [CHALLENGER]
     try:
         client.get_model_version_by_alias(name, CHAMPION)

@@ -175,6 +175,35 @@ def test_sigterm_mid_build_ends_runs_killed_and_stops_the_kernel(tiny):
     assert _statuses(tiny) == {"pipeline": "KILLED", "first": "KILLED"}
 
 
+def test_sigterm_mid_parallel_build_kills_every_running_kernel(tiny):
+    pipeline = PIPELINE.split("tasks:")[0] + """  jobs: 2
+tasks:
+  - source: first.ipynb
+    name: first-
+    product:
+      nb: products/first.ipynb
+      data: products/first.txt
+    grid:
+      mode: [sleep, sleep, sleep]
+"""
+    (tiny / "pipeline.yaml").write_text(pipeline)
+    build, kernels = _start_sleeping_build(tiny, "--force")
+    try:
+        deadline = time.monotonic() + 60
+        while len(kernels) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            kernels = psutil.Process(build.pid).children(recursive=True)
+        time.sleep(2)  # let the second kernel reach its sleeping cell too
+        assert len(kernels) == 2, "two tasks should run at once"
+        build.send_signal(signal.SIGTERM)
+        assert build.wait(30) == 128 + signal.SIGTERM
+        gone, alive = psutil.wait_procs(kernels, timeout=15)
+        assert alive == [], "a kernel outlived the build"
+    finally:
+        _stop(build, kernels)
+    assert _statuses(tiny) == {"pipeline": "KILLED", "first-0": "KILLED", "first-1": "KILLED"}
+
+
 def test_sigkilled_build_is_marked_killed_by_the_next_command(tiny):
     build, kernels = _start_sleeping_build(tiny)
     try:

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from conftest import copy_project, run_nbs, runs_of, store
 
-TASKS = ["ingest", "validate", "features", "train", "evaluate", "register"]
+CANDIDATES = ["train-0", "train-1", "train-2", "train-3"]  # the grid of pipeline.yaml
+TASKS = ["ingest", "validate", "features", *CANDIDATES, "evaluate", "register"]
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +26,12 @@ def built(tmp_path_factory):
 def test_run_writes_every_declared_product(built):
     root, done = built
     for path in ["data/raw.parquet", "data/validated.parquet", "data/train.parquet",
-                 "data/test.parquet", "model/model.joblib", "model/registered.json",
-                 "evaluation/metrics.json", "evaluation/confusion_matrix.png", "evaluation/roc.png",
+                 "data/test.parquet", "model/registered.json", "evaluation/metrics.json",
+                 "evaluation/selection.json", "evaluation/confusion_matrix.png", "evaluation/roc.png",
+                 *[f"model/{kind}-{i}.{ext}" for i in range(4) for kind, ext in [("model", "joblib"), ("scores", "json")]],
                  *[f"executed/{t}.ipynb" for t in TASKS]]:
         assert (root / "products" / path).is_file(), path
-    assert "Ran 6 of 6 tasks" in done.stdout and "make ui" in done.stdout
+    assert "Ran 9 of 9 tasks" in done.stdout and "make ui" in done.stdout
     metrics = json.loads((root / "products/evaluation/metrics.json").read_text())
     assert metrics["roc_auc"] > 0.95
 
@@ -40,7 +42,7 @@ def test_one_parent_run_with_a_finished_child_per_task(built):
     parents = [r for r in runs if r.data.tags["nbs.kind"] == "pipeline"]
     children = [r for r in runs if r.data.tags["nbs.kind"] == "task"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    assert [r.data.tags["nbs.task"] for r in children] == TASKS
+    assert sorted(r.data.tags["nbs.task"] for r in children) == sorted(TASKS)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                           text=True).stdout.strip()
     client = store(root)
@@ -55,9 +57,35 @@ def test_one_parent_run_with_a_finished_child_per_task(built):
     by_task = {r.data.tags["nbs.task"]: r for r in children}
     assert by_task["ingest"].data.params == {"data_path": "", "target": "target"}
     assert by_task["ingest"].data.metrics == {"rows": 569.0, "columns": 31.0}
-    assert by_task["train"].data.params["model"] == "logistic_regression"
+    assert by_task["train-0"].data.params["model"] == "logistic_regression"
+    assert by_task["train-0"].data.params["model_params"] == "{'C': 0.1}"
     assert by_task["evaluate"].data.metrics["accuracy"] > 0.9
     assert parents[0].data.params["seed"] == "42"
+    assert "model" not in parents[0].data.params, "candidates differ: their own runs hold it"
+
+
+def test_grid_trains_every_candidate_in_parallel_and_registers_the_best(built):
+    root, done = built
+    assert "database is locked" not in done.stderr
+    runs = {r.data.tags["nbs.task"]: r for r in runs_of(root) if r.data.tags["nbs.kind"] == "task"}
+    trained = [runs[name] for name in CANDIDATES]
+    assert {r.info.status for r in trained} == {"FINISHED"}
+    assert [(r.data.params["model"], r.data.params["model_params"]) for r in trained] == [
+        ("logistic_regression", "{'C': 0.1}"), ("logistic_regression", "{'C': 1.0}"),
+        ("random_forest", "{'n_estimators': 200, 'max_depth': 6}"),
+        ("gradient_boosting", "{'n_estimators': 100, 'learning_rate': 0.1}")]
+    overlapping = [(a.data.tags["nbs.task"], b.data.tags["nbs.task"]) for a in trained for b in trained
+                   if a is not b and a.info.start_time < b.info.start_time < a.info.end_time]
+    assert overlapping, "no two candidates trained at the same time"
+    assert runs["evaluate"].info.start_time >= max(r.info.end_time for r in trained)
+    cv = {name: runs[name].data.metrics["cv_roc_auc"] for name in CANDIDATES}
+    best = max(CANDIDATES, key=lambda name: cv[name])  # max keeps the first of equals, like the ranking
+    selection = json.loads((root / "products/evaluation/selection.json").read_text())
+    assert selection["chosen"] == runs["evaluate"].data.tags["nbs.chosen"] == best
+    assert list(selection["candidates"]) == sorted(CANDIDATES, key=lambda name: -cv[name])
+    version = store(root).get_model_version_by_alias("nbs-classifier", "challenger")
+    assert version.tags["nbs.candidate"] == best
+    assert version.tags["cv.roc_auc"] == str(cv[best])
 
 
 def test_lineage_of_every_task_run(built, tmp_path):
@@ -72,7 +100,8 @@ def test_lineage_of_every_task_run(built, tmp_path):
     client = store(root)
     dag = json.loads(open(client.download_artifacts(parent.info.run_id, "dag.json", str(tmp_path))).read())
     assert [t["name"] for t in dag["tasks"]] == TASKS
-    assert ["ingest", "validate"] in dag["edges"] and ["train", "evaluate"] in dag["edges"]
+    assert ["ingest", "validate"] in dag["edges"]
+    assert all([name, "evaluate"] in dag["edges"] and [name, "register"] in dag["edges"] for name in CANDIDATES)
     env_text = open(client.download_artifacts(parent.info.run_id, "environment/requirements.txt",
                                               str(tmp_path))).read()
     assert "mlflow==" in env_text
@@ -90,7 +119,8 @@ def test_lineage_of_every_task_run(built, tmp_path):
     assert [(i.dataset.name, i.dataset.source) for i in inputs] == [("ingest.data", "products/data/raw.parquet")]
     assert {t.key: t.value for t in inputs[0].tags}["sha256"] == file_digest(raw)
     evaluate_inputs = sorted(i.dataset.name for i in children["evaluate"].inputs.dataset_inputs)
-    assert evaluate_inputs == ["features.test", "features.train", "train.model"]
+    assert evaluate_inputs == ["features.test", "features.train",
+                               *[f"{name}.{key}" for name in CANDIDATES for key in ("model", "scores")]]
 
 
 def test_executed_notebook_holds_injected_parameters_and_outputs(built):
@@ -114,7 +144,8 @@ def test_model_registered_as_champion_and_serves_like_the_product(built):
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     served = mlflow.pyfunc.load_model("models:/nbs-classifier@champion")
     test = pd.read_parquet(root / "products/data/test.parquet").drop(columns="target")
-    product = load_model(root / "products/model/model.joblib")
+    chosen = json.loads((root / "products/evaluation/selection.json").read_text())["chosen"]
+    product = load_model(root / f"products/model/model-{chosen.removeprefix('train-')}.joblib")
     assert np.array_equal(served.predict(test), product.predict(test))
     assert served.metadata.signature.inputs.input_names() == list(test.columns)
 
@@ -124,7 +155,7 @@ def test_second_run_skips_every_up_to_date_task(built):
     before = len(runs_of(root))
     done = run_nbs("run", cwd=root)
     assert done.returncode == 0, done.stderr
-    assert "All 6 tasks are up to date; nothing ran" in done.stdout
+    assert "All 9 tasks are up to date; nothing ran" in done.stdout
     assert len(runs_of(root)) == before
 
 
@@ -137,7 +168,9 @@ def test_status_says_what_would_run_and_why(built):
     changed = run_nbs("status", "-p", "seed=7", cwd=root).stdout.splitlines()
     assert changed[0].split()[:4] == ["ingest", "up", "to", "date"]
     assert "features     would run   parameter seed changed: 42 -> 7" in changed
-    assert changed[4] == "evaluate     would run   upstream features will run; upstream train will run"
+    assert changed[3] == "train-0      would run   parameter seed changed: 42 -> 7; upstream features will run"
+    assert changed[7] == ("evaluate     would run   upstream features will run; "
+                          + "; ".join(f"upstream {name} will run" for name in CANDIDATES))
 
 
 def test_runs_lists_recent_pipeline_runs_with_metrics(built):
@@ -162,14 +195,12 @@ def test_plot_draws_the_dag_offline(built, tmp_path):
 def test_parameter_override_reruns_only_affected_tasks(built):
     root, _ = built
     before = {r.info.run_id for r in runs_of(root)}
-    done = run_nbs("run", "-p", "model=random_forest", "-p", "model_params={n_estimators: 25}",
-                   cwd=root)
+    done = run_nbs("run", "-p", "cv_folds=3", cwd=root)
     assert done.returncode == 0, done.stdout + done.stderr
     new = [r for r in runs_of(root) if r.info.run_id not in before]
-    assert [r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task"] == [
-        "train", "evaluate", "register"]
-    train = next(r for r in new if r.data.tags.get("nbs.task") == "train")
-    assert train.data.params["model"] == "random_forest"
+    assert sorted(r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task") == [
+        "evaluate", "register", *CANDIDATES]
+    assert {r.data.params["cv_folds"] for r in new if r.data.tags.get("nbs.task") in CANDIDATES} == {"3"}
     client = store(root)
     assert int(client.get_model_version_by_alias("nbs-classifier", "challenger").version) == 2
     assert int(client.get_model_version_by_alias("nbs-classifier", "champion").version) == 1
@@ -191,20 +222,20 @@ def test_library_edit_reruns_exactly_the_tasks_that_import_it(built):
     subprocess.run([str(Path(sys.executable).with_name("nbdev_export"))], cwd=root, env=env, check=True)
     assert "(edited)" in (root / "nbs_lib/evaluate.py").read_text()
     before = {r.info.run_id for r in runs_of(root)}
-    same_params = ["-p", "model=random_forest", "-p", "model_params={n_estimators: 25}"]
+    same_params = ["-p", "cv_folds=3"]
     done = run_nbs("run", *same_params, cwd=root)
     assert done.returncode == 0, done.stdout + done.stderr
     new = [r for r in runs_of(root) if r.info.run_id not in before]
-    # only 50_evaluate imports nbs_lib.evaluate; register runs because it is downstream
-    assert [r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task"] == [
-        "evaluate", "register"]
-    assert "All 6 tasks are up to date" in run_nbs("run", *same_params, cwd=root).stdout
+    # 40_train and 50_evaluate import nbs_lib.evaluate; register runs because it is downstream
+    assert sorted(r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task") == [
+        "evaluate", "register", *CANDIDATES]
+    assert "All 9 tasks are up to date" in run_nbs("run", *same_params, cwd=root).stdout
 
 
 def test_only_runs_just_the_named_task(built):
     root, _ = built
     before = {r.info.run_id for r in runs_of(root)}
-    same_params = ["-p", "model=random_forest", "-p", "model_params={n_estimators: 25}"]
+    same_params = ["-p", "cv_folds=3"]
     done = run_nbs("run", "--only", "evaluate", "--force", *same_params, cwd=root)
     assert done.returncode == 0, done.stdout + done.stderr
     new = [r for r in runs_of(root) if r.info.run_id not in before]
