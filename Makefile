@@ -12,7 +12,7 @@ UI_PORT ?= 5000
 export PLOOMBER_STATS_ENABLED := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: help run test export clean-nbs lint check nbdev-test pytest ui lock clean
+.PHONY: help run test export clean-nbs lint check nbdev-test pytest ui lock clean bench
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -45,8 +45,11 @@ ui: $(STAMP) ## MLflow UI on 127.0.0.1 (port 5000, or UI_PORT=...) over ./mlflow
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
+bench: $(STAMP) ## time a forced build with jobs=1 against jobs=2 (ratio of medians)
+	$(BIN)/python scripts/bench_jobs.py
+
 lock: ## re-resolve requirements.in into requirements.lock and env.yml
 	scripts/lock.sh
 
 clean: ## remove products and the embedded MLflow store (keeps .venv)
-	rm -rf products mlflow.db mlartifacts
+	rm -rf products mlflow.db mlflow.db.lock mlartifacts
