@@ -51,7 +51,7 @@ def read_yaml_mapping(path: Path) -> dict:
     return data
 
 # %% ../notebooks/01_config.ipynb #96aa0a77
-def parse_overrides(pairs: list[str], declared: dict) -> dict:
+def parse_overrides(pairs: list[str], declared: dict, declared_in: str = "env.yaml by any task") -> dict:
     "Typed values from `name=value` pairs; each name must be declared and each value fit its default's type."
     overrides = {}
     for pair in pairs:
@@ -60,7 +60,7 @@ def parse_overrides(pairs: list[str], declared: dict) -> dict:
         if not sep or not name.isidentifier():
             raise ParameterError(pair, "is not of the form name=value", valid=list(declared))
         if name not in declared:
-            raise ParameterError(name, "is not declared in env.yaml by any task", valid=list(declared))
+            raise ParameterError(name, f"is not declared in {declared_in}", valid=list(declared))
         overrides[name] = coerce_value(name, raw, declared[name])
     return overrides
 

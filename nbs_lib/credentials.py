@@ -9,10 +9,11 @@ import json
 import os
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, ParameterError
 
 # %% auto #0
-__all__ = ['DOTENV', 'REDACTED', 'secret', 'handed_out', 'declared_secrets', 'redact', 'redact_notebook', 'redacted_copy']
+__all__ = ['DOTENV', 'REDACTED', 'secret', 'handed_out', 'declared_secrets', 'refuse_secret_values', 'redact', 'redact_notebook',
+           'redacted_copy']
 
 # %% ../notebooks/07_credentials.ipynb #369e40fc
 DOTENV = ".env"
@@ -46,6 +47,16 @@ def declared_secrets(names: list[str], dotenv: str | Path = DOTENV) -> dict[str,
         except ConfigError:
             continue
     return values
+
+
+def refuse_secret_values(params: dict, secret_values: dict[str, str], owner: str = "") -> None:
+    "Raise ParameterError when a parameter in `params` holds the value of a secret (`owner`: whose parameters)."
+    for name, value in params.items():
+        leaked = [s for s, v in secret_values.items() if v and v in str(value)]
+        if leaked:
+            raise ParameterError(name, f"{owner + ' ' if owner else ''}holds the value of secret {leaked[0]}: "
+                                 "parameters are stored in clear; read it in the notebook with "
+                                 f"nbs_lib.credentials.secret({leaked[0]!r})")
 
 # %% ../notebooks/07_credentials.ipynb #e568526b
 def redact(text: str, values: set[str] | list[str]) -> str:

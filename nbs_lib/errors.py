@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 # %% auto #0
-__all__ = ['NbsError', 'ConfigError', 'ParameterError', 'DataError', 'DataValidationError', 'TaskFailure', 'PipelineError',
-           'Interrupted']
+__all__ = ['STUCK_ERRORS', 'NbsError', 'ConfigError', 'ParameterError', 'DataError', 'DataValidationError', 'TaskFailure',
+           'PipelineError', 'ExecutionError', 'Interrupted']
 
 # %% ../notebooks/00_errors.ipynb #b4ea7153
 class NbsError(Exception):
@@ -25,7 +25,7 @@ class NbsError(Exception):
 
 # %% ../notebooks/00_errors.ipynb #d836a857
 class ConfigError(NbsError):
-    "A project file (pipeline.yaml, env.yaml, settings.ini) is missing or malformed."
+    "A file nbs reads (pipeline.yaml, env.yaml, settings.ini, a notebook to execute) is missing or malformed."
 
     def __init__(self, path: str, problem: str, hint: str = ""):
         self.path, self.problem = str(path), problem
@@ -96,6 +96,17 @@ class PipelineError(NbsError):
     def __init__(self, failures: list[TaskFailure], hint: str = ""):
         self.failures = failures
         super().__init__("\n".join(str(f) for f in failures), hint)
+
+# %% ../notebooks/00_errors.ipynb #d81643eb
+STUCK_ERRORS = ("CellTimeoutError", "DeadKernelError")  # the notebook did not fail: it never finished
+
+
+class ExecutionError(PipelineError):
+    "The last attempt of a notebook run by `nbs execute` failed: exit code 1, or 3 when it timed out or its kernel died."
+
+    @property
+    def exit_code(self) -> int:
+        return 3 if self.failures[-1].ename in STUCK_ERRORS else 1
 
 # %% ../notebooks/00_errors.ipynb #ff4f1900
 class Interrupted(KeyboardInterrupt):

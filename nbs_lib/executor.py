@@ -5,7 +5,6 @@
 # %% ../notebooks/12_executor.ipynb #1798f12d
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -17,17 +16,16 @@ from ploomber.constants import TaskStatus
 from ploomber.executors.abc import Executor
 
 from .config import display_path
-from .credentials import declared_secrets, redact_notebook
+from .credentials import declared_secrets, redact_notebook, refuse_secret_values
 from .engine import kill_kernels
-from .errors import ConfigError, ParameterError, PipelineError, TaskFailure
+from .errors import ConfigError, PipelineError, TaskFailure
 from nbs_lib.lineage import (
     LIBRARY_DIGEST_PARAM,
     dag_description,
     file_digest,
-    installed_packages,
-    library_digest,
     product_digests,
     product_files,
+    run_lineage,
 )
 from nbs_lib.tracking import (
     RUN_ID_ENV,
@@ -66,19 +64,19 @@ def executed_notebook(task) -> Path | None:
     return files.get("nb") or next((p for p in files.values() if p.suffix == ".ipynb"), None)
 
 
-def describe_failure(task, exc: BaseException, notebook: str, executed: str = "") -> TaskFailure:
-    "A TaskFailure for `task` from the chain of `exc` (papermill's cell error when there is one)."
+def describe_failure(task: str, exc: BaseException, notebook: str, executed: str = "") -> TaskFailure:
+    "A TaskFailure for the task named `task` from the chain of `exc` (papermill's cell error when there is one)."
     seen, cause = set(), exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
         if hasattr(cause, "ename") and hasattr(cause, "cell_index"):
-            return TaskFailure(task.name, notebook, str(cause), cause.cell_index,
+            return TaskFailure(task, notebook, str(cause), cause.cell_index,
                                cause.ename, cause.evalue, executed, getattr(cause, "source", ""))
         cause = cause.__cause__ or cause.__context__
     root = exc
     while root.__cause__ is not None:
         root = root.__cause__
-    return TaskFailure(task.name, notebook, f"{type(root).__name__}: {root}", executed=executed)
+    return TaskFailure(task, notebook, f"{type(root).__name__}: {root}", executed=executed)
 
 # %% ../notebooks/12_executor.ipynb #ea74a00a
 def _say(message: str, show: bool) -> None:
@@ -117,9 +115,7 @@ class TrackedExecutor(Executor):
         for run_id in reap_orphans(client, self.experiment):
             _say(f"marked run {run_id} KILLED: the process that ran it is gone", show_progress)
         params = shared_params(scheduled)
-        lib, environment = library_digest(), installed_packages()
-        lineage = {"nbs.lib.version": lib["version"], "nbs.lib.sha256": lib["all"],
-                   "nbs.env.sha256": hashlib.sha256(environment.encode()).hexdigest()}
+        lineage, environment = run_lineage()
         parent = start_pipeline_run(client, self.experiment, [t.name for t in scheduled], params,
                                     root, tags=lineage)
         client.log_dict(parent, dag_description(dag), "dag.json")
@@ -211,12 +207,7 @@ def log_notebook(client, run_id: str, executed: Path) -> None:
 def refuse_secret_parameters(tasks: list, secret_values: dict[str, str]) -> None:
     "Refuse to run when a task parameter holds the value of a declared secret."
     for task in tasks:
-        for name, value in task_params(task).items():
-            leaked = [s for s, v in secret_values.items() if v and v in str(value)]
-            if leaked:
-                raise ParameterError(name, f"of task {task.name!r} holds the value of secret {leaked[0]}: "
-                                     "parameters are stored in clear; read it in the notebook with "
-                                     f"nbs_lib.credentials.secret({leaked[0]!r})")
+        refuse_secret_values(task_params(task), secret_values, f"of task {task.name!r}")
 
 
 @dataclass
@@ -299,7 +290,7 @@ class _Build:
                 status = "FINISHED"
             else:
                 kept = display_path(executed, self.root) if executed is not None and executed.is_file() else ""
-                self.failures.append(describe_failure(task, error, self.notebook(task), kept))
+                self.failures.append(describe_failure(task.name, error, self.notebook(task), kept))
         except KeyboardInterrupt:
             status = "KILLED"
             raise

@@ -12,7 +12,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['LIBRARY_DIGEST_PARAM', 'file_digest', 'library_digest', 'imports_digest', 'notebook_code', 'installed_packages',
-           'product_files', 'product_digests', 'pin_library_code', 'dag_description']
+           'run_lineage', 'product_files', 'product_digests', 'pin_library_code', 'dag_description']
 
 # %% ../notebooks/11_lineage.ipynb #f7ed63b4
 def file_digest(path: str | Path) -> str:
@@ -82,6 +82,14 @@ def installed_packages() -> str:
 
     pins = {f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]}
     return "\n".join(sorted(pins, key=str.lower)) + "\n"
+
+
+def run_lineage() -> tuple[dict[str, str], str]:
+    "Tags with the version and digest of nbs_lib and the digest of the environment; and the environment itself."
+    lib, environment = library_digest(), installed_packages()
+    tags = {"nbs.lib.version": lib["version"], "nbs.lib.sha256": lib["all"],
+            "nbs.env.sha256": hashlib.sha256(environment.encode()).hexdigest()}
+    return tags, environment
 
 # %% ../notebooks/11_lineage.ipynb #aaaee06d
 def product_files(product) -> dict[str, Path]:

@@ -16,8 +16,8 @@ from .config import artifact_location, tracking_uri
 
 # %% auto #0
 __all__ = ['RUN_ID_ENV', 'PARAM_VALUE_LIMIT', 'get_client', 'experiment_id', 'git_state', 'owner_tags', 'reap_orphans',
-           'start_pipeline_run', 'start_task_run', 'finish_run', 'active_run_id', 'log_metrics', 'log_tags',
-           'log_artifact']
+           'start_pipeline_run', 'start_task_run', 'finish_run', 'active_run_id', 'log_metrics', 'log_table',
+           'log_tags', 'log_artifact']
 
 # %% ../notebooks/08_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -123,10 +123,11 @@ def _as_param(value: object) -> str:
 
 
 def start_pipeline_run(client, experiment: str, tasks: list[str], params: dict,
-                       root: str | Path = ".", tags: dict | None = None) -> str:
-    "A RUNNING run for one pipeline build: the tasks it will run, the resolved parameters, `tags`."
-    run = client.create_run(experiment_id(client, experiment), run_name="pipeline", tags={
-        "nbs.kind": "pipeline",
+                       root: str | Path = ".", tags: dict | None = None, kind: str = "pipeline",
+                       name: str | None = None) -> str:
+    "A RUNNING run for one build (`kind` pipeline) or execution: the tasks it will run, the parameters, `tags`."
+    run = client.create_run(experiment_id(client, experiment), run_name=name or kind, tags={
+        "nbs.kind": kind,
         "nbs.tasks": ",".join(tasks),
         **git_state(root),
         **owner_tags(),
@@ -186,6 +187,19 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> dict[str,
     now = get_current_time_millis()
     get_client().log_batch(run_id, metrics=[Metric(k, v, now, step or 0) for k, v in values.items()])
     return values
+
+
+def log_table(table, name: str):
+    "Report a table (a DataFrame, or what makes one) to this task's run as `tables/<name>.json`; by hand only show it."
+    import pandas as pd
+
+    frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table)
+    run_id = active_run_id()
+    if run_id is None:
+        print(f"not tracked (no nbs run): table {name}, {len(frame)} rows")
+        return frame
+    get_client().log_table(data=frame, artifact_file=f"tables/{name}.json", run_id=run_id)
+    return frame
 
 
 def log_tags(tags: dict[str, object]) -> None:

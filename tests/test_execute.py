@@ -1,0 +1,182 @@
+"""`nbs execute` on notebooks it did not write: real kernels, a real MLflow store, real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import nbformat
+import psutil
+import pytest
+from conftest import NBS, run_nbs, runs_of, store
+
+
+def _notebook(path: Path, *cells: str, parameters: str | None = None, kernel: bool = True) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in cells]
+    if parameters is not None:
+        nb.cells.insert(0, nbformat.v4.new_code_cell(parameters, metadata={"tags": ["parameters"]}))
+    if kernel:
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
+def _by_kind(root: Path) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for run in runs_of(root):
+        found.setdefault(run.data.tags["nbs.kind"], []).append(run)
+    return found
+
+
+REPORT = """\
+from nbs_lib.tracking import log_metrics, log_table
+log_metrics({"total": rows * factor})
+log_table({"row": list(range(rows))}, "rows")
+print("label:", label)"""
+
+
+def test_a_notebook_without_parameters_cell_or_kernel_name(tmp_path):
+    _notebook(tmp_path / "plain.ipynb", "print('hello')\nfrom nbs_lib.tracking import log_metrics\n"
+              "log_metrics({'answer': 42})", kernel=False)
+    done = run_nbs("execute", "plain.ipynb", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Executed plain.ipynb in 1 attempt: products/executed/plain.ipynb" in done.stdout
+    runs = _by_kind(tmp_path)
+    (parent,), (attempt,) = runs["execution"], runs["task"]
+    assert (parent.info.status, attempt.info.status) == ("FINISHED", "FINISHED")
+    assert attempt.data.metrics == {"answer": 42.0} and parent.data.metrics == {"plain.answer": 42.0}
+    assert attempt.data.tags["nbs.notebook.sha256"] and attempt.data.tags["nbs.lib.sha256"]
+    assert [a.path for a in store(tmp_path).list_artifacts(attempt.info.run_id, "notebook")] == [
+        "notebook/plain.html", "notebook/plain.ipynb"]
+    assert [a.path for a in store(tmp_path).list_artifacts(parent.info.run_id)] == ["environment"]
+    assert "hello" in (tmp_path / "products/executed/plain.ipynb").read_text()
+    refused = run_nbs("execute", "plain.ipynb", "-p", "rows=3", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "it has no cell tagged 'parameters'" in refused.stderr
+
+
+def test_a_papermill_style_notebook_with_parameters(tmp_path):
+    _notebook(tmp_path / "report.ipynb", REPORT,
+              parameters="rows = 3  # how many rows\nfactor = 0.5\nlabel = 'weekly'")
+    done = run_nbs("execute", "report.ipynb", "-p", "rows=4", "-p", "label=daily run", "-o", "out/r.ipynb",
+                   "--experiment", "reports", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    executed = json.loads((tmp_path / "out/r.ipynb").read_text())
+    injected = [c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert "rows = 4" in "".join(injected[0]["source"])
+    client = store(tmp_path)
+    attempt = next(r for r in runs_of(tmp_path, "reports") if r.data.tags["nbs.kind"] == "task")
+    assert attempt.data.params == {"rows": "4", "label": "daily run"}
+    assert attempt.data.metrics == {"total": 2.0}
+    table = client.download_artifacts(attempt.info.run_id, "tables/rows.json", str(tmp_path / "dl"))
+    assert json.loads(Path(table).read_text())["data"] == [[0], [1], [2], [3]]
+
+
+@pytest.mark.parametrize("body, code, ename", [
+    ("raise ValueError('broken report')", 1, "ValueError"),
+    ("import sys; sys.exit(0)", 1, "SystemExit"),
+    ("import time; time.sleep(60)", 3, "CellTimeoutError"),
+    ("import os; os._exit(1)", 3, "DeadKernelError"),
+])
+def test_each_failure_kind_has_its_exit_code_and_a_failed_run(tmp_path, body, code, ename):
+    _notebook(tmp_path / "job.ipynb", "print('start')", body, "print('never')")
+    done = run_nbs("execute", "job.ipynb", "--timeout", "3", cwd=tmp_path)
+    assert done.returncode == code, done.stderr
+    assert "task 'job' (job.ipynb) failed at cell 1" in done.stderr and ename in done.stderr
+    assert {r.info.status for r in runs_of(tmp_path)} == {"FAILED"}
+    cells = json.loads((tmp_path / "products/executed/job.ipynb").read_text())["cells"]
+    assert [c["metadata"].get("papermill", {}).get("status") for c in cells][-2:] == ["failed", "pending"]
+
+
+def test_bad_input_is_refused_before_any_run(tmp_path):
+    _notebook(tmp_path / "report.ipynb", REPORT, parameters="rows = 3\nfactor = 0.5\nlabel = 'x'")
+    for args, says in [
+        (["missing.ipynb"], "missing.ipynb: no such notebook"),
+        (["report.ipynb", "-p", "rows=many"], "parameter 'rows' expects int (default 3), got 'many'"),
+        (["report.ipynb", "-p", "colums=3"], "parameter 'colums' is not declared in the parameters cell of report.ipynb"),
+        (["report.ipynb", "-p", "os.system('x')=1"], "is not of the form name=value"),
+        (["report.ipynb", "--retries", "-1"], "must be positive"),
+        (["report.ipynb", "-o", "report.ipynb"], "is the notebook itself"),
+    ]:
+        done = run_nbs("execute", *args, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr)
+        assert says in done.stderr, (args, done.stderr)
+    assert runs_of(tmp_path) == [], "refused executions must not create runs"
+
+
+def test_a_secret_cannot_be_a_parameter_and_is_scrubbed(tmp_path):
+    _notebook(tmp_path / "job.ipynb", "from nbs_lib.credentials import secret\nprint('using', secret('JOB_TOKEN'))",
+              parameters="url = ''")
+    env_token = "tok-9f8e7d6c"
+    (tmp_path / ".env").write_text(f"JOB_TOKEN={env_token}\n")
+    refused = run_nbs("execute", "job.ipynb", "--secret", "JOB_TOKEN", "-p", f"url=https://x:{env_token}@h",
+                      cwd=tmp_path)
+    assert refused.returncode == 2 and "holds the value of secret JOB_TOKEN" in refused.stderr
+    done = run_nbs("execute", "job.ipynb", "--secret", "JOB_TOKEN", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert env_token not in (tmp_path / "products/executed/job.ipynb").read_text()
+    attempt = next(r for r in runs_of(tmp_path) if r.data.tags["nbs.kind"] == "task")
+    for artifact in ("notebook/job.ipynb", "notebook/job.html"):
+        path = store(tmp_path).download_artifacts(attempt.info.run_id, artifact, str(tmp_path / "dl"))
+        assert env_token not in Path(path).read_text() and "[secret]" in Path(path).read_text()
+
+
+def test_a_retry_that_succeeds_records_both_attempts(tmp_path):
+    _notebook(tmp_path / "flaky.ipynb", "from pathlib import Path\nmark = Path('tried.mark')",
+              "if not mark.exists():\n    mark.touch()\n    raise ConnectionError('the source was down')")
+    done = run_nbs("execute", "flaky.ipynb", "--retries", "2", "--backoff", "0.5", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "retrying flaky in 0.5 s (attempt 2 of 3)" in done.stderr
+    assert "Executed flaky.ipynb in 2 attempts" in done.stdout
+    runs = _by_kind(tmp_path)
+    assert runs["execution"][0].info.status == "FINISHED"
+    assert runs["execution"][0].data.tags["nbs.attempts"] == "2"
+    assert [(r.data.tags["nbs.attempt"], r.info.status) for r in runs["task"]] == [
+        ("1", "FAILED"), ("2", "FINISHED")]
+    first_notebook = store(tmp_path).download_artifacts(runs["task"][0].info.run_id, "notebook/flaky.ipynb",
+                                                        str(tmp_path / "dl"))
+    assert "the source was down" in Path(first_notebook).read_text()
+
+
+def test_eight_concurrent_executions_on_one_new_store(tmp_path):
+    _notebook(tmp_path / "report.ipynb", REPORT, parameters="rows = 3\nfactor = 1.0\nlabel = 'x'")
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
+    started = [subprocess.Popen([str(NBS), "execute", "report.ipynb", "-p", f"rows={n}", "-o", f"out/{n}.ipynb"],
+                                cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for n in range(1, 9)]
+    outcomes = [(p.wait(timeout=600), p.stderr.read()) for p in started]
+    assert [code for code, _ in outcomes] == [0] * 8, [err[-500:] for code, err in outcomes if code]
+    assert not any("database is locked" in err for _, err in outcomes)
+    runs = _by_kind(tmp_path)
+    assert len(runs["execution"]) == 8 and len(runs["task"]) == 8
+    assert {r.info.status for r in runs["execution"] + runs["task"]} == {"FINISHED"}
+    assert sorted(r.data.metrics["total"] for r in runs["task"]) == [float(n) for n in range(1, 9)]
+    assert sorted(r.data.params["rows"] for r in runs["task"]) == [str(n) for n in range(1, 9)]
+
+
+def test_sigterm_ends_the_runs_killed_and_stops_the_kernel(tmp_path):
+    _notebook(tmp_path / "slow.ipynb", "import time\ntime.sleep(120)")
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
+    build = subprocess.Popen([str(NBS), "execute", "slow.ipynb"], cwd=tmp_path, env=env, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        kernels: list[psutil.Process] = []
+        deadline = time.monotonic() + 60
+        while not kernels and time.monotonic() < deadline:
+            time.sleep(0.5)
+            kernels = psutil.Process(build.pid).children(recursive=True)
+        time.sleep(3)  # let the kernel reach the sleeping cell
+        build.send_signal(signal.SIGTERM)
+        assert build.wait(30) == 128 + signal.SIGTERM
+        gone, alive = psutil.wait_procs(kernels, timeout=15)
+        assert kernels and alive == [], "the kernel outlived the execution"
+    finally:
+        if build.poll() is None:
+            os.killpg(build.pid, signal.SIGKILL)
+            build.wait(10)
+    assert {r.info.status for r in runs_of(tmp_path)} == {"KILLED"}
