@@ -27,7 +27,8 @@ from .errors import ConfigError, Interrupted, NbsError
 from .lineage import LIBRARY_DIGEST_PARAM, pin_library_code, product_files
 
 # %% auto #0
-__all__ = ['load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute', 'cmd_check', 'build_parser', 'main']
+__all__ = ['load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute', 'cmd_schedule', 'cmd_check',
+           'build_parser', 'main']
 
 # %% ../notebooks/17_cli.ipynb #59fa4774
 def load_dag(root: Path, overrides: dict | None = None):
@@ -145,15 +146,20 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 # %% ../notebooks/17_cli.ipynb #89bd5d60
+def _root_or_here(given: Path | None) -> Path:
+    "`given`, else the project around the working directory, else the working directory."
+    try:
+        return given.resolve() if given else find_project_root()
+    except ConfigError:
+        return Path.cwd()
+
+
 def cmd_execute(args: argparse.Namespace) -> int:
     "Execute one notebook on its own with papermill, recorded in MLflow like a pipeline task."
     from nbs_lib.execute import execute_notebook, notebook_parameters, read_notebook
 
     notebook = Path(args.notebook).resolve()
-    try:
-        root = args.root.resolve() if args.root else find_project_root()
-    except ConfigError:
-        root = Path.cwd()  # run outside any project: the store goes in the current folder
+    root = _root_or_here(args.root)
     shown = display_path(notebook, root)
     declared = notebook_parameters(read_notebook(notebook))
     where = (f"the parameters cell of {shown}" if declared is not None
@@ -168,6 +174,44 @@ def cmd_execute(args: argparse.Namespace) -> int:
     tries = f"{done['attempts']} attempts" if done["attempts"] > 1 else "1 attempt"
     print(f"Executed {shown} in {tries}: {display_path(done['output'], root)}")
     print(f"Tracked in {tracking_uri()} as run {done['run_id']} (experiment {args.experiment!r})")
+    return 0
+
+# %% ../notebooks/17_cli.ipynb #c730d102
+def cmd_schedule(args: argparse.Namespace) -> int:
+    "Jobs on cron schedules (schedules.yaml): list them, run the scheduler, print crontab lines, fire one."
+    from nbs_lib.schedule import (
+        SCHEDULE_FILE,
+        Firing,
+        crontab_lines,
+        next_fires,
+        read_schedules,
+        run_scheduler,
+    )
+
+    root = _root_or_here(args.root)
+    jobs = read_schedules(Path(args.file).resolve() if args.file else root / SCHEDULE_FILE)
+    nbs = Path(sys.executable).with_name("nbs")
+    if args.action == "list":
+        print(f"{'job':16} {'cron':16} {'runs':32} {'overlap':8} {'retries':8} next fires (UTC)")
+        for job in jobs.values():
+            what = "the pipeline" if job.pipeline else job.notebook
+            fires = ", ".join(f"{t:%Y-%m-%d %H:%M:%S}" for t in next_fires(job, 3))
+            print(f"{job.name:16} {job.cron:16} {what:32} {job.overlap:8} {job.retries:<8} {fires}")
+        return 0
+    if args.action == "crontab":
+        print("\n".join(crontab_lines(jobs, root, nbs)))
+        return 0
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    os.environ.setdefault("PLOOMBER_STATS_ENABLED", "false")
+    _stop_on_signals()
+    firing = Firing(root, nbs)
+    if args.action == "fire":
+        if args.job not in jobs:
+            raise ConfigError(args.file or SCHEDULE_FILE, f"no job named {args.job!r}", hint=f"jobs: {', '.join(jobs)}")
+        return firing.fire(jobs[args.job])
+    print(f"nbs scheduler: {len(jobs)} job{'s' * (len(jobs) > 1)} from {display_path(args.file or root / SCHEDULE_FILE, root)}, "
+          f"runs tracked in {tracking_uri()}; Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
+    run_scheduler(jobs, firing)
     return 0
 
 # %% ../notebooks/17_cli.ipynb #aa943727
@@ -252,6 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
     execute.add_argument("--root", type=Path, help="folder whose mlflow.db records the run (default: "
                          "the nearest folder holding pipeline.yaml, else the current folder)")
     execute.set_defaults(handler=cmd_execute)
+
+    schedule = sub.add_parser("schedule", help="jobs on cron schedules from schedules.yaml",
+                              description=cmd_schedule.__doc__)
+    actions = schedule.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser("list", help="each job and its next three fire times (UTC)")
+    actions.add_parser("run", help="fire the jobs on their schedules until Ctrl-C or SIGTERM")
+    actions.add_parser("crontab", help="print crontab lines that fire the jobs through `nbs schedule fire`")
+    fire = actions.add_parser("fire", help="fire one job now (what the crontab lines call)")
+    fire.add_argument("job", metavar="JOB", help="the job's name in schedules.yaml")
+    for action in actions.choices.values():
+        action.add_argument("--file", metavar="PATH", help="the schedules file (default: ROOT/schedules.yaml)")
+        action.add_argument("--root", type=Path, help="the project folder (default: the nearest folder holding "
+                            "pipeline.yaml, else the current folder)")
+    schedule.set_defaults(handler=cmd_schedule)
 
     check = sub.add_parser("check", help="check notebooks, nbs_lib and pins are in step",
                            description=cmd_check.__doc__)

@@ -15,17 +15,18 @@ from pathlib import Path
 from .config import artifact_location, tracking_uri
 
 # %% auto #0
-__all__ = ['RUN_ID_ENV', 'PARAM_VALUE_LIMIT', 'get_client', 'experiment_id', 'git_state', 'owner_tags', 'reap_orphans',
-           'start_pipeline_run', 'start_task_run', 'finish_run', 'active_run_id', 'log_metrics', 'log_table',
-           'log_tags', 'log_artifact']
+__all__ = ['RUN_ID_ENV', 'PARAM_VALUE_LIMIT', 'open_store', 'get_client', 'experiment_id', 'git_state', 'owner_tags',
+           'reap_orphans', 'start_pipeline_run', 'start_task_run', 'finish_run', 'active_run_id', 'log_metrics',
+           'log_table', 'log_tags', 'log_artifact']
 
 # %% ../notebooks/08_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value's length
 
 # %% ../notebooks/08_tracking.ipynb #b28518ad
-@lru_cache(maxsize=4)
-def _client_for(uri: str):
+@lru_cache(maxsize=8)
+def open_store(uri: str):
+    "An MlflowClient on `uri`; a new SQLite store's tables are created under a lock, safe across processes."
     from mlflow import MlflowClient
 
     if not uri.startswith("sqlite:///"):
@@ -44,7 +45,7 @@ def _client_for(uri: str):
 
 def get_client():
     "An MlflowClient for the current tracking URI (see `config.tracking_uri`)."
-    return _client_for(tracking_uri())
+    return open_store(tracking_uri())
 
 
 def experiment_id(client, name: str) -> str:

@@ -44,10 +44,10 @@ def run_nbs(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
 
 
 def store(root: Path):
-    "An MlflowClient on the embedded store of the project at `root`."
-    from mlflow import MlflowClient
+    "An MlflowClient on the embedded store of the project at `root` (safe while `nbs` creates it)."
+    from nbs_lib.tracking import open_store
 
-    return MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    return open_store(f"sqlite:///{root}/mlflow.db")
 
 
 def runs_of(root: Path, experiment: str = "nbs") -> list:
