@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import check_type, display_path
@@ -97,9 +98,11 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
     if output == notebook:
         raise ConfigError(output, "is the notebook itself: executing it there would overwrite it",
                           hint="pass --output with another path")
-    if retries < 0 or backoff < 0 or (timeout is not None and timeout <= 0):
-        raise ParameterError("retries" if retries < 0 else "backoff" if backoff < 0 else "timeout",
-                             "must be positive (retries and backoff may be 0)")
+    for name, value in (("retries", retries), ("backoff", backoff)):
+        if value < 0:
+            raise ParameterError(name, f"is {value}; it must be 0 or more")
+    if timeout is not None and timeout <= 0:
+        raise ParameterError("timeout", f"is {timeout}; it must be more than 0 seconds")
     secret_values = declared_secrets(list(secrets or []))
     refuse_secret_values(params, secret_values)
     # a foreign notebook may name no kernel; papermill would refuse it, we use the default one
@@ -141,14 +144,22 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
     return {"run_id": parent, "attempts": tries, "output": str(output)}
 
 
+@dataclass
 class _Attempt:
     "One try at executing the notebook: a child run, papermill with the nbs engine, the true status."
 
-    def __init__(self, client, parent, notebook, shown, output, params, root, kernel, timeout, tags,
-                 secret_values, show):
-        self.client, self.parent, self.notebook, self.shown = client, parent, notebook, shown
-        self.output, self.params, self.root, self.kernel = output, params, root, kernel
-        self.timeout, self.tags, self.secret_values, self.show = timeout, tags, secret_values, show
+    client: object
+    parent: str
+    notebook: Path
+    shown: str
+    output: Path
+    params: dict
+    root: Path
+    kernel: str | None
+    timeout: float | None
+    tags: dict
+    secret_values: set[str]
+    show: bool
 
     def run(self, number: int) -> TaskFailure | None:
         "Execute once as attempt `number`; the failure, or None when the notebook finished."

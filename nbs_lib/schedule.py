@@ -99,7 +99,8 @@ class Job:
         "The `nbs` command line one attempt of this job runs."
         params = [arg for name, value in self.params.items() for arg in ("-p", f"{name}={value}")]
         if self.pipeline:
-            return [str(nbs), "run", "--root", str(root), *params]
+            timeout = ["-p", f"cell_timeout={self.timeout:g}"] if self.timeout else []
+            return [str(nbs), "run", "--root", str(root), *params, *timeout]
         command = [str(nbs), "execute", str(root / self.notebook), "--root", str(root),
                    "--experiment", self.experiment, "--retries", str(self.retries),
                    "--backoff", str(self.backoff), *params]
@@ -249,6 +250,10 @@ class Firing:
             self._children.add(child)
         try:
             code = child.wait()
+        except BaseException:  # this thread was interrupted: the job must not outlive it
+            _terminate(child)
+            child.wait()
+            raise
         finally:
             with self._guard:
                 self._children.discard(child)
@@ -260,10 +265,14 @@ class Firing:
         with self._guard:
             children = list(self._children)
         for child in children:
-            try:
-                os.killpg(child.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _terminate(child)
+
+
+def _terminate(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGTERM)  # `nbs` ends its runs KILLED and stops its kernels
+    except ProcessLookupError:
+        pass
 
 
 _SIGNAL_EXITS = {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGKILL}

@@ -100,7 +100,7 @@ def test_bad_input_is_refused_before_any_run(tmp_path):
         (["report.ipynb", "-p", "rows=many"], "parameter 'rows' expects int (default 3), got 'many'"),
         (["report.ipynb", "-p", "colums=3"], "parameter 'colums' is not declared in the parameters cell of report.ipynb"),
         (["report.ipynb", "-p", "os.system('x')=1"], "is not of the form name=value"),
-        (["report.ipynb", "--retries", "-1"], "must be positive"),
+        (["report.ipynb", "--retries", "-1"], "parameter 'retries' is -1; it must be 0 or more"),
         (["report.ipynb", "-o", "report.ipynb"], "is the notebook itself"),
     ]:
         done = run_nbs("execute", *args, cwd=tmp_path)
