@@ -27,8 +27,8 @@ from .errors import ConfigError, Interrupted, NbsError
 from .lineage import LIBRARY_DIGEST_PARAM, pin_library_code, product_files
 
 # %% auto #0
-__all__ = ['load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute', 'cmd_schedule', 'cmd_check',
-           'build_parser', 'main']
+__all__ = ['load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute', 'cmd_schedule', 'cmd_promote',
+           'cmd_rollback', 'cmd_models', 'cmd_check', 'build_parser', 'main']
 
 # %% ../notebooks/17_cli.ipynb #59fa4774
 def load_dag(root: Path, overrides: dict | None = None):
@@ -214,6 +214,58 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     run_scheduler(jobs, firing)
     return 0
 
+# %% ../notebooks/17_cli.ipynb #ac7fc8a7
+def _registry_client(args: argparse.Namespace):
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_root_or_here(args.root) / 'mlflow.db'}")
+    from nbs_lib.tracking import get_client
+
+    return get_client()
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    "Make a version the champion by hand, recording who and why (the gate is bypassed, on the record)."
+    from nbs_lib.registry import promote
+
+    entry = promote(_registry_client(args), args.name, args.version, args.why)
+    print(f"{args.name} version {entry['version']} is champion ({entry['by']}, {entry['at']}: {entry['why']})")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    "Give champion back to the version that held it before the current one."
+    from nbs_lib.registry import rollback
+
+    entry = rollback(_registry_client(args), args.name, args.why)
+    print(f"{args.name} version {entry['version']} is champion again ({entry['by']}, {entry['at']}: {entry['why']})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    "Registered models: their latest versions with aliases, holdout metric and gate decision, and the champion history."
+    import json
+
+    from nbs_lib.registry import champion_history
+
+    client = _registry_client(args)
+    names = [args.name] if args.name else sorted(m.name for m in client.search_registered_models())
+    for name in names:
+        versions = client.search_model_versions(f"name = '{name}'", max_results=args.limit,
+                                                order_by=["version_number DESC"])
+        aliases: dict[str, list[str]] = {}  # search results leave aliases out; the model has them
+        for alias, version in client.get_registered_model(name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+        print(f"{name}\n  {'version':8} {'aliases':22} {'roc_auc':8} gate")
+        for v in versions:
+            promote, reason = (json.loads(v.tags[f"nbs.gate.{k}"]) if f"nbs.gate.{k}" in v.tags else None
+                               for k in ("promote", "reason"))
+            gate = "" if promote is None else f"{'promoted' if promote else 'refused'}: {reason}"
+            print(f"  {v.version:<8} {','.join(sorted(aliases.get(str(v.version), []))) or '-':22} "
+                  f"{v.tags.get('metric.roc_auc', '-'):8} {gate}")
+        print("  champion history (oldest first):")
+        for e in champion_history(client, name):
+            print(f"    {e['at']}  {e['action']:8} version {e['version']:<4} {e['by']}: {e['why']}")
+    return 0
+
 # %% ../notebooks/17_cli.ipynb #aa943727
 def cmd_check(args: argparse.Namespace) -> int:
     "Check notebooks are clean, nbs_lib matches them, and env.yml matches requirements.lock."
@@ -310,6 +362,30 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--root", type=Path, help="the project folder (default: the nearest folder holding "
                             "pipeline.yaml, else the current folder)")
     schedule.set_defaults(handler=cmd_schedule)
+
+    registry_root = dict(type=Path, help="folder whose mlflow.db holds the registry (default: the project, "
+                         "else the current folder; MLFLOW_TRACKING_URI wins)")
+    models = sub.add_parser("models", help="registered models: versions, aliases, gate decisions, champion history",
+                            description=cmd_models.__doc__)
+    models.add_argument("name", nargs="?", metavar="NAME", help="one registered model (default: all)")
+    models.add_argument("-n", "--limit", type=int, default=10, help="versions shown per model (default 10)")
+    models.add_argument("--root", **registry_root)
+    models.set_defaults(handler=cmd_models)
+
+    promote = sub.add_parser("promote", help="make a version champion by hand, recording who and why",
+                             description=cmd_promote.__doc__)
+    promote.add_argument("name", metavar="NAME", help="the registered model")
+    promote.add_argument("version", type=int, metavar="VERSION", help="the version to make champion")
+    promote.add_argument("--why", required=True, help="the reason, kept in the champion history")
+    promote.add_argument("--root", **registry_root)
+    promote.set_defaults(handler=cmd_promote)
+
+    rollback = sub.add_parser("rollback", help="give champion back to the previous champion",
+                              description=cmd_rollback.__doc__)
+    rollback.add_argument("name", metavar="NAME", help="the registered model")
+    rollback.add_argument("--why", default="rolled back by hand", help="the reason, kept in the champion history")
+    rollback.add_argument("--root", **registry_root)
+    rollback.set_defaults(handler=cmd_rollback)
 
     check = sub.add_parser("check", help="check notebooks, nbs_lib and pins are in step",
                            description=cmd_check.__doc__)

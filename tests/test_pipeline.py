@@ -141,6 +141,9 @@ def test_model_registered_as_champion_and_serves_like_the_product(built):
     champion = client.get_model_version_by_alias("nbs-classifier", "champion")
     challenger = client.get_model_version_by_alias("nbs-classifier", "challenger")
     assert int(champion.version) == int(challenger.version) == 1
+    gate = json.loads((root / "products/model/registered.json").read_text())["gate"]
+    assert gate["promote"] and gate["reason"] == "thresholds met, no champion yet"
+    assert json.loads(champion.tags["nbs.gate.promote"]) is True
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     served = mlflow.pyfunc.load_model("models:/nbs-classifier@champion")
     test = pd.read_parquet(root / "products/data/test.parquet").drop(columns="target")
@@ -203,7 +206,29 @@ def test_parameter_override_reruns_only_affected_tasks(built):
     assert {r.data.params["cv_folds"] for r in new if r.data.tags.get("nbs.task") in CANDIDATES} == {"3"}
     client = store(root)
     assert int(client.get_model_version_by_alias("nbs-classifier", "challenger").version) == 2
-    assert int(client.get_model_version_by_alias("nbs-classifier", "champion").version) == 1
+    second = client.get_model_version("nbs-classifier", "2")
+    gate = {k.removeprefix("nbs.gate."): json.loads(v) for k, v in second.tags.items() if k.startswith("nbs.gate.")}
+    assert gate["champion_version"] == 1 and gate["metric"] == "roc_auc"
+    assert gate["promote"] == (gate["candidate"] - gate["champion"] > gate["margin"]), gate
+    champion = client.get_model_version_by_alias("nbs-classifier", "champion")
+    assert int(champion.version) == (2 if gate["promote"] else 1)
+
+
+def test_promote_and_rollback_by_hand_are_recorded(built):
+    root, _ = built
+    client = store(root)
+    before = int(client.get_model_version_by_alias("nbs-classifier", "champion").version)
+    other = 2 if before == 1 else 1
+    done = run_nbs("promote", "nbs-classifier", str(other), "--why", "canary looked good", cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert int(client.get_model_version_by_alias("nbs-classifier", "champion").version) == other
+    assert run_nbs("rollback", "nbs-classifier", "--why", "alerts", cwd=root).returncode == 0
+    assert int(client.get_model_version_by_alias("nbs-classifier", "champion").version) == before
+    listed = run_nbs("models", "nbs-classifier", cwd=root).stdout
+    assert f"promote  version {other}" in listed and "canary looked good" in listed
+    assert f"rollback version {before}" in listed and ": alerts" in listed
+    missing = run_nbs("promote", "nbs-classifier", "99", "--why", "typo", cwd=root)
+    assert missing.returncode == 2 and "has no version 99" in missing.stderr
 
 
 def test_library_edit_reruns_exactly_the_tasks_that_import_it(built):
