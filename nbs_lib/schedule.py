@@ -248,6 +248,8 @@ class Firing:
         child = subprocess.Popen(command, cwd=self.root, env=env, start_new_session=True)
         with self._guard:
             self._children.add(child)
+        if self.stopping.is_set():  # stop() listed the children before this one joined them
+            _terminate(child)
         try:
             code = child.wait()
         except BaseException:  # this thread was interrupted: the job must not outlive it
