@@ -154,6 +154,12 @@ def _root_or_here(given: Path | None) -> Path:
         return Path.cwd()
 
 
+def _use_store_of(root: Path) -> None:
+    "Track in `root`/mlflow.db unless MLFLOW_TRACKING_URI says otherwise; no Ploomber telemetry."
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    os.environ.setdefault("PLOOMBER_STATS_ENABLED", "false")
+
+
 def cmd_execute(args: argparse.Namespace) -> int:
     "Execute one notebook on its own with papermill, recorded in MLflow like a pipeline task."
     from nbs_lib.execute import execute_notebook, notebook_parameters, read_notebook
@@ -165,8 +171,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
     where = (f"the parameters cell of {shown}" if declared is not None
              else f"{shown}: it has no cell tagged 'parameters'")
     params = parse_overrides(args.param, declared or {}, declared_in=where)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    os.environ.setdefault("PLOOMBER_STATS_ENABLED", "false")
+    _use_store_of(root)
     _stop_on_signals()
     done = execute_notebook(notebook, args.output, params, experiment=args.experiment,
                             timeout=args.timeout, retries=args.retries, backoff=args.backoff,
@@ -201,8 +206,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     if args.action == "crontab":
         print("\n".join(crontab_lines(jobs, root, nbs)))
         return 0
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    os.environ.setdefault("PLOOMBER_STATS_ENABLED", "false")
+    _use_store_of(root)
     _stop_on_signals()
     firing = Firing(root, nbs)
     if args.action == "fire":
@@ -216,7 +220,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 # %% ../notebooks/17_cli.ipynb #ac7fc8a7
 def _registry_client(args: argparse.Namespace):
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_root_or_here(args.root) / 'mlflow.db'}")
+    _use_store_of(_root_or_here(args.root))
     from nbs_lib.tracking import get_client
 
     return get_client()

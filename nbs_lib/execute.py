@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import ast
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 from .config import check_type, display_path
 from .credentials import declared_secrets, redact_notebook, refuse_secret_values
 from .errors import ConfigError, ExecutionError, ParameterError, TaskFailure
-from .executor import copy_metrics_to_parent, describe_failure, log_notebook
+from .executor import copy_metrics_to_parent, describe_failure, log_notebook, say_progress
 from .lineage import file_digest, run_lineage
 from nbs_lib.tracking import (
     RUN_ID_ENV,
@@ -80,11 +79,6 @@ def check_parameters(params: dict, declared: dict | None, notebook: str) -> dict
     return checked
 
 # %% ../notebooks/15_execute.ipynb #deff1265
-def _say(message: str, show: bool) -> None:
-    if show:
-        print(message, file=sys.stderr, flush=True)
-
-
 def execute_notebook(notebook: str | Path, output: str | Path | None = None, params: dict | None = None, *,
                      experiment: str = "nbs", timeout: float | None = None, retries: int = 0,
                      backoff: float = 5.0, secrets: list[str] | None = None, root: str | Path = ".",
@@ -109,12 +103,12 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
     kernel = None if nb.metadata.get("kernelspec", {}).get("name") else "python3"
     client = get_client()
     for run_id in reap_orphans(client, experiment):
-        _say(f"marked run {run_id} KILLED: the process that ran it is gone", show)
+        say_progress(f"marked run {run_id} KILLED: the process that ran it is gone", show)
     lineage, environment = run_lineage()
     parent = start_pipeline_run(client, experiment, [notebook.stem], params, root, tags=lineage,
                                 kind="execution", name=notebook.stem)
     client.log_text(parent, environment, "environment/requirements.txt")
-    _say(f"MLflow execution run {parent} (experiment {experiment!r})", show)
+    say_progress(f"MLflow execution run {parent} (experiment {experiment!r})", show)
     attempt = _Attempt(client, parent, notebook, shown, output, params, root, kernel, timeout,
                        {**lineage, "nbs.notebook.sha256": file_digest(notebook)},
                        set(secret_values.values()), show)
@@ -130,7 +124,7 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
             if tries > retries:
                 break
             delay = backoff * 2 ** (tries - 1)
-            _say(f"  retrying {notebook.stem} in {delay:g} s (attempt {tries + 1} of {retries + 1})", show)
+            say_progress(f"  retrying {notebook.stem} in {delay:g} s (attempt {tries + 1} of {retries + 1})", show)
             time.sleep(delay)
         status = "FAILED" if failure else "FINISHED"
     except Exception:
@@ -170,7 +164,7 @@ class _Attempt:
                                 {**self.tags, "nbs.attempt": str(number)})
         self.output.parent.mkdir(parents=True, exist_ok=True)
         self.output.unlink(missing_ok=True)  # an earlier attempt's notebook must not pass for this one's
-        _say(f"  running  {self.shown} (attempt {number}) ...", self.show)
+        say_progress(f"  running  {self.shown} (attempt {number}) ...", self.show)
         started, status, failure = time.monotonic(), "KILLED", None
         try:
             try:
@@ -188,5 +182,5 @@ class _Attempt:
                 redact_notebook(self.output, self.secret_values)
                 log_notebook(self.client, run_id, self.output)
             finish_run(self.client, run_id, status)
-            _say(f"  {status.lower():8} {name} in {time.monotonic() - started:.1f} s", self.show)
+            say_progress(f"  {status.lower():8} {name} in {time.monotonic() - started:.1f} s", self.show)
         return failure

@@ -37,8 +37,9 @@ from nbs_lib.tracking import (
 )
 
 # %% auto #0
-__all__ = ['task_params', 'shared_params', 'executed_notebook', 'describe_failure', 'parallel_jobs', 'TrackedExecutor',
-           'log_upstream_inputs', 'log_outputs', 'copy_metrics_to_parent', 'log_notebook', 'refuse_secret_parameters']
+__all__ = ['task_params', 'shared_params', 'executed_notebook', 'describe_failure', 'say_progress', 'parallel_jobs',
+           'TrackedExecutor', 'log_upstream_inputs', 'log_outputs', 'copy_metrics_to_parent', 'log_notebook',
+           'refuse_secret_parameters']
 
 # %% ../notebooks/12_executor.ipynb #a231fd1e
 _NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM}
@@ -79,7 +80,8 @@ def describe_failure(task: str, exc: BaseException, notebook: str, executed: str
     return TaskFailure(task, notebook, f"{type(root).__name__}: {root}", executed=executed)
 
 # %% ../notebooks/12_executor.ipynb #ea74a00a
-def _say(message: str, show: bool) -> None:
+def say_progress(message: str, show: bool = True) -> None:
+    "Print a progress line to stderr (stdout stays for results) when `show`."
     if show:
         print(message, file=sys.stderr, flush=True)
 
@@ -113,14 +115,14 @@ class TrackedExecutor(Executor):
         refuse_secret_parameters(scheduled, secret_values)
         client, root = get_client(), Path.cwd()
         for run_id in reap_orphans(client, self.experiment):
-            _say(f"marked run {run_id} KILLED: the process that ran it is gone", show_progress)
+            say_progress(f"marked run {run_id} KILLED: the process that ran it is gone", show_progress)
         params = shared_params(scheduled)
         lineage, environment = run_lineage()
         parent = start_pipeline_run(client, self.experiment, [t.name for t in scheduled], params,
                                     root, tags=lineage)
         client.log_dict(parent, dag_description(dag), "dag.json")
         client.log_text(parent, environment, "environment/requirements.txt")
-        _say(f"MLflow pipeline run {parent} (experiment {self.experiment!r}, "
+        say_progress(f"MLflow pipeline run {parent} (experiment {self.experiment!r}, "
              f"up to {self.jobs} task{'s' if self.jobs > 1 else ''} at once)", show_progress)
         build = _Build(client, parent, root, lineage, set(secret_values.values()), self.cell_timeout,
                        show_progress)
@@ -237,7 +239,7 @@ class _Build:
                         if needs & broken:
                             waiting.remove(task)
                             broken.add(task.name)
-                            _say(f"  skipped  {task.name}: an upstream task failed", self.show)
+                            say_progress(f"  skipped  {task.name}: an upstream task failed", self.show)
                         elif needs <= succeeded and len(running) < jobs:
                             waiting.remove(task)
                             run_id, started = self.start(task), time.monotonic()
@@ -275,7 +277,7 @@ class _Build:
         # vouches for a half-written product, and the next build runs the task again.
         task.product.metadata.delete()
         _use_nbs_engine(task, self.cell_timeout, {RUN_ID_ENV: run_id})
-        _say(f"  running  {task.name} ({notebook}) ...", self.show)
+        say_progress(f"  running  {task.name} ({notebook}) ...", self.show)
         return run_id
 
     def finish(self, task, run_id: str, started: float, future: Future, interrupted: bool = False) -> bool:
@@ -299,7 +301,7 @@ class _Build:
                 redact_notebook(executed, self.secret_values)
                 log_notebook(self.client, run_id, executed)
             finish_run(self.client, run_id, status)
-            _say(f"  {status.lower():8} {task.name} in {time.monotonic() - started:.1f} s", self.show)
+            say_progress(f"  {status.lower():8} {task.name} in {time.monotonic() - started:.1f} s", self.show)
         return status == "FINISHED"
 
     def notebook(self, task) -> str:
