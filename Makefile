@@ -52,4 +52,4 @@ lock: ## re-resolve requirements.in into requirements.lock and env.yml
 	scripts/lock.sh
 
 clean: ## remove products and the embedded MLflow store (keeps .venv)
-	rm -rf products mlflow.db mlflow.db.lock mlartifacts
+	rm -rf products mlflow.db mlflow.db.lock mlartifacts predictions.db predictions.db-wal predictions.db-shm

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['STUCK_ERRORS', 'NbsError', 'ConfigError', 'ParameterError', 'DataError', 'DataValidationError', 'TaskFailure',
-           'PipelineError', 'ExecutionError', 'Interrupted']
+           'PipelineError', 'ExecutionError', 'InputError', 'Interrupted']
 
 # %% ../notebooks/00_errors.ipynb #b4ea7153
 class NbsError(Exception):
@@ -107,6 +107,20 @@ class ExecutionError(PipelineError):
     @property
     def exit_code(self) -> int:
         return 3 if self.failures[-1].ename in STUCK_ERRORS else 1
+
+# %% ../notebooks/00_errors.ipynb #035eb846
+class InputError(NbsError):
+    "Input to a model that does not fit its signature or the request format; `field` and `row` say where."
+
+    def __init__(self, field: str, problem: str, row: int | None = None, hint: str = "", status: int = 422):
+        self.field, self.problem, self.row, self.status = field, problem, row, status
+        where = f" (record {row})" if row is not None else ""
+        super().__init__(f"{field!r}{where} {problem}", hint)
+
+    def to_dict(self) -> dict:
+        "The error as the JSON body of an HTTP answer."
+        return {"error": self.message, "field": self.field, "problem": self.problem, "row": self.row,
+                "hint": self.hint}
 
 # %% ../notebooks/00_errors.ipynb #ff4f1900
 class Interrupted(KeyboardInterrupt):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,54 @@ def runs_of(root: Path, experiment: str = "nbs") -> list:
 def project(tmp_path: Path) -> Path:
     "A fresh copy of the project for one test."
     return copy_project(tmp_path / "project")
+
+
+def start_server(*args: str, cwd: Path, timeout: float = 90) -> tuple[subprocess.Popen, str]:
+    "Start `nbs serve --port 0 ARGS` in its own process group; the process and its URL once it is ready."
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    process = subprocess.Popen([str(NBS), "serve", "--port", "0", *args], cwd=cwd, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    first = process.stdout.readline()
+    if " on http://127.0.0.1:" not in first:
+        stop_server(process)
+        raise AssertionError(f"nbs serve did not start: {first}{process.stderr.read()}")
+    url = first.split(" on ")[-1].split(";")[0].strip()
+    deadline = time.monotonic() + timeout
+    while not _answers(f"{url}/health"):
+        assert time.monotonic() < deadline, "nbs serve never answered /health"
+        time.sleep(0.2)
+    return process, url
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def wait_ready(url: str, timeout: float = 90) -> dict:
+    "The /ready answer once the server says it is ready."
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while (answer := httpx.get(f"{url}/ready")).status_code != 200:
+        assert time.monotonic() < deadline, f"not ready after {timeout} s: {answer.text}"
+        time.sleep(0.2)
+    return answer.json()
+
+
+def stop_server(process: subprocess.Popen) -> tuple[int, str, str]:
+    "Stop a server started by `start_server` (SIGTERM to its group, then SIGKILL); its exit code and output."
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        out, err = process.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+    except ProcessLookupError:
+        out, err = process.communicate()
+    return process.returncode, out, err

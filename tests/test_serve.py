@@ -1,0 +1,275 @@
+"""`nbs serve` and `nbs predict` against a real registry: a real HTTP server on 127.0.0.1, real models."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+from conftest import run_nbs, start_server, stop_server, store, wait_ready
+
+NAME = "serving-test"
+TARGET = "target"
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> dict:
+    """Three versions through the gate: a weak first champion, a model of shuffled labels the gate
+    refuses, and a strong one it promotes. Tracked in ROOT/mlflow.db like a project's."""
+    from nbs_lib.data import load_builtin
+    from nbs_lib.evaluate import holdout_metrics
+    from nbs_lib.features import split_holdout
+    from nbs_lib.registry import apply_gate, register_model
+    from nbs_lib.train import train_model
+
+    root = tmp_path_factory.mktemp("serving")
+    train, test = split_holdout(load_builtin(), TARGET, 0.2, 42)
+    shuffled = train.assign(target=train[TARGET].sample(frac=1, random_state=0).to_numpy())
+    models = {1: train_model(train, TARGET, "random_forest", {"n_estimators": 1, "max_depth": 1}),
+              2: train_model(shuffled, TARGET, "logistic_regression"),
+              3: train_model(train, TARGET, "logistic_regression")}
+    metrics = {version: holdout_metrics(model, test, TARGET) for version, model in models.items()}
+    # What the gate test relies on: the weak model is worse than the strong and better than noise.
+    assert metrics[2]["roc_auc"] < metrics[1]["roc_auc"] < metrics[3]["roc_auc"], metrics
+    decisions = {}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        patch.chdir(root)
+        store(root)
+        for version, model in models.items():
+            registered = register_model(model, NAME, train.drop(columns=[TARGET]), metrics[version], experiment="serving")
+            assert registered["version"] == version
+            decisions[version] = apply_gate(NAME, version, metrics[version], test, TARGET,
+                                            {"accuracy": 0.6}, "roc_auc", 0.0)
+    return {"root": root, "test": test, "models": models, "metrics": metrics, "decisions": decisions}
+
+
+@pytest.fixture(scope="module")
+def server(registry):
+    "`nbs serve` of the champion (version 3) with version 1 as a 20 % canary; stopped by its process group."
+    process, url = start_server("--model", f"models:/{NAME}@champion", "--canary", "1", "--canary-weight", "0.2",
+                                "--max-records", "1000", "--root", str(registry["root"]), cwd=registry["root"])
+    try:
+        wait_ready(url)
+        yield url
+    finally:
+        stop_server(process)
+
+
+def records(table: pd.DataFrame) -> list[dict]:
+    return table.drop(columns=[TARGET]).to_dict(orient="records")
+
+
+def test_gate_refuses_a_worse_model_and_accepts_a_better_one(registry):
+    decisions = registry["decisions"]
+    assert decisions[1]["promote"] and decisions[1]["reason"] == "thresholds met, no champion yet"
+    assert not decisions[2]["promote"] and decisions[2]["champion_version"] == 1
+    assert "does not beat the champion's" in decisions[2]["reason"]
+    assert decisions[3]["promote"] and decisions[3]["champion_version"] == 1
+    assert decisions[3]["candidate"] > decisions[3]["champion"]
+    client = store(registry["root"])
+    assert int(client.get_model_version_by_alias(NAME, "champion").version) == 3
+    assert json.loads(client.get_model_version(NAME, "2").tags["nbs.gate.promote"]) is False
+
+
+def test_health_ready_and_metadata(server):
+    assert httpx.get(f"{server}/health").json() == {"status": "alive"}
+    assert httpx.get(f"{server}/ready").json() == {"ready": True, "champion": 3, "canary": 1}
+    meta = httpx.get(f"{server}/metadata").json()
+    assert (meta["name"], meta["version"], meta["alias"]) == (NAME, 3, "champion")
+    assert (meta["canary"]["version"], meta["canary"]["weight"]) == (1, 0.2)
+    inputs = meta["signature"]["inputs"]
+    assert len(inputs) == 30 and inputs[0] == {"type": "double", "name": "mean radius", "required": True}
+    assert meta["classes"] == [0, 1] and meta["prediction_log"]["failed"] == 0
+
+
+def test_predictions_are_the_versions_own(server, registry):
+    rows = registry["test"].head(8)
+    for key in ("k-1", "k-2", "k-3", "k-4", "k-5", "k-6"):
+        answer = httpx.post(f"{server}/predict", json={"records": records(rows), "key": key})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        model = registry["models"][body["version"]]
+        assert body["role"] == ("champion" if body["version"] == 3 else "canary")
+        assert answer.headers["x-model-version"] == str(body["version"])
+        assert body["predictions"] == model.predict(rows.drop(columns=[TARGET])).tolist()
+        expected = model.predict_proba(rows.drop(columns=[TARGET]))[:, 1]
+        assert [p["1"] for p in body["probabilities"]] == pytest.approx(expected.tolist())
+        assert len(set(body["ids"])) == 8
+
+
+def _one(registry) -> dict:
+    return records(registry["test"].head(1))[0]
+
+
+BAD_INPUTS = {
+    "missing column": (lambda r: {"records": [{k: v for k, v in r.items() if k != "mean area"}]}, 422, "mean area"),
+    "unknown column": (lambda r: {"records": [{**r, "colour": 1.0}]}, 422, "colour"),
+    "string for a number": (lambda r: {"records": [{**r, "mean area": "500"}]}, 422, "mean area"),
+    "boolean for a number": (lambda r: {"records": [{**r, "mean area": True}]}, 422, "mean area"),
+    "null": (lambda r: {"records": [{**r, "mean area": None}]}, 422, "mean area"),
+    "no records": (lambda r: {"records": []}, 422, "records"),
+    "records not a list": (lambda r: {"records": r}, 422, "records"),
+    "record not an object": (lambda r: {"records": [list(r.values())]}, 422, "records"),
+    "unknown request field": (lambda r: {"records": [r], "user": "x"}, 422, "user"),
+    "key not a string": (lambda r: {"records": [r], "key": 7}, 422, "key"),
+    "too many records": (lambda r: {"records": [r] * 1001}, 413, "records"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_refused_naming_the_field(server, registry, case):
+    make, status, field = BAD_INPUTS[case]
+    answer = httpx.post(f"{server}/predict", json=make(_one(registry)))
+    assert answer.status_code == status, answer.text
+    assert answer.json()["field"] == field and answer.json()["error"]
+
+
+@pytest.mark.parametrize("body,status,problem", [
+    (b"", 400, "is empty"),
+    (b'{"records": [', 400, "is not valid JSON"),
+    (b'{"records": [{"mean radius": NaN}]}', 400, "NaN is not a JSON number"),
+    (b"\xff\xfe garbage", 400, "is not valid JSON"),
+    (b"[]", 422, "must be a JSON object"),
+])
+def test_malformed_bodies_are_refused(server, body, status, problem):
+    answer = httpx.post(f"{server}/predict", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == status, answer.text
+    assert answer.json()["field"] == "body" and problem in answer.json()["problem"]
+
+
+def test_oversized_body_and_wrong_content_type(server, registry):
+    big = json.dumps({"records": [_one(registry)] * 1000}).encode() + b" " * 1_000_000
+    answer = httpx.post(f"{server}/predict", content=big, headers={"content-type": "application/json"})
+    assert answer.status_code == 413 and answer.json()["field"] == "body"
+    form = httpx.post(f"{server}/predict", data={"records": "x"})
+    assert form.status_code == 415 and form.json()["field"] == "content-type"
+    assert httpx.get(f"{server}/ready").status_code == 200, "refused requests leave the service serving"
+
+
+def test_canary_takes_its_weight_and_a_key_always_meets_the_same_version(server, registry):
+    body = {"records": [_one(registry)]}
+    with httpx.Client(base_url=server) as client:
+        keyed = [client.post("/predict", json={**body, "key": f"user-{i}"}).json()["version"] for i in range(1000)]
+        unkeyed = [client.post("/predict", json=body).json()["version"] for _ in range(1000)]
+        again = {client.post("/predict", json={**body, "key": "user-7"}).json()["version"] for _ in range(20)}
+    for versions in (keyed, unkeyed):
+        share = versions.count(1) / len(versions)
+        assert abs(share - 0.2) < 0.05, share  # 4 standard deviations of a binomial share at n=1000
+        assert set(versions) == {1, 3}
+    assert again == {keyed[7]}
+
+
+def test_feedback_is_joined_to_its_prediction(server, registry):
+    from nbs_lib.predictions import read_predictions
+
+    rows = registry["test"].head(3)
+    answer = httpx.post(f"{server}/predict", json={"records": records(rows), "key": "feedback"}).json()
+    truth = rows[TARGET].tolist()
+    labels = [{"id": i, "label": label} for i, label in zip(answer["ids"], truth, strict=True)]
+    assert httpx.post(f"{server}/feedback", json={"labels": labels}).json() == {"recorded": 3}
+    unknown = httpx.post(f"{server}/feedback", json={"id": "no-such-id", "label": 1})
+    assert unknown.status_code == 404 and "no-such-id" in unknown.json()["error"]
+    wrong_type = httpx.post(f"{server}/feedback", json={"id": answer["ids"][0], "label": "1"})
+    assert wrong_type.status_code == 422 and wrong_type.json()["field"] == "label"
+    logged = read_predictions(registry["root"] / "predictions.db").set_index("id")
+    mine = logged.loc[answer["ids"]]
+    assert mine["label"].tolist() == truth and mine["prediction"].tolist() == answer["predictions"]
+    assert (mine["version"] == answer["version"]).all() and (mine["request_id"] == answer["request_id"]).all()
+    assert mine["inputs"].iloc[0] == records(rows)[0]
+    assert "no-such-id" not in logged.index
+
+
+def test_rollback_changes_the_served_version_after_reload(server, registry):
+    root = registry["root"]
+    assert httpx.get(f"{server}/ready").json()["champion"] == 3
+    done = run_nbs("rollback", NAME, "--why", "test", "--root", str(root), cwd=root)
+    assert done.returncode == 0, done.stderr
+    try:
+        assert httpx.get(f"{server}/ready").json()["champion"] == 3, "nothing changes before a reload"
+        reloaded = httpx.post(f"{server}/reload", timeout=60).json()
+        assert reloaded["loaded"] and reloaded["changed"] and reloaded["champion"] == 1
+        answer = httpx.post(f"{server}/predict", json={"records": [_one(registry)], "key": "user-3"}).json()
+        assert answer["version"] == 1
+    finally:
+        run_nbs("promote", NAME, "3", "--why", "restore after the rollback test", "--root", str(root), cwd=root)
+        httpx.post(f"{server}/reload", timeout=60)
+    assert httpx.get(f"{server}/ready").json()["champion"] == 3
+
+
+def test_a_model_that_cannot_load_leaves_the_service_up_and_not_ready(registry):
+    root = registry["root"]
+    process, url = start_server("--model", f"models:/{NAME}@no-such-alias", "--root", str(root), cwd=root)
+    try:
+        deadline = 60
+        while (ready := httpx.get(f"{url}/ready")).json().get("error") == "not ready: the model is still loading":
+            deadline -= 0.2
+            assert deadline > 0
+            time.sleep(0.2)
+        assert ready.status_code == 503 and "no-such-alias" in ready.json()["error"]
+        predict = httpx.post(f"{url}/predict", json={"records": [_one(registry)]})
+        assert predict.status_code == 503 and httpx.get(f"{url}/health").status_code == 200
+    finally:
+        code, out, err = stop_server(process)
+    assert code == 0 and "nbs serve: stopped, 0 predictions logged" in out, (code, out, err)
+
+
+def test_sigterm_writes_every_logged_prediction(registry, tmp_path):
+    root, log = registry["root"], tmp_path / "log.db"
+    process, url = start_server("--model", f"models:/{NAME}/3", "--prediction-log", str(log), "--root", str(root),
+                                cwd=root)
+    try:
+        wait_ready(url)
+        with httpx.Client(base_url=url) as client:
+            for _ in range(50):
+                assert client.post("/predict", json={"records": [_one(registry)] * 4}).status_code == 200
+    finally:
+        code, out, err = stop_server(process)
+    assert code == 0 and "stopped, 200 predictions logged" in out, (code, out, err)
+    with sqlite3.connect(log) as db:
+        assert db.execute("SELECT count(*), min(version), max(version) FROM predictions").fetchone() == (200, 3, 3)
+
+
+def test_batch_scoring_in_chunks(registry, tmp_path):
+    root, test = registry["root"], registry["test"]
+    source = tmp_path / "holdout.parquet"
+    test.assign(patient=range(len(test))).to_parquet(source)
+    output = tmp_path / "scored.csv"
+    done = run_nbs("predict", "--input", str(source), "--output", str(output), "--model", f"models:/{NAME}@champion",
+                   "--chunk-rows", "25", "--root", str(root), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"Scored {len(test)} rows with {NAME} version 3" in done.stdout
+    scored = pd.read_csv(output)
+    model = registry["models"][3]
+    assert scored["prediction"].tolist() == model.predict(test.drop(columns=[TARGET])).tolist()
+    assert scored["patient"].tolist() == list(range(len(test))) and (scored["model_version"] == 3).all()
+    assert scored["proba_1"].tolist() == pytest.approx(model.predict_proba(test.drop(columns=[TARGET]))[:, 1].tolist())
+
+
+def test_batch_scoring_refuses_bad_rows_and_writes_nothing(registry, tmp_path):
+    root = registry["root"]
+    table = registry["test"].drop(columns=[TARGET]).astype({"mean area": object})
+    table.loc[table.index[60], "mean area"] = "large"
+    source = tmp_path / "holdout.csv"
+    table.to_csv(source, index=False)
+    output = tmp_path / "scored.parquet"
+    done = run_nbs("predict", "--input", str(source), "--output", str(output), "--model", f"models:/{NAME}/3",
+                   "--chunk-rows", "25", "-q", "--root", str(root), cwd=tmp_path)
+    assert done.returncode == 2
+    assert "'mean area' (record 60) must be double, got \"large\" (string)" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["holdout.csv"], "no output, not even a partial one"
+    missing = run_nbs("predict", "--input", str(tmp_path / "nope.csv"), "--output", str(output), cwd=tmp_path)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_serve_refuses_bad_options_before_binding(tmp_path):
+    done = run_nbs("serve", "--model", "nbs-classifier", "--root", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2 and "is not a model URI" in done.stderr
+    done = run_nbs("serve", "--model", "models:/m@champion", "--canary", "2", "--canary-weight", "1.5",
+                   "--root", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2 and "canary-weight" in done.stderr
+    assert not (Path(tmp_path) / "predictions.db").exists()
