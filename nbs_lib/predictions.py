@@ -23,11 +23,11 @@ __all__ = ['SCHEMA', 'connect', 'now', 'PredictionLog', 'read_predictions']
 
 # %% ../notebooks/18_predictions.ipynb #f4c67f28
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
-    id TEXT PRIMARY KEY, request_id TEXT NOT NULL, at TEXT NOT NULL, model TEXT NOT NULL,
-    version INTEGER NOT NULL, role TEXT NOT NULL, inputs TEXT NOT NULL, prediction TEXT NOT NULL,
-    probabilities TEXT, latency_ms REAL);
-CREATE INDEX IF NOT EXISTS predictions_at ON predictions (at);
+CREATE TABLE IF NOT EXISTS requests (
+    request_id TEXT PRIMARY KEY, at TEXT NOT NULL, model TEXT NOT NULL, version INTEGER NOT NULL,
+    role TEXT NOT NULL, size INTEGER NOT NULL, body TEXT NOT NULL, predictions TEXT NOT NULL,
+    classes TEXT, probabilities TEXT, latency_ms REAL);
+CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
 CREATE TABLE IF NOT EXISTS feedback (id TEXT PRIMARY KEY, label TEXT NOT NULL, at TEXT NOT NULL);
 """
 
@@ -39,6 +39,7 @@ def connect(path: str | Path) -> sqlite3.Connection:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(path, timeout=30, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(SCHEMA)
     except (OSError, sqlite3.Error) as e:
         raise ConfigError(path, f"cannot hold the prediction log: {e}",
@@ -55,20 +56,29 @@ _STOP = object()
 
 
 class PredictionLog:
-    "Predictions appended to the SQLite file at `path` by one writer thread; feedback recorded against their ids."
+    "Requests and their predictions appended to the SQLite file at `path` by one writer thread; feedback by id."
 
     def __init__(self, path: str | Path, batch: int = 512):
         self.path, self.batch = Path(path), batch
         connect(self.path).close()  # a bad path fails here, in the caller, not later in the thread
-        self.written = self.failed = 0
+        self.written = self.failed = 0  # predictions, not requests
         self.last_error: str | None = None
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._write, name="prediction-log", daemon=True)
         self._thread.start()
 
-    def append(self, rows: list[tuple]) -> None:
-        "Queue prediction rows (in the order of the table's columns) for writing."
-        self._queue.put(rows)
+    def append(self, request_id: str, at: str, model: str, version: int, role: str, body: bytes,
+               predictions: list, classes: list | None, probabilities: list | None, latency_ms: float) -> None:
+        "Queue one answered request: its body as received, and its predictions in the order of its records."
+        self._queue.put((request_id, at, model, version, role, len(predictions), body, predictions, classes,
+                         probabilities, latency_ms))
+
+    @staticmethod
+    def _row(item: tuple) -> tuple:
+        *head, body, predictions, classes, probabilities, latency_ms = item
+        text = body.decode("utf-8", errors="surrogateescape")
+        return (*head, text, json.dumps(predictions), classes and json.dumps(classes),
+                probabilities and json.dumps(probabilities), latency_ms)
 
     def _write(self) -> None:
         db = connect(self.path)
@@ -81,15 +91,17 @@ class PredictionLog:
                 except queue.Empty:
                     break
             stop = _STOP in items
-            rows = [row for item in items if item is not _STOP for row in item]
+            requests = [item for item in items if item is not _STOP]
+            predictions = sum(item[5] for item in requests)
             try:
                 with db:
-                    db.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-                self.written += len(rows)
-            except sqlite3.Error as e:
-                self.failed += len(rows)
+                    db.executemany("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                   map(self._row, requests))
+                self.written += predictions
+            except (sqlite3.Error, ValueError) as e:
+                self.failed += predictions
                 self.last_error = f"{type(e).__name__}: {e}"
-                print(f"nbs: prediction log {self.path}: {len(rows)} predictions not written: {e}",
+                print(f"nbs: prediction log {self.path}: {predictions} predictions not written: {e}",
                       file=sys.stderr, flush=True)
             finally:
                 for _ in items:
@@ -97,7 +109,7 @@ class PredictionLog:
         db.close()
 
     def flush(self) -> None:
-        "Wait until every prediction queued so far is written."
+        "Wait until every request queued so far is written."
         self._queue.join()
 
     def close(self) -> None:
@@ -109,11 +121,11 @@ class PredictionLog:
     def record_feedback(self, labels: list[tuple[str, object]]) -> list[str]:
         "Store true labels for prediction ids; the ids no prediction has (then nothing is stored)."
         self.flush()  # a label may follow its prediction before the writer has caught up
-        ids = [prediction_id for prediction_id, _ in labels]
         with closing(connect(self.path)) as db, db:
-            known = {row[0] for row in db.execute(
-                f"SELECT id FROM predictions WHERE id IN ({', '.join('?' * len(ids))})", ids)}
-            unknown = [i for i in ids if i not in known]
+            sizes = dict(db.execute(
+                f"SELECT request_id, size FROM requests WHERE request_id IN ({', '.join('?' * len(labels))})",
+                [prediction_id.rpartition("-")[0] for prediction_id, _ in labels]))
+            unknown = [i for i, _ in labels if not _known(i, sizes)]
             if not unknown:
                 at = now()
                 db.executemany("INSERT OR REPLACE INTO feedback VALUES (?, ?, ?)",
@@ -121,9 +133,14 @@ class PredictionLog:
         return unknown
 
     def status(self) -> dict:
-        "Where the log is and how many predictions were written, failed and wait in the queue."
+        "Where the log is, and how many predictions were written, failed, and how many requests wait."
         return {"path": str(self.path), "written": self.written, "failed": self.failed,
                 "queued": self._queue.qsize(), "last_error": self.last_error}
+
+
+def _known(prediction_id: str, sizes: dict[str, int]) -> bool:
+    request_id, _, position = prediction_id.rpartition("-")
+    return position.isdigit() and int(position) < sizes.get(request_id, 0)
 
 # %% ../notebooks/18_predictions.ipynb #d73bf261
 def read_predictions(path: str | Path, labelled_only: bool = False) -> pd.DataFrame:
@@ -131,12 +148,28 @@ def read_predictions(path: str | Path, labelled_only: bool = False) -> pd.DataFr
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, "holds no prediction log", hint="nbs serve writes it; --prediction-log says where")
-    join = "JOIN" if labelled_only else "LEFT JOIN"
     with closing(connect(path)) as db:
-        table = pd.read_sql_query(
-            f"SELECT p.*, f.label, f.at AS labelled_at FROM predictions p {join} feedback f USING (id) "
-            "ORDER BY p.at, p.id", db)
-    for column in ("inputs", "prediction", "probabilities", "label"):
-        table[column] = pd.Series([None if v is None else json.loads(v) for v in table[column]],
-                                  index=table.index, dtype=object)
-    return table
+        requests = db.execute("SELECT request_id, at, model, version, role, body, predictions, classes, "
+                              "probabilities, latency_ms FROM requests ORDER BY at, request_id").fetchall()
+        labels = {i: (json.loads(label), at) for i, label, at in db.execute("SELECT id, label, at FROM feedback")}
+    rows = []
+    for request_id, at, model, version, role, body, predictions, classes, probabilities, latency in requests:
+        payload = json.loads(body)
+        records = payload.get("records", payload.get("dataframe_records"))
+        classes = json.loads(classes) if classes else None
+        probabilities = json.loads(probabilities) if probabilities else [None] * len(records)
+        for position, (inputs, prediction, proba) in enumerate(zip(records, json.loads(predictions), probabilities,
+                                                                   strict=True)):
+            prediction_id = f"{request_id}-{position}"
+            label, labelled_at = labels.get(prediction_id, (None, None))
+            if labelled_only and labelled_at is None:
+                continue
+            rows.append({"id": prediction_id, "request_id": request_id, "at": at, "model": model, "version": version,
+                         "role": role, "inputs": inputs, "prediction": prediction,
+                         "probabilities": proba and dict(zip(map(str, classes), proba, strict=True)),
+                         "latency_ms": latency, "label": label, "labelled_at": labelled_at})
+    columns = ["id", "request_id", "at", "model", "version", "role", "inputs", "prediction", "probabilities",
+               "latency_ms", "label", "labelled_at"]
+    kept_as_is = {"prediction", "label"}  # a label may be missing: None, not a float NaN that changes its type
+    return pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=object if c in kept_as_is else None)
+                         for c in columns})

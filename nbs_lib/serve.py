@@ -207,24 +207,22 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
         started = time.perf_counter()
         if service.champion is None:
             return not_ready()
-        records, key = parse_request(await _read_body(request, max_body_bytes), max_records)
+        body = await _read_body(request, max_body_bytes)
+        records, key = parse_request(body, max_records)
         served, role = service.pick(key)
         frame = frame_from_records(records, served.columns)
         labels, probabilities = served.predict(frame)
         labels = labels.tolist()
+        probabilities = None if probabilities is None else probabilities.tolist()
         request_id = uuid.uuid4().hex
-        ids = [f"{request_id}-{i}" for i in range(len(records))]
         answer = {"request_id": request_id, "model": served.name, "version": served.version, "role": role,
-                  "ids": ids, "predictions": labels}
+                  "ids": [f"{request_id}-{i}" for i in range(len(labels))], "predictions": labels}
         if probabilities is not None:
             classes = [str(c) for c in served.classes]
-            answer["probabilities"] = [dict(zip(classes, row, strict=True)) for row in probabilities.tolist()]
+            answer["probabilities"] = [dict(zip(classes, row, strict=True)) for row in probabilities]
         if log is not None:
-            at, latency = now(), (time.perf_counter() - started) * 1000
-            shown = answer.get("probabilities") or [None] * len(ids)
-            log.append([(ids[i], request_id, at, served.name, served.version, role, json.dumps(records[i]),
-                         json.dumps(labels[i]), shown[i] and json.dumps(shown[i]), latency)
-                        for i in range(len(ids))])
+            log.append(request_id, now(), served.name, served.version, role, body, labels, served.classes,
+                       probabilities, (time.perf_counter() - started) * 1000)
         return JSONResponse(answer, headers={"X-Model-Version": str(served.version), "X-Request-Id": request_id})
 
     @app.post("/feedback")
