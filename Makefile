@@ -8,11 +8,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 UI_PORT ?= 5000
+PORT ?= 8000
 
 export PLOOMBER_STATS_ENABLED := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: help run test export clean-nbs lint check nbdev-test pytest ui lock clean bench
+.PHONY: help run test export clean-nbs lint check nbdev-test pytest ui lock clean bench serve
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -45,11 +46,15 @@ ui: $(STAMP) ## MLflow UI on 127.0.0.1 (port 5000, or UI_PORT=...) over ./mlflow
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(UI_PORT) --workers 1
 
-bench: $(STAMP) ## time a forced build with jobs=1 against jobs=2 (ratio of medians)
+serve: $(STAMP) ## serve the champion of env.yaml's model_name on http://127.0.0.1:8000 (PORT=...)
+	$(BIN)/nbs serve --port $(PORT)
+
+bench: $(STAMP) ## benchmarks: jobs=2 vs jobs=1 builds; nbs serve vs mlflow models serve
 	$(BIN)/python scripts/bench_jobs.py
+	$(BIN)/python scripts/bench_serve.py
 
 lock: ## re-resolve requirements.in into requirements.lock and env.yml
 	scripts/lock.sh
 
-clean: ## remove products and the embedded MLflow store (keeps .venv)
+clean: ## remove products, the embedded MLflow store and the prediction log (keeps .venv)
 	rm -rf products mlflow.db mlflow.db.lock mlartifacts predictions.db predictions.db-wal predictions.db-shm

@@ -10,6 +10,7 @@ import queue
 import sqlite3
 import sys
 import threading
+import time
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,8 +59,8 @@ _STOP = object()
 class PredictionLog:
     "Requests and their predictions appended to the SQLite file at `path` by one writer thread; feedback by id."
 
-    def __init__(self, path: str | Path, batch: int = 512):
-        self.path, self.batch = Path(path), batch
+    def __init__(self, path: str | Path, interval: float = 0.2):
+        self.path, self.interval = Path(path), interval
         connect(self.path).close()  # a bad path fails here, in the caller, not later in the thread
         self.written = self.failed = 0  # predictions, not requests
         self.last_error: str | None = None
@@ -85,7 +86,11 @@ class PredictionLog:
         stop = False
         while not stop:
             items = [self._queue.get()]
-            while len(items) < self.batch:
+            if items[0] is not _STOP:
+                # Let requests gather: one transaction and one wake-up of this thread per interval,
+                # not per request (each wake-up takes the GIL from the thread answering requests).
+                time.sleep(self.interval)
+            while True:
                 try:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:

@@ -56,6 +56,9 @@ def register_model(model, name: str, example: pd.DataFrame, metrics: dict | None
         )
     version = str(info.registered_model_version)
     client.set_registered_model_alias(name, CHALLENGER, version)
+    parent = client.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId")
+    if parent:  # registered by a pipeline task: the build it belongs to
+        client.set_model_version_tag(name, version, "nbs.pipeline_run", parent)
     for metric, value in (metrics or {}).items():
         client.set_model_version_tag(name, version, f"metric.{metric}", str(value))
     for key, value in (tags or {}).items():

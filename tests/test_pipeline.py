@@ -144,6 +144,14 @@ def test_model_registered_as_champion_and_serves_like_the_product(built):
     gate = json.loads((root / "products/model/registered.json").read_text())["gate"]
     assert gate["promote"] and gate["reason"] == "thresholds met, no champion yet"
     assert json.loads(champion.tags["nbs.gate.promote"]) is True
+    from nbs_lib.data import dataset_digest
+
+    pipeline_run = client.get_run(champion.run_id).data.tags["mlflow.parentRunId"]
+    assert champion.tags["nbs.pipeline_run"] == pipeline_run
+    for table, kind in (("train", "train"), ("test", "holdout")):
+        frame = pd.read_parquet(root / f"products/data/{table}.parquet")
+        assert champion.tags[f"nbs.data.{kind}_digest"] == dataset_digest(frame)
+        assert champion.tags[f"nbs.data.{kind}_rows"] == str(len(frame))
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     served = mlflow.pyfunc.load_model("models:/nbs-classifier@champion")
     test = pd.read_parquet(root / "products/data/test.parquet").drop(columns="target")
