@@ -9,6 +9,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -27,9 +28,9 @@ from .errors import ConfigError, Interrupted, NbsError
 from .lineage import LIBRARY_DIGEST_PARAM, pin_library_code, product_files
 
 # %% auto #0
-__all__ = ['MONITOR_NOTEBOOK', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute', 'cmd_schedule',
-           'cmd_promote', 'cmd_rollback', 'cmd_models', 'cmd_serve', 'cmd_predict', 'cmd_monitor', 'cmd_check',
-           'build_parser', 'main']
+__all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute',
+           'cmd_schedule', 'cmd_promote', 'cmd_rollback', 'cmd_models', 'cmd_serve', 'cmd_predict', 'cmd_monitor',
+           'cmd_retrain', 'cmd_check', 'build_parser', 'main']
 
 # %% ../notebooks/90_cli.ipynb #59fa4774
 def load_dag(root: Path, overrides: dict | None = None):
@@ -330,8 +331,12 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     if not reference.is_file():
         raise ConfigError(reference, "does not exist: the reference is the table the model was trained on",
                           hint="make run writes it; --reference names another")
+    triggers = declared.get("retrain_triggers") or {}
     params = {"prediction_log": str(log), "reference": str(reference), "target": declared.get("target", "target"),
-              "model_name": declared.get("model_name", "nbs-classifier"), "since": args.since, "window": args.window}
+              "model_name": declared.get("model_name", "nbs-classifier"), "since": args.since, "window": args.window,
+              "rollback_margin": float(declared.get("rollback_margin", 0.05)),
+              "min_live_labels": int(triggers.get("min_live_labels") or 50),
+              "alert_log": str(root / "alerts.jsonl"), "alert_webhook": declared.get("alert_webhook") or ""}
     _use_store_of(root)
     _stop_on_signals()
     output = root / declared.get("products", "products") / "monitoring" / "monitor.ipynb"
@@ -340,6 +345,121 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     print(f"Monitoring report: {display_path(done['output'], root)} (and its HTML in MLflow run {done['run_id']}, "
           f"experiment {experiment!r})")
     return 0
+
+# %% ../notebooks/90_cli.ipynb #f5bc436d
+AB_SHARE = 0.2  # newest share of labelled predictions kept out of retraining, to compare the models on
+
+
+def _retrain_check(root: Path, declared: dict, log: Path, client, run_id: str) -> tuple[list[dict], dict, object]:
+    "Evaluate the triggers on the champion in service; record each on the run. The triggers, the state, the predictions."
+    from mlflow.entities import Metric, RunTag
+
+    from nbs_lib.drift import detect_drift
+    from nbs_lib.monitoring import inputs_table, recent, scores
+    from nbs_lib.predictions import read_predictions
+    from nbs_lib.retrain import champion_in_service, check_triggers
+
+    predictions = recent(read_predictions(log))
+    name = declared.get("model_name", "nbs-classifier")
+    state = champion_in_service(client, name, predictions)
+    served = state["served"]
+    reference = _read_product(root / declared.get("products", "products") / "data" / "train.parquet")
+    features = [c for c in reference.columns if c != declared.get("target", "target")]
+    drift = detect_drift(reference[features], inputs_table(served)[features])["share"] if len(served) >= 30 else None
+    triggers = check_triggers(declared.get("retrain_triggers") or {}, state["age_days"], scores(served),
+                              state["new_labels"], drift)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"trigger.{t['trigger']}", float(t["value"]), now, 0) for t in triggers
+                                      if t["value"] is not None and t["value"] == t["value"]],
+                     tags=[RunTag(f"nbs.trigger.{t['trigger']}", f"{'FIRED' if t['fired'] else 'quiet'}: {t['reason']}")
+                           for t in triggers]
+                     + [RunTag("nbs.retrain.fired", ",".join(t["trigger"] for t in triggers if t["fired"]) or "none"),
+                        RunTag("nbs.retrain.champion", f"{name}/{state['version']}")])
+    return triggers, state, predictions
+
+
+def _read_product(path: Path):
+    "The Parquet table at `path`, or a ConfigError saying which product is missing."
+    import pandas as pd
+
+    if not path.is_file():
+        raise ConfigError(path, "does not exist", hint="make run writes the pipeline's products")
+    return pd.read_parquet(path)
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    "Check the retraining triggers and record why; retrain (the pipeline on its data plus new labels) if one fires."
+    import json
+    import subprocess
+
+    from nbs_lib.alerts import raise_alert
+    from nbs_lib.data import save_table
+    from nbs_lib.registry import load_version, rollback
+    from nbs_lib.retrain import check_trigger_settings, compare_on_feedback, training_data
+    from nbs_lib.tracking import finish_run, get_client, start_pipeline_run
+
+    root = find_project_root(args.root)
+    declared = read_yaml_mapping(root / ENV_FILE)
+    check_trigger_settings(declared.get("retrain_triggers") or {})
+    log = Path(args.prediction_log).resolve() if args.prediction_log else root / "predictions.db"
+    if not log.is_file():
+        raise ConfigError(log, "holds no prediction log", hint="nbs serve writes it; --prediction-log points elsewhere")
+    products = root / declared.get("products", "products")
+    target, name = declared.get("target", "target"), declared.get("model_name", "nbs-classifier")
+    _prepare_environment(root)
+    _stop_on_signals()
+    client = get_client()
+    experiment = f"{declared.get('experiment', 'nbs')}-monitoring"
+    run_id = start_pipeline_run(client, experiment, [], {}, root=root, kind="retrain", name="retrain check")
+    alert = {"log": root / "alerts.jsonl", "webhook": declared.get("alert_webhook") or "", "run_id": run_id}
+    status = "FAILED"
+    try:
+        triggers, state, predictions = _retrain_check(root, declared, log, client, run_id)
+        fired = [t["trigger"] for t in triggers if t["fired"]]
+        for t in triggers:
+            print(f"  {t['trigger']:14} {'FIRED' if t['fired'] else 'quiet':6} {t['reason']}")
+        if args.if_needed and not fired:
+            print("No trigger fired: nothing retrained.")
+            status = "FINISHED"
+            return 0
+        if fired:
+            raise_alert("retrain", f"retraining: {', '.join(fired)} fired",
+                        {t["trigger"]: t["reason"] for t in triggers if t["fired"]}, **alert)
+        labelled = predictions[predictions["label"].notna()].sort_values("at")
+        kept_out = labelled.tail(int(len(labelled) * AB_SHARE))  # the newest: never trained on, to judge by
+        data = training_data(_read_product(products / "data" / "raw.parquet"), labelled.drop(kept_out.index), target)
+        data_path = save_table(data, products / "retrain" / "data.parquet")
+        client.set_tag(run_id, "nbs.retrain.rows", str(len(data)))
+        print(f"Retraining on {len(data)} rows ({display_path(data_path, root)}); "
+              f"the newest {len(kept_out)} labels are kept out to compare the models on.", flush=True)
+        build = subprocess.run([str(Path(sys.executable).with_name("nbs")), "run", "-p", f"data_path={data_path}",
+                                "--root", str(root)], cwd=root)
+        if build.returncode != 0:
+            print("nbs: error: the retraining build failed (its output above; nbs runs shows which task)",
+                  file=sys.stderr)
+            return build.returncode
+        registered = json.loads((products / "model" / "registered.json").read_text())
+        version, gate = registered["version"], registered["gate"]
+        client.set_tag(run_id, "nbs.retrain.version", f"{name}/{version}")
+        client.set_tag(run_id, "nbs.retrain.gate", f"{'promoted' if gate['promote'] else 'refused'}: {gate['reason']}")
+        print(f"Version {version}: the gate {'promoted' if gate['promote'] else 'refused'} it ({gate['reason']}).")
+        if len(kept_out) >= 10:
+            features = [c for c in data.columns if c != target]
+            ab = compare_on_feedback(load_version(name, version), load_version(name, state["version"]), kept_out, features)
+            for key, value in ab.items():
+                client.set_model_version_tag(name, str(version), f"nbs.ab.{key}", json.dumps(value))
+                client.set_tag(run_id, f"nbs.ab.{key}", json.dumps(value))
+            print(f"Against version {state['version']} on the {ab['rows']} newest labels: {ab['verdict']} "
+                  f"(accuracy {ab['challenger_accuracy']:.4f} vs {ab['champion_accuracy']:.4f}, p={ab['p_value']:.3g}).")
+            if gate["promote"] and ab["verdict"] == "challenger worse":
+                entry = rollback(client, name, f"automatic: worse than version {state['version']} on recent feedback "
+                                                f"(p={ab['p_value']:.3g})")
+                raise_alert("rollback", f"{name} version {version} rolled back to {entry['version']}: worse on recent feedback",
+                            ab, **alert)
+        status = "FINISHED"
+        return 0
+    finally:
+        finish_run(client, run_id, status)
 
 # %% ../notebooks/90_cli.ipynb #aa943727
 def cmd_check(args: argparse.Namespace) -> int:
@@ -498,6 +618,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: PRODUCTS/data/train.parquet)")
     monitor.add_argument("--root", type=Path, help=root_help)
     monitor.set_defaults(handler=cmd_monitor)
+
+    retrain = sub.add_parser("retrain", help="check the retraining triggers; retrain on new labels when one fires",
+                             description=cmd_retrain.__doc__)
+    retrain.add_argument("--if-needed", action="store_true", help="retrain only if a trigger of env.yaml's "
+                         "retrain_triggers fires (without it: always retrain, still recording the triggers)")
+    retrain.add_argument("--prediction-log", metavar="PATH", help="the log nbs serve writes (default: ROOT/predictions.db)")
+    retrain.add_argument("--root", type=Path, help=root_help)
+    retrain.set_defaults(handler=cmd_retrain)
 
     check = sub.add_parser("check", help="check notebooks, nbs_lib and pins are in step",
                            description=cmd_check.__doc__)

@@ -17,7 +17,7 @@ from .tracking import active_run_id, experiment_id, get_client
 
 # %% auto #0
 __all__ = ['CHALLENGER', 'CHAMPION', 'HISTORY_TAG', 'HISTORY_KEPT', 'model_requirements', 'register_model', 'gate',
-           'champion_history', 'promote', 'rollback', 'apply_gate', 'load_version']
+           'champion_history', 'champion_versions', 'promote', 'rollback', 'apply_gate', 'load_version']
 
 # %% ../notebooks/09_registry.ipynb #98cd859c
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -104,7 +104,8 @@ def champion_history(client, name: str) -> list[dict]:
     return json.loads(model.tags.get(HISTORY_TAG, "[]"))
 
 
-def _champions(history: list[dict]) -> list[int]:
+def champion_versions(history: list[dict]) -> list[int]:
+    "The versions that are champion after `history`, as a stack: the last is the champion, rollback pops it."
     stack: list[int] = []
     for entry in history:
         if entry["action"] == "rollback":
@@ -139,7 +140,7 @@ def promote(client, name: str, version: int | str, why: str) -> dict:
 
 def rollback(client, name: str, why: str = "rolled back") -> dict:
     "Give `champion` back to the version that held it before the current one; the history entry."
-    champions = _champions(champion_history(client, name))
+    champions = champion_versions(champion_history(client, name))
     if len(champions) < 2:
         raise ConfigError(f"models:/{name}", "has no earlier champion to roll back to",
                           hint="nbs models NAME shows the history; nbs promote NAME VERSION picks one")

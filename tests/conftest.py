@@ -117,3 +117,28 @@ def stop_server(process: subprocess.Popen) -> tuple[int, str, str]:
     except ProcessLookupError:
         out, err = process.communicate()
     return process.returncode, out, err
+
+
+def log_predictions(path: Path, model, table, start, version: int = 1, name: str = "nbs-classifier",
+                    requests: int = 10, target: str = "target") -> None:
+    "Log `table` through the real log writer as `requests` requests an hour apart from `start`, then feed back every label."
+    import json
+    from datetime import timedelta
+
+    import numpy as np
+
+    from nbs_lib.predictions import PredictionLog
+
+    log = PredictionLog(path)
+    labels = []
+    for i, positions in enumerate(np.array_split(np.arange(len(table)), requests)):
+        rows = table.iloc[positions]
+        features = rows.drop(columns=[target])
+        body = json.dumps({"records": features.to_dict(orient="records")}).encode()
+        at = (start + timedelta(hours=i, minutes=5)).isoformat(timespec="milliseconds")
+        request_id = f"v{version}-{start:%H%M}-{i}"
+        log.append(request_id, at, name, version, "champion", body, model.predict(features).tolist(), [0, 1],
+                   model.predict_proba(features).tolist(), 2.0)
+        labels += [(f"{request_id}-{j}", int(label)) for j, label in enumerate(rows[target])]
+    log.close()
+    assert log.record_feedback(labels) == []

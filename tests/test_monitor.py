@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import copy_project, run_nbs, runs_of, store
-
-from nbs_lib.predictions import PredictionLog
+from conftest import copy_project, log_predictions, run_nbs, runs_of, store
 
 TARGET, NAME = "target", "nbs-classifier"
 SHIFTED = ["mean radius", "worst area", "mean texture"]
@@ -42,22 +39,6 @@ def project(tmp_path_factory) -> dict:
     return {"root": root, "train": train, "test": test, "model": model}
 
 
-def write_log(path: Path, model, table: pd.DataFrame, requests: int = 10) -> None:
-    "Log `table` as `requests` requests an hour apart, as nbs serve would, then feed back every true label."
-    log = PredictionLog(path)
-    labels = []
-    for i, positions in enumerate(np.array_split(np.arange(len(table)), requests)):
-        rows = table.iloc[positions]
-        features = rows.drop(columns=[TARGET])
-        body = json.dumps({"records": features.to_dict(orient="records")}).encode()
-        at = (START + timedelta(hours=i, minutes=5)).isoformat(timespec="milliseconds")
-        log.append(f"req{i}", at, NAME, 1, "champion", body, model.predict(features).tolist(), [0, 1],
-                   model.predict_proba(features).tolist(), 2.0)
-        labels += [(f"req{i}-{j}", int(label)) for j, label in enumerate(rows[TARGET])]
-    log.close()
-    assert log.record_feedback(labels) == []
-
-
 def monitor_run(root: Path):
     "The attempt run of the latest `nbs monitor` (where the notebook's metrics are)."
     attempts = [r for r in runs_of(root, "nbs-monitoring") if r.data.tags["nbs.kind"] == "task"]
@@ -66,7 +47,7 @@ def monitor_run(root: Path):
 
 def test_no_drift_on_a_holdout_of_the_same_distribution(project):
     root, test, model = project["root"], project["test"], project["model"]
-    write_log(root / "predictions.db", model, test)
+    log_predictions(root / "predictions.db", model, test, START)
     done = run_nbs("monitor", "--since", "", "--window", "2h", cwd=root)
     assert done.returncode == 0, done.stderr
     assert "products/monitoring/monitor.ipynb" in done.stdout
@@ -87,7 +68,7 @@ def test_no_drift_on_a_holdout_of_the_same_distribution(project):
 def test_drift_flagged_on_an_injected_shift_naming_the_features(project, tmp_path):
     root, train, test, model = project["root"], project["train"], project["test"], project["model"]
     shifted = test.assign(**{c: test[c] + train[c].std() for c in SHIFTED})
-    write_log(tmp_path / "shifted.db", model, shifted)
+    log_predictions(tmp_path / "shifted.db", model, shifted, START)
     done = run_nbs("monitor", "--since", "", "--prediction-log", str(tmp_path / "shifted.db"), cwd=root)
     assert done.returncode == 0, done.stderr
     run = monitor_run(root)
@@ -98,7 +79,7 @@ def test_drift_flagged_on_an_injected_shift_naming_the_features(project, tmp_pat
 
 def test_since_keeps_only_recent_predictions(project, tmp_path):
     root = project["root"]
-    write_log(tmp_path / "recent.db", project["model"], project["test"])
+    log_predictions(tmp_path / "recent.db", project["model"], project["test"], START)
     since = (START + timedelta(hours=8)).isoformat()
     done = run_nbs("monitor", "--since", since, "--prediction-log", str(tmp_path / "recent.db"), cwd=root)
     assert done.returncode == 0, done.stderr
