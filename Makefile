@@ -13,7 +13,7 @@ PORT ?= 8000
 export PLOOMBER_STATS_ENABLED := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: help run test export clean-nbs lint check nbdev-test pytest ui lock clean bench serve
+.PHONY: help run test export clean-nbs lint check nbdev-test pytest ui lock clean bench serve loop
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ ui: $(STAMP) ## MLflow UI on 127.0.0.1 (port 5000, or UI_PORT=...) over ./mlflow
 serve: $(STAMP) ## serve the champion of env.yaml's model_name on http://127.0.0.1:8000 (PORT=...)
 	$(BIN)/nbs serve --port $(PORT)
 
+loop: $(STAMP) export ## the MLOps loop on the default data: serve, traffic with drift, monitor, retrain, reload
+	scripts/loop.sh
+
 bench: $(STAMP) ## benchmarks: jobs=2 vs jobs=1 builds; nbs serve vs mlflow models serve
 	$(BIN)/python scripts/bench_jobs.py
 	$(BIN)/python scripts/bench_serve.py
@@ -57,4 +60,4 @@ lock: ## re-resolve requirements.in into requirements.lock and env.yml
 	scripts/lock.sh
 
 clean: ## remove products, the embedded MLflow store and the prediction log (keeps .venv)
-	rm -rf products mlflow.db mlflow.db.lock mlartifacts predictions.db predictions.db-wal predictions.db-shm
+	rm -rf products mlflow.db mlflow.db.lock mlartifacts predictions.db predictions.db-wal predictions.db-shm alerts.jsonl

@@ -30,7 +30,7 @@ from .lineage import LIBRARY_DIGEST_PARAM, pin_library_code, product_files
 # %% auto #0
 __all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute',
            'cmd_schedule', 'cmd_promote', 'cmd_rollback', 'cmd_models', 'cmd_serve', 'cmd_predict', 'cmd_monitor',
-           'cmd_retrain', 'cmd_check', 'build_parser', 'main']
+           'cmd_retrain', 'cmd_simulate', 'cmd_check', 'build_parser', 'main']
 
 # %% ../notebooks/90_cli.ipynb #59fa4774
 def load_dag(root: Path, overrides: dict | None = None):
@@ -461,6 +461,22 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     finally:
         finish_run(client, run_id, status)
 
+# %% ../notebooks/90_cli.ipynb #d46c747c
+def cmd_simulate(args: argparse.Namespace) -> int:
+    "Replay the data to a running nbs serve as batches with feedback, injecting drift from a chosen batch."
+    from nbs_lib.data import load_dataset
+    from nbs_lib.simulate import simulate
+
+    root = _root_or_here(args.root)
+    declared = read_yaml_mapping(root / ENV_FILE) if (root / ENV_FILE).is_file() else {}
+    target = declared.get("target", "target")
+    data = load_dataset(args.data or declared.get("data_path") or None, target)
+    summaries = simulate(args.url, data, target, args.batches, args.batch_size, args.request_size, args.drift,
+                         args.drift_from, args.strength, args.feature or None, args.feedback, args.seed)
+    print(f"Sent {sum(s['predictions'] for s in summaries)} predictions in {len(summaries)} batches to {args.url}. "
+          "Next: nbs monitor --since 1h, then nbs retrain --if-needed.")
+    return 0
+
 # %% ../notebooks/90_cli.ipynb #aa943727
 def cmd_check(args: argparse.Namespace) -> int:
     "Check notebooks are clean, nbs_lib matches them, and env.yml matches requirements.lock."
@@ -626,6 +642,27 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--prediction-log", metavar="PATH", help="the log nbs serve writes (default: ROOT/predictions.db)")
     retrain.add_argument("--root", type=Path, help=root_help)
     retrain.set_defaults(handler=cmd_retrain)
+
+    simulate = sub.add_parser("simulate", help="replay the data to a running nbs serve, with feedback and injected drift",
+                              description=cmd_simulate.__doc__)
+    simulate.add_argument("--url", default="http://127.0.0.1:8000", help="the nbs serve to send to (default: "
+                          "http://127.0.0.1:8000)")
+    simulate.add_argument("--batches", type=int, default=6, help="how many batches (default 6)")
+    simulate.add_argument("--batch-size", type=int, default=100, help="rows per batch, drawn from the data (default 100)")
+    simulate.add_argument("--request-size", type=int, default=10, help="records per request (default 10)")
+    simulate.add_argument("--drift", choices=["none", "shift", "scale", "flip"], default="none",
+                          help="shift or scale features, or flip fed-back labels (default none)")
+    simulate.add_argument("--drift-from", type=int, default=3, help="the first batch that drifts (default 3)")
+    simulate.add_argument("--strength", type=float, default=1.0, help="standard deviations of a shift, factor-1 of "
+                          "a scale, or share of flipped labels (default 1.0)")
+    simulate.add_argument("--feature", action="append", metavar="NAME", help="a feature to drift (repeatable; "
+                          "default: the first five numeric ones)")
+    simulate.add_argument("--feedback", type=float, default=1.0, help="share of predictions whose label is fed back (default 1)")
+    simulate.add_argument("--seed", type=int, default=0, help="seed of the sampling (default 0)")
+    simulate.add_argument("--data", metavar="FILE", help="CSV or Parquet to replay (default: env.yaml's data_path, "
+                          "else the built-in data)")
+    simulate.add_argument("--root", type=Path, help=root_help)
+    simulate.set_defaults(handler=cmd_simulate)
 
     check = sub.add_parser("check", help="check notebooks, nbs_lib and pins are in step",
                            description=cmd_check.__doc__)

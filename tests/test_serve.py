@@ -46,7 +46,7 @@ def registry(tmp_path_factory) -> dict:
             assert registered["version"] == version
             decisions[version] = apply_gate(NAME, version, metrics[version], test, TARGET,
                                             {"accuracy": 0.6}, "roc_auc", 0.0)
-    return {"root": root, "test": test, "models": models, "metrics": metrics, "decisions": decisions}
+    return {"root": root, "train": train, "test": test, "models": models, "metrics": metrics, "decisions": decisions}
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +272,22 @@ def test_serve_refuses_bad_options_before_binding(tmp_path):
                    "--root", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 2 and "canary-weight" in done.stderr
     assert not (Path(tmp_path) / "predictions.db").exists()
+
+
+def test_simulated_traffic_with_a_shift_is_logged_and_its_drift_detected(server, registry):
+    from nbs_lib.data import load_builtin
+    from nbs_lib.drift import detect_drift
+    from nbs_lib.monitoring import inputs_table
+    from nbs_lib.simulate import simulate
+
+    shifted = ["mean radius", "mean texture", "worst area"]
+    summaries = simulate(server, load_builtin(), TARGET, batches=3, batch_size=60, drift="shift", drift_from=2,
+                         features=shifted, seed=7, show=False)
+    assert [s["drift"] for s in summaries] == ["none", "none", "shift"]
+    assert all(s["labels"] == s["predictions"] == 60 for s in summaries)
+    assert summaries[0]["accuracy"] > 0.8
+    logged = read_predictions(registry["root"] / "predictions.db")
+    batch = logged[logged["request_id"].isin(logged["request_id"].unique()[-6:])]
+    assert len(batch) == 60 and batch["label"].notna().all()
+    drift = detect_drift(registry["train"].drop(columns=[TARGET]), inputs_table(batch))
+    assert sorted(drift["drifted"]) == sorted(shifted), drift["features"].head()
