@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import threading
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -87,10 +89,38 @@ def test_new_labels_trigger_a_retrain_that_the_gate_promotes(project):
     assert [a["kind"] for a in alerts] == ["retrain"] and "new_labels" in alerts[0]["message"]
 
 
-def test_a_worse_champion_is_rolled_back_by_monitoring(project):
+@pytest.fixture
+def webhook():
+    "A local HTTP server that keeps the JSON bodies POSTed to it; stopped after the test."
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/alerts", received
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_a_worse_champion_is_rolled_back_by_monitoring(project, webhook):
     from nbs_lib.train import train_model
 
     root, train, test = project["root"], project["train"], project["test"]
+    url, received = webhook
+    env = (root / "env.yaml").read_text().replace('alert_webhook: ""', f'alert_webhook: "{url}"')
+    (root / "env.yaml").write_text(env)
     good = train_model(train, TARGET)
     champion(root, good, train)
     log_predictions(root / "predictions.db", good, test, datetime.now(UTC) - timedelta(hours=12), version=1)
@@ -107,6 +137,8 @@ def test_a_worse_champion_is_rolled_back_by_monitoring(project):
     assert run.data.tags["nbs.alert.rollback"].startswith("automatic: live accuracy")
     alerts = [json.loads(line) for line in (root / "alerts.jsonl").read_text().splitlines()]
     assert alerts[-1]["kind"] == "rollback" and alerts[-1]["details"]["previous"] == 1
+    assert alerts[-1]["webhook"] == "sent" and received[-1]["kind"] == "rollback"
+    assert received[-1]["message"] == alerts[-1]["message"]
     history = json.loads(client.get_registered_model(NAME).tags["nbs.champion_history"])
     assert [e["action"] for e in history] == ["promote", "promote", "rollback"]
 
