@@ -284,6 +284,19 @@ def _model_uri(args: argparse.Namespace, root: Path) -> str:
                           hint="e.g. --model models:/nbs-classifier@champion") from None
 
 
+def _log_path(given: str | None, root: Path) -> Path:
+    "The prediction log: `given`, else ROOT/predictions.db."
+    return Path(given).resolve() if given else root / "predictions.db"
+
+
+def _existing_log(given: str | None, root: Path) -> Path:
+    "The prediction log `_log_path` names, which must exist."
+    log = _log_path(given, root)
+    if not log.is_file():
+        raise ConfigError(log, "holds no prediction log", hint="nbs serve writes it; --prediction-log points elsewhere")
+    return log
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     "Serve a registered model over HTTP on 127.0.0.1: /predict, /feedback, /health, /ready, /metadata, /reload."
     from nbs_lib.serve import serve
@@ -292,7 +305,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--canary-weight", "needs --canary VERSION", hint="name the version the weight sends requests to")
     root = _root_or_here(args.root)
     _use_store_of(root)
-    log = None if args.no_prediction_log else Path(args.prediction_log or root / "predictions.db")
+    log = None if args.no_prediction_log else _log_path(args.prediction_log, root)
     serve(_model_uri(args, root), args.port, args.canary, 0.1 if args.canary_weight is None else args.canary_weight,
           log, args.max_body_bytes, args.max_records)
     return 0
@@ -324,10 +337,8 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     check_window(args.window)
     root = find_project_root(args.root)
     declared = read_yaml_mapping(root / ENV_FILE)
-    log = Path(args.prediction_log).resolve() if args.prediction_log else root / "predictions.db"
+    log = _existing_log(args.prediction_log, root)
     reference = Path(args.reference).resolve() if args.reference else root / declared.get("products", "products") / "data" / "train.parquet"
-    if not log.is_file():
-        raise ConfigError(log, "holds no prediction log", hint="nbs serve writes it; --prediction-log points elsewhere")
     if not reference.is_file():
         raise ConfigError(reference, "does not exist: the reference is the table the model was trained on",
                           hint="make run writes it; --reference names another")
@@ -401,9 +412,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     root = find_project_root(args.root)
     declared = read_yaml_mapping(root / ENV_FILE)
     check_trigger_settings(declared.get("retrain_triggers") or {})
-    log = Path(args.prediction_log).resolve() if args.prediction_log else root / "predictions.db"
-    if not log.is_file():
-        raise ConfigError(log, "holds no prediction log", hint="nbs serve writes it; --prediction-log points elsewhere")
+    log = _existing_log(args.prediction_log, root)
     products = root / declared.get("products", "products")
     target, name = declared.get("target", "target"), declared.get("model_name", "nbs-classifier")
     _prepare_environment(root)

@@ -49,15 +49,19 @@ def _not_json(constant: str) -> None:
                      hint="send finite numbers; use null where a value is missing")
 
 
+def _json(body: bytes, example: str) -> object:
+    "The JSON value of a request `body`; a 400 InputError if it is empty or not JSON (`example` shows what to send)."
+    if not body.strip():
+        raise InputError("body", "is empty", status=400, hint=f"send a JSON object: {example}")
+    try:
+        return json.loads(body, parse_constant=_not_json)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+        raise InputError("body", f"is not valid JSON: {e}", status=400, hint=f"send a JSON object: {example}") from None
+
+
 def parse_request(body: bytes, max_records: int) -> tuple[list, str | None]:
     "The records and request key of a `/predict` body; an InputError naming what is wrong with it."
-    if not body.strip():
-        raise InputError("body", "is empty", status=400, hint='send a JSON object: {"records": [{...}, ...]}')
-    try:
-        payload = json.loads(body, parse_constant=_not_json)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
-        raise InputError("body", f"is not valid JSON: {e}", status=400,
-                         hint='send a JSON object: {"records": [{...}, ...]}') from None
+    payload = _json(body, '{"records": [{...}, ...]}')
     if type(payload) is not dict:
         raise InputError("body", "must be a JSON object", hint='send {"records": [{...}, ...]}')
     unknown = [name for name in payload if name not in REQUEST_FIELDS]
@@ -253,12 +257,7 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
 # %% ../notebooks/19_serve.ipynb #853a9fce
 def parse_feedback(body: bytes, classes: list | None, max_items: int) -> list[tuple[str, object]]:
     "The (id, label) pairs of a `/feedback` body; an InputError naming what is wrong."
-    if not body.strip():
-        raise InputError("body", "is empty", status=400, hint='send {"id": "...", "label": ...}')
-    try:
-        payload = json.loads(body, parse_constant=_not_json)
-    except ValueError as e:
-        raise InputError("body", f"is not valid JSON: {e}", status=400) from None
+    payload = _json(body, '{"id": "...", "label": ...}')
     items = payload.get("labels") if type(payload) is dict and "labels" in payload else [payload]
     if type(items) is not list or not items:
         raise InputError("labels", "must be a non-empty list of {\"id\": ..., \"label\": ...}")
