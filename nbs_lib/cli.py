@@ -30,7 +30,7 @@ from .lineage import LIBRARY_DIGEST_PARAM, pin_library_code, product_files
 # %% auto #0
 __all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute',
            'cmd_schedule', 'cmd_promote', 'cmd_rollback', 'cmd_models', 'cmd_serve', 'cmd_predict', 'cmd_monitor',
-           'cmd_retrain', 'cmd_simulate', 'cmd_check', 'build_parser', 'main']
+           'cmd_retrain', 'cmd_simulate', 'cmd_lineage', 'cmd_check', 'build_parser', 'main']
 
 # %% ../notebooks/90_cli.ipynb #59fa4774
 def load_dag(root: Path, overrides: dict | None = None):
@@ -486,6 +486,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           "Next: nbs monitor --since 1h, then nbs retrain --if-needed.")
     return 0
 
+# %% ../notebooks/90_cli.ipynb #691b028b
+def cmd_lineage(args: argparse.Namespace) -> int:
+    "Where a registered version came from: data digests, pipeline run, task runs and notebooks at a commit, gate, aliases."
+    import json
+
+    from nbs_lib.provenance import format_lineage, model_lineage
+
+    chain = model_lineage(_registry_client(args), args.uri)
+    print(json.dumps(chain, indent=2, default=str) if args.json else format_lineage(chain))
+    return 0
+
 # %% ../notebooks/90_cli.ipynb #aa943727
 def cmd_check(args: argparse.Namespace) -> int:
     "Check notebooks are clean, nbs_lib matches them, and env.yml matches requirements.lock."
@@ -672,6 +683,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "else the built-in data)")
     simulate.add_argument("--root", type=Path, help=root_help)
     simulate.set_defaults(handler=cmd_simulate)
+
+    lineage = sub.add_parser("lineage", help="where a registered version came from, in one chain",
+                             description=cmd_lineage.__doc__)
+    lineage.add_argument("uri", metavar="URI", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    lineage.add_argument("--json", action="store_true", help="the chain as JSON")
+    lineage.add_argument("--root", **registry_root)
+    lineage.set_defaults(handler=cmd_lineage)
 
     check = sub.add_parser("check", help="check notebooks, nbs_lib and pins are in step",
                            description=cmd_check.__doc__)

@@ -14,7 +14,8 @@ from .errors import ParameterError
 from .train import train_model
 
 # %% auto #0
-__all__ = ['METRIC_NAMES', 'holdout_metrics', 'cross_validated_metrics', 'rank_candidates', 'plot_confusion_matrix', 'plot_roc']
+__all__ = ['METRIC_NAMES', 'holdout_metrics', 'cross_validated_metrics', 'rank_candidates', 'plot_confusion_matrix', 'plot_roc',
+           'permutation_importances', 'plot_importances']
 
 # %% ../notebooks/06_evaluate.ipynb #b826e166
 def holdout_metrics(model, test: pd.DataFrame, target: str) -> dict[str, float]:
@@ -99,6 +100,37 @@ def plot_roc(model, test: pd.DataFrame, target: str, path: str | Path) -> Path:
             RocCurveDisplay.from_predictions(y == label, scores[:, index], name=f"class {label}", ax=ax)
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.set_title("ROC (holdout)")
+    try:
+        return write_atomic(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(figure)
+
+# %% ../notebooks/06_evaluate.ipynb #e3b53a1c
+def permutation_importances(model, test: pd.DataFrame, target: str, seed: int = 42, repeats: int = 10) -> pd.DataFrame:
+    "Per feature: the mean and spread of the holdout score's drop when it is shuffled, largest first."
+    from sklearn.inspection import permutation_importance
+
+    X, y = test.drop(columns=[target]), test[target]
+    scoring = "roc_auc" if y.nunique() == 2 else "accuracy"
+    found = permutation_importance(model, X, y, scoring=scoring, n_repeats=repeats, random_state=seed)
+    table = pd.DataFrame({"feature": X.columns, "importance": found.importances_mean, "spread": found.importances_std,
+                          "scoring": scoring})
+    return table.sort_values("importance", ascending=False, ignore_index=True)
+
+
+def plot_importances(importances: pd.DataFrame, path: str | Path, shown: int = 15) -> Path:
+    "Save a bar chart of the `shown` largest permutation importances, with their spread, at `path`."
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = importances.head(shown).iloc[::-1]
+    figure, ax = plt.subplots(figsize=(7, 0.3 * len(top) + 1.2))
+    ax.barh(top["feature"], top["importance"], xerr=top["spread"], color="tab:blue")
+    ax.set_xlabel(f"drop of holdout {top['scoring'].iloc[0]} when shuffled")
+    ax.set_title("Permutation importance (holdout)")
+    figure.tight_layout()
     try:
         return write_atomic(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
     finally:

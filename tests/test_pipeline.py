@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ def test_run_writes_every_declared_product(built):
     for path in ["data/raw.parquet", "data/validated.parquet", "data/train.parquet",
                  "data/test.parquet", "model/registered.json", "evaluation/metrics.json",
                  "evaluation/selection.json", "evaluation/confusion_matrix.png", "evaluation/roc.png",
+                 "evaluation/importance.png",
                  *[f"model/{kind}-{i}.{ext}" for i in range(4) for kind, ext in [("model", "joblib"), ("scores", "json")]],
                  *[f"executed/{t}.ipynb" for t in TASKS]]:
         assert (root / "products" / path).is_file(), path
@@ -86,6 +88,42 @@ def test_grid_trains_every_candidate_in_parallel_and_registers_the_best(built):
     version = store(root).get_model_version_by_alias("nbs-classifier", "challenger")
     assert version.tags["nbs.candidate"] == best
     assert version.tags["cv.roc_auc"] == str(cv[best])
+
+
+def test_lineage_chain_of_a_registered_version(built):
+    root, _ = built
+    done = run_nbs("lineage", "models:/nbs-classifier@champion", "--json", cwd=root)
+    assert done.returncode == 0, done.stderr
+    chain = json.loads(done.stdout)
+    runs = {r.data.tags["nbs.task"]: r for r in runs_of(root) if r.data.tags["nbs.kind"] == "task"}
+    pipeline_id = runs["register"].data.tags["mlflow.parentRunId"]
+    assert chain["uri"] == "models:/nbs-classifier/1" and "champion" in chain["aliases"]
+    assert chain["pipeline"]["run_id"] == pipeline_id and chain["registered_by"] == runs["register"].info.run_id
+    assert {t["task"]: t["run_id"] for t in chain["tasks"]} == {name: r.info.run_id for name, r in runs.items()
+                                                                 if r.data.tags["mlflow.parentRunId"] == pipeline_id}
+    assert chain["tasks"][0]["notebook"] == "notebooks/pipeline/10_ingest.ipynb"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    assert chain["pipeline"]["commit"] == commit
+    assert chain["data"]["raw_digest"] == runs["ingest"].data.tags["nbs.data_digest"]
+    assert chain["data"]["source"] == "builtin:breast_cancer" and chain["gate"]["promote"] is True
+    assert [e["action"] for e in chain["history"]] == ["promote"]
+    printed = run_nbs("lineage", "models:/nbs-classifier/1", cwd=root).stdout
+    assert f"pipeline   run {pipeline_id} FINISHED" in printed and "gate       promoted:" in printed
+    unknown = run_nbs("lineage", "models:/nbs-classifier/99", cwd=root)
+    assert unknown.returncode == 2 and "names no model version" in unknown.stderr
+
+
+def test_evaluate_explains_the_chosen_model_by_permutation_importance(built, tmp_path):
+    root, _ = built
+    evaluate = next(r for r in runs_of(root) if r.data.tags.get("nbs.task") == "evaluate")
+    client = store(root)
+    table = json.loads(Path(client.download_artifacts(evaluate.info.run_id, "tables/permutation_importance.json",
+                                                      str(tmp_path))).read_text())
+    importances = pd.DataFrame(table["data"], columns=table["columns"])
+    test = pd.read_parquet(root / "products/data/test.parquet")
+    assert sorted(importances["feature"]) == sorted(c for c in test.columns if c != "target")
+    assert importances["importance"].is_monotonic_decreasing and importances["importance"].iloc[0] > 0
+    assert "plots/importance.png" in [a.path for a in client.list_artifacts(evaluate.info.run_id, "plots")]
 
 
 def test_lineage_of_every_task_run(built, tmp_path):
@@ -180,7 +218,7 @@ def test_status_says_what_would_run_and_why(built):
     assert changed[0].split()[:4] == ["ingest", "up", "to", "date"]
     assert "features     would run   parameter seed changed: 42 -> 7" in changed
     assert changed[3] == "train-0      would run   parameter seed changed: 42 -> 7; upstream features will run"
-    assert changed[7] == ("evaluate     would run   upstream features will run; "
+    assert changed[7] == ("evaluate     would run   parameter seed changed: 42 -> 7; upstream features will run; "
                           + "; ".join(f"upstream {name} will run" for name in CANDIDATES))
 
 
