@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -29,7 +30,8 @@ def test_run_writes_every_declared_product(built):
     for path in ["data/raw.parquet", "data/validated.parquet", "data/train.parquet",
                  "data/test.parquet", "model/registered.json", "evaluation/metrics.json",
                  "evaluation/selection.json", "evaluation/confusion_matrix.png", "evaluation/roc.png",
-                 "evaluation/importance.png",
+                 "evaluation/importance.png", "evaluation/importance.csv", "model/model_card.md",
+                 "model/model_card.html",
                  *[f"model/{kind}-{i}.{ext}" for i in range(4) for kind, ext in [("model", "joblib"), ("scores", "json")]],
                  *[f"executed/{t}.ipynb" for t in TASKS]]:
         assert (root / "products" / path).is_file(), path
@@ -111,6 +113,29 @@ def test_lineage_chain_of_a_registered_version(built):
     assert f"pipeline   run {pipeline_id} FINISHED" in printed and "gate       promoted:" in printed
     unknown = run_nbs("lineage", "models:/nbs-classifier/99", cwd=root)
     assert unknown.returncode == 2 and "names no model version" in unknown.stderr
+
+
+def test_model_card_has_every_section_filled(built, tmp_path):
+    root, _ = built
+    card = (root / "products/model/model_card.md").read_text()
+    parts = re.split(r"^#+ (.+)$", card, flags=re.MULTILINE)[1:]
+    sections = dict(zip(parts[::2], parts[1::2], strict=True))
+    assert list(sections)[:3] == ["Intended use", "Limits", "Owners"], "the team's template comes first"
+    expected = ["nbs-classifier version 1", "Training data", "Features", "Parameters",
+                "Holdout metrics (95 % bootstrap intervals)", "Explainability: permutation importance (top 10)",
+                "Promotion", "Lineage"]
+    assert all(name in sections for name in expected), list(sections)
+    assert all(body.strip() for body in sections.values()), "every section is filled"
+    assert "unknown" not in card and "digest `None`" not in card
+    slices = next(body for name, body in sections.items() if name.startswith("Metrics per slice of"))
+    assert sum(int(row.split("|")[2]) for row in slices.strip().splitlines()[2:]) == 114, "the slices cover the holdout"
+    assert "builtin:breast_cancer" in sections["Training data"] and "455 rows" in sections["Training data"]
+    assert "Gate: **promoted**" in sections["Promotion"] and "Approved: " in sections["Promotion"]
+    assert all(f"notebooks/pipeline/{n}" in sections["Lineage"] for n in ["10_ingest.ipynb", "60_register.ipynb"])
+    version = store(root).get_model_version("nbs-classifier", "1")
+    run_id, path = version.tags["nbs.model_card"].removeprefix("runs:/").split("/", 1)
+    html = Path(store(root).download_artifacts(run_id, path, str(tmp_path))).read_text()
+    assert html == (root / "products/model/model_card.html").read_text() and "<h2>Lineage</h2>" in html
 
 
 def test_evaluate_explains_the_chosen_model_by_permutation_importance(built, tmp_path):
