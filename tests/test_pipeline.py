@@ -126,7 +126,7 @@ def test_model_card_has_every_section_filled(built, tmp_path):
                 "Promotion", "Lineage"]
     assert all(name in sections for name in expected), list(sections)
     assert all(body.strip() for body in sections.values()), "every section is filled"
-    assert "unknown" not in card and "digest `None`" not in card
+    assert "`unknown`" not in card and "`None`" not in card and "? rows" not in card
     slices = next(body for name, body in sections.items() if name.startswith("Metrics per slice of"))
     assert sum(int(row.split("|")[2]) for row in slices.strip().splitlines()[2:]) == 114, "the slices cover the holdout"
     assert "builtin:breast_cancer" in sections["Training data"] and "455 rows" in sections["Training data"]
