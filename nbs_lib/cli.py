@@ -618,10 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--root", **registry_root)
     rollback.set_defaults(handler=cmd_rollback)
 
+    model_option = dict(metavar="URI", help="models:/NAME@ALIAS or models:/NAME/VERSION "
+                        "(default: models:/MODEL_NAME@champion, MODEL_NAME from env.yaml)")
+    log_option = dict(metavar="PATH", help="the log nbs serve writes (default: ROOT/predictions.db)")
     serve = sub.add_parser("serve", help="serve a registered model over HTTP on 127.0.0.1, with a canary and a prediction log",
                            description=cmd_serve.__doc__)
-    serve.add_argument("--model", metavar="URI", help="models:/NAME@ALIAS or models:/NAME/VERSION "
-                       "(default: models:/MODEL_NAME@champion, MODEL_NAME from env.yaml)")
+    serve.add_argument("--model", **model_option)
     serve.add_argument("--canary", type=int, metavar="VERSION", help="a version of the same model that answers a share of requests")
     serve.add_argument("--canary-weight", type=float, metavar="W", help="the canary's share, between 0 and 1 (default 0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default 8000; 0: any free port)")
@@ -637,8 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--input", required=True, metavar="FILE", help="CSV or Parquet file with the model's input columns")
     predict.add_argument("--output", required=True, metavar="FILE", help="CSV or Parquet file to write: the input's "
                          "columns, prediction, proba_<class>, model_name, model_version")
-    predict.add_argument("--model", metavar="URI", help="models:/NAME@ALIAS or models:/NAME/VERSION "
-                         "(default: models:/MODEL_NAME@champion, MODEL_NAME from env.yaml)")
+    predict.add_argument("--model", **model_option)
     predict.add_argument("--chunk-rows", type=int, default=50_000, metavar="N", help="rows scored at a time (default 50000)")
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     predict.add_argument("--root", **registry_root)
@@ -649,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--since", default="24h", help="predictions since this ISO 8601 time or duration back "
                          "from now, e.g. 30m, 24h, 7d; '' for all (default 24h)")
     monitor.add_argument("--window", default="1h", help="time window of live performance and volume (default 1h)")
-    monitor.add_argument("--prediction-log", metavar="PATH", help="the log nbs serve writes (default: ROOT/predictions.db)")
+    monitor.add_argument("--prediction-log", **log_option)
     monitor.add_argument("--reference", metavar="FILE", help="the training table to compare with "
                          "(default: PRODUCTS/data/train.parquet)")
     monitor.add_argument("--root", type=Path, help=root_help)
@@ -659,7 +660,7 @@ def build_parser() -> argparse.ArgumentParser:
                              description=cmd_retrain.__doc__)
     retrain.add_argument("--if-needed", action="store_true", help="retrain only if a trigger of env.yaml's "
                          "retrain_triggers fires (without it: always retrain, still recording the triggers)")
-    retrain.add_argument("--prediction-log", metavar="PATH", help="the log nbs serve writes (default: ROOT/predictions.db)")
+    retrain.add_argument("--prediction-log", **log_option)
     retrain.add_argument("--root", type=Path, help=root_help)
     retrain.set_defaults(handler=cmd_retrain)
 
