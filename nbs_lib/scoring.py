@@ -198,10 +198,34 @@ class ServedModel:
         labels = model.predict(features)
         return labels, model.predict_proba(features) if hasattr(model, "predict_proba") else None
 
+    @property
+    def explainable(self) -> bool:
+        "Whether `explain` can attribute a prediction cheaply: a Pipeline ending in a linear model of two classes."
+        coef = getattr(self.model.steps[-1][1], "coef_", None) if hasattr(self.model, "steps") else None
+        return coef is not None and coef.shape[0] == 1
+
+    def explain(self, frame: pd.DataFrame, top: int = 5) -> list[list[dict]]:
+        "Per row, the `top` largest contributions (weight times transformed input) to the log-odds of the last class."
+        if not self.explainable:
+            final = self.model.steps[-1][1] if hasattr(self.model, "steps") else self.model
+            raise InputError("explain", f"is not available for {type(final).__name__}: only a pipeline ending in a "
+                             "linear model of two classes is explained per prediction",
+                             hint="leave explain out; the model card shows permutation importance for every model")
+        preprocess, linear = self.model[:-1], self.model.steps[-1][1]
+        features = preprocess.transform(frame)
+        features = features.toarray() if hasattr(features, "toarray") else np.asarray(features)
+        names = [name.split("__", 1)[-1] for name in preprocess.get_feature_names_out()]
+        contributions = features * linear.coef_[0]
+        order = np.argsort(-np.abs(contributions), axis=1)[:, :top]
+        return [[{"feature": names[j], "contribution": float(row[j])} for j in picked]
+                for row, picked in zip(contributions, order, strict=True)]
+
     def describe(self) -> dict:
         "What is served, for `/metadata` and for the records of a batch run."
+        explained = f"linear contributions to the log-odds of class {self.classes[-1]}" if self.explainable else None
         return {"name": self.name, "version": self.version, "alias": self.alias, "run_id": self.run_id,
-                "loaded_at": self.loaded_at, "classes": self.classes, "signature": self.signature}
+                "loaded_at": self.loaded_at, "classes": self.classes, "signature": self.signature,
+                "explanations": explained}
 
 
 def resolve_version(uri: str, client=None) -> tuple[str, int, str | None]:

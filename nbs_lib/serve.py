@@ -41,7 +41,7 @@ def goes_to_canary(key: str | None, weight: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < weight
 
 # %% ../notebooks/19_serve.ipynb #2d9d72b9
-REQUEST_FIELDS = ("records", "dataframe_records", "key")
+REQUEST_FIELDS = ("records", "dataframe_records", "key", "explain")
 
 
 def _not_json(constant: str) -> None:
@@ -59,15 +59,15 @@ def _json(body: bytes, example: str) -> object:
         raise InputError("body", f"is not valid JSON: {e}", status=400, hint=f"send a JSON object: {example}") from None
 
 
-def parse_request(body: bytes, max_records: int) -> tuple[list, str | None]:
-    "The records and request key of a `/predict` body; an InputError naming what is wrong with it."
+def parse_request(body: bytes, max_records: int) -> tuple[list, str | None, bool]:
+    "The records, request key and explain flag of a `/predict` body; an InputError naming what is wrong with it."
     payload = _json(body, '{"records": [{...}, ...]}')
     if type(payload) is not dict:
         raise InputError("body", "must be a JSON object", hint='send {"records": [{...}, ...]}')
     unknown = [name for name in payload if name not in REQUEST_FIELDS]
     if unknown:
         raise InputError(unknown[0], "is not a field of a prediction request",
-                         hint="fields: records (or dataframe_records), key")
+                         hint="fields: records (or dataframe_records), key, explain")
     if "records" in payload and "dataframe_records" in payload:
         raise InputError("records", "is given twice, as records and dataframe_records", hint="send one of them")
     records = payload.get("records", payload.get("dataframe_records"))
@@ -79,7 +79,10 @@ def parse_request(body: bytes, max_records: int) -> tuple[list, str | None]:
     key = payload.get("key")
     if key is not None and type(key) is not str:
         raise InputError("key", "must be a string", hint="send the key that routes the request, e.g. a user id")
-    return records, key
+    explain = payload.get("explain", False)
+    if type(explain) is not bool:
+        raise InputError("explain", "must be true or false", hint="true asks for each prediction's largest contributions")
+    return records, key, explain
 
 # %% ../notebooks/19_serve.ipynb #eb855112
 class Service:
@@ -207,14 +210,15 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
 
     @app.post("/predict")
     async def predict(request: Request):
-        "Predictions for `records`; `key` routes the request between champion and canary."
+        "Predictions for `records`; `key` routes the request between champion and canary; `explain` adds contributions."
         started = time.perf_counter()
         if service.champion is None:
             return not_ready()
         body = await _read_body(request, max_body_bytes)
-        records, key = parse_request(body, max_records)
+        records, key, explain = parse_request(body, max_records)
         served, role = service.pick(key)
         frame = frame_from_records(records, served.columns)
+        explanations = served.explain(frame) if explain else None
         labels, probabilities = served.predict(frame)
         labels = labels.tolist()
         probabilities = None if probabilities is None else probabilities.tolist()
@@ -224,6 +228,8 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
         if probabilities is not None:
             classes = [str(c) for c in served.classes]
             answer["probabilities"] = [dict(zip(classes, row, strict=True)) for row in probabilities]
+        if explanations is not None:
+            answer["explanations"] = explanations
         if log is not None:
             log.append(request_id, now(), served.name, served.version, role, body, labels, served.classes,
                        probabilities, (time.perf_counter() - started) * 1000)

@@ -103,6 +103,29 @@ def test_predictions_are_the_versions_own(server, registry):
         assert len(set(body["ids"])) == 8
 
 
+def test_explanations_of_the_linear_champion_and_a_refusal_for_the_forest(server, registry):
+    from nbs_lib.scoring import ServedModel
+    from nbs_lib.serve import goes_to_canary
+
+    champion_key = next(k for k in (f"x-{i}" for i in range(100)) if not goes_to_canary(k, 0.2))
+    canary_key = next(k for k in (f"x-{i}" for i in range(100)) if goes_to_canary(k, 0.2))
+    rows = registry["test"].head(3)
+    answer = httpx.post(f"{server}/predict", json={"records": records(rows), "key": champion_key, "explain": True})
+    assert answer.status_code == 200 and answer.json()["version"] == 3, answer.text
+    explanations = answer.json()["explanations"]
+    local = ServedModel(NAME, 3, None, "", [], {}, registry["models"][3]).explain(rows.drop(columns=[TARGET]))
+    assert [[c["feature"] for c in row] for row in explanations] == [[c["feature"] for c in row] for row in local]
+    assert [c["contribution"] for row in explanations for c in row] == pytest.approx(
+        [c["contribution"] for row in local for c in row])
+    sizes = [[abs(c["contribution"]) for c in row] for row in explanations]
+    assert all(len(row) == 5 and row == sorted(row, reverse=True) for row in sizes)
+    assert all(c["feature"] in rows.columns for row in explanations for c in row)
+    forest = httpx.post(f"{server}/predict", json={"records": records(rows), "key": canary_key, "explain": True})
+    assert forest.status_code == 422 and forest.json()["field"] == "explain"
+    assert "RandomForestClassifier" in forest.json()["problem"]
+    assert httpx.get(f"{server}/metadata").json()["explanations"] == "linear contributions to the log-odds of class 1"
+
+
 def _one(registry) -> dict:
     return records(registry["test"].head(1))[0]
 
