@@ -70,9 +70,15 @@ def check_triggers(settings: dict, age_days: float, live: dict, new_labels: int,
 # %% ../notebooks/23_retrain.ipynb #20de8969
 def champion_in_service(client, name: str, predictions: pd.DataFrame) -> dict:
     "The champion's version, when it was trained and promoted, its predictions since, and the labels it never saw."
+    from mlflow.exceptions import MlflowException
+
     from nbs_lib.registry import CHAMPION, champion_history
 
-    champion = client.get_model_version_by_alias(name, CHAMPION)
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        raise ConfigError(f"models:/{name}@{CHAMPION}", "names no version: there is no champion to judge",
+                          hint="make run registers one and the gate promotes it; or nbs promote NAME VERSION") from None
     version = int(champion.version)
     trained = pd.Timestamp(champion.creation_timestamp, unit="ms", tz="UTC")
     made = [e for e in champion_history(client, name) if e["version"] == version]

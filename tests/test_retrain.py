@@ -143,6 +143,14 @@ def test_a_worse_champion_is_rolled_back_by_monitoring(project, webhook):
     assert [e["action"] for e in history] == ["promote", "promote", "rollback"]
 
 
+def test_without_a_champion_retrain_says_so_and_leaves_no_run_running(project):
+    root = project["root"]
+    (root / "predictions.db").touch()
+    done = run_nbs("retrain", "--if-needed", cwd=root)
+    assert done.returncode == 2 and "models:/nbs-classifier@champion: names no version" in done.stderr
+    assert [r.info.status for r in runs_of(root, "nbs-monitoring")] == ["FAILED"]
+
+
 def test_bad_trigger_settings_are_refused(project):
     root = project["root"]
     env = (root / "env.yaml").read_text().replace("max_drift_share: 0.3", "max_drift: 0.3")
