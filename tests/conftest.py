@@ -74,15 +74,18 @@ def start_server(*args: str, cwd: Path, timeout: float = 90) -> tuple[subprocess
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     process = subprocess.Popen([str(NBS), "serve", "--port", "0", *args], cwd=cwd, env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    first = process.stdout.readline()
-    if " on http://127.0.0.1:" not in first:
-        stop_server(process)
-        raise AssertionError(f"nbs serve did not start: {first}{process.stderr.read()}")
-    url = first.split(" on ")[-1].split(";")[0].strip()
-    deadline = time.monotonic() + timeout
-    while not _answers(f"{url}/health"):
-        assert time.monotonic() < deadline, "nbs serve never answered /health"
-        time.sleep(0.2)
+    try:  # whatever goes wrong before the caller gets the process, the server is stopped here
+        first = process.stdout.readline()
+        assert " on http://127.0.0.1:" in first, f"nbs serve did not start: {first}"
+        url = first.split(" on ")[-1].split(";")[0].strip()
+        deadline = time.monotonic() + timeout
+        while not _answers(f"{url}/health"):
+            assert time.monotonic() < deadline, "nbs serve never answered /health"
+            time.sleep(0.2)
+    except BaseException:
+        code, out, err = stop_server(process)
+        print(f"nbs serve exited {code}: {out}{err}")
+        raise
     return process, url
 
 
