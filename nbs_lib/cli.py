@@ -25,22 +25,33 @@ from nbs_lib.config import (
     tracking_uri,
 )
 from .errors import ConfigError, Interrupted, NbsError
-from .lineage import LIBRARY_DIGEST_PARAM, pin_library_code, product_files
+from nbs_lib.lineage import (
+    DATA_DIGEST_PARAM,
+    LIBRARY_DIGEST_PARAM,
+    pin_data_files,
+    pin_library_code,
+    product_files,
+)
 
 # %% auto #0
 __all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute',
            'cmd_schedule', 'cmd_promote', 'cmd_rollback', 'cmd_models', 'cmd_serve', 'cmd_predict', 'cmd_monitor',
-           'cmd_retrain', 'cmd_simulate', 'cmd_lineage', 'cmd_check', 'build_parser', 'main']
+           'cmd_retrain', 'cmd_simulate', 'cmd_lineage', 'cmd_reproduce', 'cmd_check', 'build_parser', 'main']
 
 # %% ../notebooks/90_cli.ipynb #59fa4774
 def load_dag(root: Path, overrides: dict | None = None):
     "The Ploomber DAG of `root`/pipeline.yaml, rendered with `overrides` over env.yaml."
     from ploomber.spec import DAGSpec
 
+    from nbs_lib.executor import TrackedExecutor
+
     read_yaml_mapping(root / PIPELINE_FILE)  # syntax errors, with their line, before Ploomber's
     try:
         dag = DAGSpec(str(root / PIPELINE_FILE), env=overrides or {}).to_dag()
         pin_library_code(dag)
+        pin_data_files(dag, root)
+        if isinstance(dag.executor, TrackedExecutor):
+            dag.executor.parameters = {**read_yaml_mapping(root / ENV_FILE), **(overrides or {})}
         dag.render(show_progress=False)
     except Exception as e:  # Ploomber raises many types here; all mean the spec is unusable
         detail = str(e).strip().splitlines()
@@ -62,10 +73,11 @@ def _stop_on_signals() -> None:
 
 def _prepare_environment(root: Path) -> None:
     os.chdir(root)  # relative product paths and the default ./mlflow.db resolve in the project
-    # The library digest is a parameter for Ploomber's change detection only; notebooks need not
-    # declare it. Ploomber renders again in every build, so the filter must hold for the process.
+    # The library and data digests are parameters for Ploomber's change detection only; notebooks
+    # need not declare them. Ploomber renders again in every build: the filter holds for the process.
     warnings.filterwarnings("ignore", message="These parameters are not used in the task's "
-                            f"source code: '{LIBRARY_DIGEST_PARAM}'$")
+                            f"source code: ('{DATA_DIGEST_PARAM}'|'{LIBRARY_DIGEST_PARAM}'|"
+                            f"'{DATA_DIGEST_PARAM}', and '{LIBRARY_DIGEST_PARAM}')$")
     os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     os.environ.setdefault("PLOOMBER_STATS_ENABLED", "false")
 
@@ -497,6 +509,51 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     print(json.dumps(chain, indent=2, default=str) if args.json else format_lineage(chain))
     return 0
 
+# %% ../notebooks/90_cli.ipynb #8d90ffa5
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    "Rebuild a registered version from its recorded commit, parameters and data, and compare it with the recorded one."
+    import json
+    import shutil
+    import tempfile
+
+    from nbs_lib.reproduce import check_data_files, format_comparison, recorded_build, reproduce
+    from nbs_lib.tracking import finish_run, start_pipeline_run
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    root = find_project_root(args.root)
+    client = _registry_client(args)
+    recorded = recorded_build(client, args.uri)
+    data_path = check_data_files(recorded, root, Path(args.data).resolve() if args.data else None)
+    if args.keep and Path(args.keep).exists() and any(Path(args.keep).iterdir()):
+        raise ConfigError(args.keep, "is not empty", hint="--keep names a new folder for the rebuild")
+    workdir = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="nbs-reproduce-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    experiment = f"{recorded['parameters'].get('experiment', 'nbs')}-reproduce"
+    run_id = start_pipeline_run(client, experiment, [], {}, root, kind="reproduce", name=f"reproduce {recorded['uri']}",
+                                tags={"nbs.reproduces": recorded["uri"], "nbs.pipeline_run": recorded["pipeline_run"]})
+    _stop_on_signals()
+    status = "KILLED"
+    try:
+        report = reproduce(client, recorded, data_path, root, workdir, keep=bool(args.keep))
+        client.log_dict(run_id, report, "reproduction.json")
+        verdict = "identical" if report["identical"] else "different"
+        client.set_tag(run_id, "nbs.reproduced", verdict)
+        client.set_model_version_tag(recorded["name"], str(recorded["version"]), "nbs.reproduced",
+                                     f"{verdict} (run {run_id})")
+        status = "FINISHED"
+    except Exception:
+        status = "FAILED"
+        raise
+    finally:
+        finish_run(client, run_id, status)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(json.dumps(report, indent=2, default=str) if args.json else format_comparison(report))
+    if args.keep:
+        print(f"\nThe rebuild is kept in {workdir} (its store: {workdir / 'mlflow.db'}); remove its worktree with "
+              f"`git worktree remove --force {workdir / 'source'}`.")
+    return 0 if report["identical"] else 1
+
 # %% ../notebooks/90_cli.ipynb #aa943727
 def cmd_check(args: argparse.Namespace) -> int:
     "Check notebooks are clean, nbs_lib matches them, and env.yml matches requirements.lock."
@@ -691,6 +748,16 @@ def build_parser() -> argparse.ArgumentParser:
     lineage.add_argument("--json", action="store_true", help="the chain as JSON")
     lineage.add_argument("--root", **registry_root)
     lineage.set_defaults(handler=cmd_lineage)
+
+    again = sub.add_parser("reproduce", help="rebuild a registered version and compare it with the recorded one",
+                           description=cmd_reproduce.__doc__ + " Exit status: 0 identical, 1 different, 2 refused.")
+    again.add_argument("uri", metavar="URI", help="models:/NAME/VERSION or models:/NAME@ALIAS")
+    again.add_argument("--data", metavar="PATH", help="a copy of the data file the version was trained on, "
+                       "if it moved (its SHA-256 must match the recorded one)")
+    again.add_argument("--keep", metavar="DIR", help="rebuild in DIR (new or empty) and keep it, worktree and store")
+    again.add_argument("--json", action="store_true", help="the comparison as JSON")
+    again.add_argument("--root", **registry_root)
+    again.set_defaults(handler=cmd_reproduce)
 
     check = sub.add_parser("check", help="check notebooks, nbs_lib and pins are in step",
                            description=cmd_check.__doc__)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['STUCK_ERRORS', 'NbsError', 'ConfigError', 'ParameterError', 'DataError', 'DataValidationError', 'TaskFailure',
-           'PipelineError', 'ExecutionError', 'InputError', 'Interrupted']
+           'PipelineError', 'ExecutionError', 'InputError', 'ReproductionError', 'Interrupted']
 
 # %% ../notebooks/00_errors.ipynb #b4ea7153
 class NbsError(Exception):
@@ -121,6 +121,14 @@ class InputError(NbsError):
         "The error as the JSON body of an HTTP answer."
         return {"error": self.message, "field": self.field, "problem": self.problem, "row": self.row,
                 "hint": self.hint}
+
+# %% ../notebooks/00_errors.ipynb #89842c0a
+class ReproductionError(NbsError):
+    "A registered version that cannot be reproduced as recorded: `uri` names it, `problem` says why."
+
+    def __init__(self, uri: str, problem: str, hint: str = ""):
+        self.uri, self.problem = uri, problem
+        super().__init__(f"cannot reproduce {uri}: {problem}", hint)
 
 # %% ../notebooks/00_errors.ipynb #ff4f1900
 class Interrupted(KeyboardInterrupt):

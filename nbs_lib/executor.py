@@ -20,6 +20,7 @@ from .credentials import declared_secrets, redact_notebook, refuse_secret_values
 from .engine import kill_kernels
 from .errors import ConfigError, PipelineError, TaskFailure
 from nbs_lib.lineage import (
+    DATA_DIGEST_PARAM,
     LIBRARY_DIGEST_PARAM,
     dag_description,
     file_digest,
@@ -42,11 +43,11 @@ __all__ = ['task_params', 'shared_params', 'executed_notebook', 'describe_failur
            'refuse_secret_parameters']
 
 # %% ../notebooks/12_executor.ipynb #a231fd1e
-_NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM}
+_NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM, DATA_DIGEST_PARAM}
 
 # %% ../notebooks/12_executor.ipynb #fb05800a
 def task_params(task) -> dict:
-    "The parameters a task's notebook receives, without `product`, `upstream` and the library digest."
+    "The parameters a task's notebook receives, without `product`, `upstream` and the library and data digests."
     return {k: v for k, v in task.params.to_dict().items() if k not in _NOT_USER_PARAMS}
 
 
@@ -104,6 +105,9 @@ class TrackedExecutor(Executor):
         self.cell_timeout = cell_timeout or None
         self.secrets = list(secrets or [])
         self.jobs = parallel_jobs(jobs)
+        # The env.yaml values the DAG was rendered with; `load_dag` sets them. Logged with each
+        # build as parameters.json, they are what `nbs reproduce` runs the pipeline with again.
+        self.parameters: dict = {}
 
     def __call__(self, dag, show_progress: bool = True) -> list:
         "Build `dag`'s out-of-date tasks under one pipeline run; raise PipelineError if any fails."
@@ -121,6 +125,8 @@ class TrackedExecutor(Executor):
         parent = start_pipeline_run(client, self.experiment, [t.name for t in scheduled], params,
                                     root, tags=lineage)
         client.log_dict(parent, dag_description(dag), "dag.json")
+        if self.parameters:
+            client.log_dict(parent, self.parameters, "parameters.json")
         client.log_text(parent, environment, "environment/requirements.txt")
         say_progress(f"MLflow pipeline run {parent} (experiment {self.experiment!r}, "
              f"up to {self.jobs} task{'s' if self.jobs > 1 else ''} at once)", show_progress)
@@ -270,6 +276,8 @@ class _Build:
             tags["nbs.notebook.sha256"] = file_digest(task.source.loc)
         if LIBRARY_DIGEST_PARAM in task.params:
             tags["nbs.lib.imports_sha256"] = task.params[LIBRARY_DIGEST_PARAM]
+        if DATA_DIGEST_PARAM in task.params:
+            tags["nbs.data.file_sha256"] = task.params[DATA_DIGEST_PARAM]
         run_id = start_task_run(self.client, self.parent, task.name, notebook, task_params(task),
                                 self.root, tags)
         log_upstream_inputs(self.client, run_id, task, self.root)

@@ -11,8 +11,9 @@ import re
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['LIBRARY_DIGEST_PARAM', 'file_digest', 'library_digest', 'imports_digest', 'notebook_code', 'installed_packages',
-           'run_lineage', 'product_files', 'product_digests', 'pin_library_code', 'dag_description']
+__all__ = ['LIBRARY_DIGEST_PARAM', 'DATA_DIGEST_PARAM', 'file_digest', 'library_digest', 'imports_digest', 'notebook_code',
+           'installed_packages', 'run_lineage', 'product_files', 'product_digests', 'pin_library_code',
+           'pin_data_files', 'dag_description']
 
 # %% ../notebooks/11_lineage.ipynb #f7ed63b4
 def file_digest(path: str | Path) -> str:
@@ -37,6 +38,7 @@ def library_digest(package: str = "nbs_lib") -> dict[str, str]:
 
 # %% ../notebooks/11_lineage.ipynb #f59377f4
 LIBRARY_DIGEST_PARAM = "nbs_lib_digest"  # the task parameter that carries `imports_digest`
+DATA_DIGEST_PARAM = "nbs_data_digest"  # the task parameter that carries the digest of its `data_path` file
 
 
 def _imported(code: str, package: str) -> set[str]:
@@ -122,11 +124,24 @@ def pin_library_code(dag, package: str = "nbs_lib") -> None:
             task.params._setitem(LIBRARY_DIGEST_PARAM, digest)
 
 # %% ../notebooks/11_lineage.ipynb #e2505d63
+def pin_data_files(dag, root: str | Path = ".") -> None:
+    "Give each task of `dag` with a `data_path` parameter naming a file the SHA-256 of that file, as a parameter."
+    for task in dag.values():
+        given = task.params.to_dict().get("data_path")
+        if not given:
+            continue
+        path = Path(root) / given
+        if path.is_file():  # a missing file is the task's own error to report
+            task.params._setitem(DATA_DIGEST_PARAM, file_digest(path))
+
+# %% ../notebooks/11_lineage.ipynb #f30e2353
 def dag_description(dag) -> dict:
-    "The DAG as data: each task's notebook and products, and the (upstream, downstream) edges."
+    "The DAG as data: each task's notebook, parameters and products, and the (upstream, downstream) edges."
     tasks, edges = [], []
     for name, task in dag.items():
+        params = {k: v for k, v in task.params.to_dict().items() if k not in ("product", "upstream")}
         tasks.append({"name": name, "source": str(getattr(task.source, "loc", "")),
+                      "params": json.loads(json.dumps(params, default=str)),
                       "products": {k: str(v) for k, v in product_files(task.product).items()}})
         edges.extend([upstream, name] for upstream in sorted(task.upstream))
     return {"tasks": tasks, "edges": edges}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .lineage import LIBRARY_DIGEST_PARAM
+from .lineage import DATA_DIGEST_PARAM, LIBRARY_DIGEST_PARAM
 
 # %% auto #0
 __all__ = ['why_outdated', 'pipeline_status', 'recent_runs', 'format_runs', 'plot_dag']
@@ -33,8 +33,10 @@ def why_outdated(task) -> list[str]:
     changed = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
     if LIBRARY_DIGEST_PARAM in changed:
         reasons.append("the nbs_lib code it imports changed")
+    if DATA_DIGEST_PARAM in changed and "data_path" not in changed:
+        reasons.append("its data file changed")
     reasons += [f"parameter {k} changed: {stored.get(k)!r} -> {current.get(k)!r}"
-                for k in changed if k != LIBRARY_DIGEST_PARAM]
+                for k in changed if k not in (LIBRARY_DIGEST_PARAM, DATA_DIGEST_PARAM)]
     if product.metadata.stored_source_code != str(task.source):
         reasons.append("its notebook changed")
     reasons += [f"upstream {name} will run" for name, up in sorted(task.upstream.items())

@@ -17,7 +17,7 @@ from .config import artifact_location, tracking_uri
 # %% auto #0
 __all__ = ['RUN_ID_ENV', 'PARAM_VALUE_LIMIT', 'open_store', 'get_client', 'experiment_id', 'git_state', 'owner_tags',
            'reap_orphans', 'start_pipeline_run', 'start_task_run', 'finish_run', 'active_run_id', 'log_metrics',
-           'log_table', 'log_tags', 'log_artifact']
+           'log_table', 'log_tags', 'log_params', 'log_artifact']
 
 # %% ../notebooks/08_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -212,6 +212,17 @@ def log_tags(tags: dict[str, object]) -> None:
     from mlflow.entities import RunTag
 
     get_client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_params(params: dict[str, object]) -> None:
+    "Log `params` on this task's run, beside those the build gave it; by hand (no run) only print them."
+    run_id = active_run_id()
+    if run_id is None:
+        print("not tracked (no nbs run):", params)
+        return
+    from mlflow.entities import Param
+
+    get_client().log_batch(run_id, params=[Param(k, _as_param(v)) for k, v in params.items()])
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:

@@ -62,7 +62,7 @@ def test_pipeline_yaml_that_ploomber_rejects(project):
 def test_only_with_a_task_that_does_not_exist(project):
     done = run_nbs("run", "--only", "deploy", cwd=project)
     assert done.returncode == 2
-    assert "no task named 'deploy'" in done.stderr and "tasks: ingest, validate" in done.stderr
+    assert "no task named 'deploy'" in done.stderr and "tasks: ingest, eda, validate" in done.stderr
     assert not (project / "mlflow.db").exists()
 
 

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 from conftest import copy_project, run_nbs, runs_of, store
 
-CANDIDATES = ["train-0", "train-1", "train-2", "train-3"]  # the grid of pipeline.yaml
-TASKS = ["ingest", "validate", "features", *CANDIDATES, "evaluate", "register"]
+GRID = ["train-0", "train-1", "train-2", "train-3"]  # the grid of pipeline.yaml
+CANDIDATES = [*GRID, "train-tuned"]  # everything evaluate chooses from
+TASKS = ["ingest", "eda", "validate", "features", *GRID, "tune", "train-tuned", "evaluate", "register"]
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +32,12 @@ def test_run_writes_every_declared_product(built):
                  "data/test.parquet", "model/registered.json", "evaluation/metrics.json",
                  "evaluation/selection.json", "evaluation/confusion_matrix.png", "evaluation/roc.png",
                  "evaluation/importance.png", "evaluation/importance.csv", "model/model_card.md",
-                 "model/model_card.html",
+                 "model/model_card.html", "eda/summary.csv", "eda/distributions.png", "eda/correlations.png",
+                 "tune/best.json", "tune/study.db", "model/model-tuned.joblib", "model/scores-tuned.json",
                  *[f"model/{kind}-{i}.{ext}" for i in range(4) for kind, ext in [("model", "joblib"), ("scores", "json")]],
                  *[f"executed/{t}.ipynb" for t in TASKS]]:
         assert (root / "products" / path).is_file(), path
-    assert "Ran 9 of 9 tasks" in done.stdout and "make ui" in done.stdout
+    assert "Ran 12 of 12 tasks" in done.stdout and "make ui" in done.stdout
     metrics = json.loads((root / "products/evaluation/metrics.json").read_text())
     assert metrics["roc_auc"] > 0.95
 
@@ -72,8 +74,8 @@ def test_grid_trains_every_candidate_in_parallel_and_registers_the_best(built):
     root, done = built
     assert "database is locked" not in done.stderr
     runs = {r.data.tags["nbs.task"]: r for r in runs_of(root) if r.data.tags["nbs.kind"] == "task"}
-    trained = [runs[name] for name in CANDIDATES]
-    assert {r.info.status for r in trained} == {"FINISHED"}
+    trained = [runs[name] for name in GRID]
+    assert {runs[name].info.status for name in CANDIDATES} == {"FINISHED"}
     assert [(r.data.params["model"], r.data.params["model_params"]) for r in trained] == [
         ("logistic_regression", "{'C': 0.1}"), ("logistic_regression", "{'C': 1.0}"),
         ("random_forest", "{'n_estimators': 200, 'max_depth': 6}"),
@@ -81,7 +83,7 @@ def test_grid_trains_every_candidate_in_parallel_and_registers_the_best(built):
     overlapping = [(a.data.tags["nbs.task"], b.data.tags["nbs.task"]) for a in trained for b in trained
                    if a is not b and a.info.start_time < b.info.start_time < a.info.end_time]
     assert overlapping, "no two candidates trained at the same time"
-    assert runs["evaluate"].info.start_time >= max(r.info.end_time for r in trained)
+    assert runs["evaluate"].info.start_time >= max(runs[name].info.end_time for name in CANDIDATES)
     cv = {name: runs[name].data.metrics["cv_roc_auc"] for name in CANDIDATES}
     best = max(CANDIDATES, key=lambda name: cv[name])  # max keeps the first of equals, like the ranking
     selection = json.loads((root / "products/evaluation/selection.json").read_text())
@@ -229,7 +231,7 @@ def test_second_run_skips_every_up_to_date_task(built):
     before = len(runs_of(root))
     done = run_nbs("run", cwd=root)
     assert done.returncode == 0, done.stderr
-    assert "All 9 tasks are up to date; nothing ran" in done.stdout
+    assert "All 12 tasks are up to date; nothing ran" in done.stdout
     assert len(runs_of(root)) == before
 
 
@@ -242,8 +244,10 @@ def test_status_says_what_would_run_and_why(built):
     changed = run_nbs("status", "-p", "seed=7", cwd=root).stdout.splitlines()
     assert changed[0].split()[:4] == ["ingest", "up", "to", "date"]
     assert "features     would run   parameter seed changed: 42 -> 7" in changed
-    assert changed[3] == "train-0      would run   parameter seed changed: 42 -> 7; upstream features will run"
-    assert changed[7] == ("evaluate     would run   parameter seed changed: 42 -> 7; upstream features will run; "
+    assert changed[4] == "train-0      would run   parameter seed changed: 42 -> 7; upstream features will run"
+    assert changed[9] == ("train-tuned  would run   parameter seed changed: 42 -> 7; upstream features will run; "
+                          "upstream tune will run")
+    assert changed[10] == ("evaluate     would run   parameter seed changed: 42 -> 7; upstream features will run; "
                           + "; ".join(f"upstream {name} will run" for name in CANDIDATES))
 
 
@@ -273,7 +277,7 @@ def test_parameter_override_reruns_only_affected_tasks(built):
     assert done.returncode == 0, done.stdout + done.stderr
     new = [r for r in runs_of(root) if r.info.run_id not in before]
     assert sorted(r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task") == [
-        "evaluate", "register", *CANDIDATES]
+        "evaluate", "register", *CANDIDATES, "tune"]
     assert {r.data.params["cv_folds"] for r in new if r.data.tags.get("nbs.task") in CANDIDATES} == {"3"}
     client = store(root)
     assert int(client.get_model_version_by_alias("nbs-classifier", "challenger").version) == 2
@@ -322,10 +326,11 @@ def test_library_edit_reruns_exactly_the_tasks_that_import_it(built):
     done = run_nbs("run", *same_params, cwd=root)
     assert done.returncode == 0, done.stdout + done.stderr
     new = [r for r in runs_of(root) if r.info.run_id not in before]
-    # 40_train and 50_evaluate import nbs_lib.evaluate; register runs because it is downstream
+    # 40_train, 45_train_tuned and 50_evaluate import nbs_lib.evaluate, 35_tune through nbs_lib.tune;
+    # register runs because it is downstream
     assert sorted(r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task") == [
-        "evaluate", "register", *CANDIDATES]
-    assert "All 9 tasks are up to date" in run_nbs("run", *same_params, cwd=root).stdout
+        "evaluate", "register", *CANDIDATES, "tune"]
+    assert "All 12 tasks are up to date" in run_nbs("run", *same_params, cwd=root).stdout
 
 
 def test_only_runs_just_the_named_task(built):
@@ -379,7 +384,8 @@ def test_data_that_fails_validation_stops_the_build(project):
     assert "column 'z' fails 'missing_fraction<=0.1'" in done.stderr
     _assert_nothing_left_running(project)
     statuses = {r.data.tags.get("nbs.task", "pipeline"): r.info.status for r in runs_of(project)}
-    assert statuses == {"pipeline": "FAILED", "ingest": "FINISHED", "validate": "FAILED"}
+    # exploration runs beside validation, on the data as ingested: it shows what validation refused
+    assert statuses == {"pipeline": "FAILED", "ingest": "FINISHED", "validate": "FAILED", "eda": "FINISHED"}
     assert not (project / "products/data/validated.parquet").exists()
 
 

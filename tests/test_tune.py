@@ -1,0 +1,58 @@
+"""The tune task: an Optuna study whose trials are nested MLflow runs and whose best parameters reach the registry."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import mlflow.sklearn
+import optuna
+from conftest import run_nbs, runs_of, store
+
+
+def test_study_trials_are_nested_runs_and_the_best_parameters_are_registered(project):
+    spec = project / "pipeline.yaml"
+    text = spec.read_text()
+    grid = re.search(r"\n  # One task per candidate.*?\n\n", text, re.DOTALL)
+    assert grid and "name: train-" in grid.group(0)
+    spec.write_text(text.replace(grid.group(0), "\n"))  # train-tuned is then the only candidate
+
+    done = run_nbs("run", "-p", "tune_trials=4", cwd=project)
+    assert done.returncode == 0, done.stdout + done.stderr
+    runs = runs_of(project)
+    tune_run = next(r for r in runs if r.data.tags.get("nbs.task") == "tune")
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune_run.info.run_id]
+    assert sorted(r.info.run_name for r in trials) == ["trial-0", "trial-1", "trial-2", "trial-3"]
+    assert {r.info.status for r in trials} == {"FINISHED"}
+    assert all("C" in r.data.params and 0 < r.data.metrics["cv_roc_auc"] <= 1 for r in trials)
+    best_trial = max(trials, key=lambda r: r.data.metrics["cv_roc_auc"])
+
+    best = json.loads((project / "products/tune/best.json").read_text())
+    assert best["trials"] == 4 and best["model"] == "logistic_regression"
+    assert best["model_params"]["C"] == float(best_trial.data.params["C"])
+    version = store(project).get_model_version_by_alias("nbs-classifier", "champion")
+    assert version.tags["nbs.candidate"] == "train-tuned"
+    assert json.loads(version.tags["nbs.model_params"]) == best["model_params"]
+    client = store(project)
+    registered = mlflow.sklearn.load_model(client.get_model_version_download_uri("nbs-classifier", version.version))
+    assert registered.named_steps["classify"].C == best["model_params"]["C"]
+
+    # a larger budget resumes the study in its storage: only the missing trials run
+    again = run_nbs("run", "-p", "tune_trials=6", cwd=project)
+    assert again.returncode == 0, again.stdout + again.stderr
+    second = [r for r in runs_of(project) if r.data.tags.get("nbs.task") == "tune"
+              and r.info.run_id != tune_run.info.run_id]
+    assert len(second) == 1
+    resumed = [r for r in runs_of(project) if r.data.tags.get("mlflow.parentRunId") == second[0].info.run_id]
+    assert sorted(r.info.run_name for r in resumed) == ["trial-4", "trial-5"]
+    study = optuna.load_study(study_name=best["study"], storage=f"sqlite:///{project}/products/tune/study.db")
+    assert len(study.trials) == 6
+    assert json.loads((project / "products/tune/best.json").read_text())["trials"] == 6
+
+
+def test_a_bad_search_space_is_refused_with_the_entry_named(project):
+    done = run_nbs("run", "-p", "tune_space={C: {low: 10, high: 1}}", cwd=project)
+    assert done.returncode == 1
+    assert "task 'tune'" in done.stderr and "entry 'C': low and high must be numbers with low < high" in done.stderr
+    statuses = {r.info.status for r in runs_of(project)}
+    assert "RUNNING" not in statuses
