@@ -13,10 +13,10 @@ PORT ?= 8000
 export PLOOMBER_STATS_ENABLED := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: help run test export clean-nbs lint check nbdev-test pytest ui lock clean bench serve loop
+.PHONY: help run test export clean-nbs lint check nbdev-test pytest ui lock clean bench serve loop sample check-change deliver cd
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 $(STAMP): requirements.lock setup.py settings.ini pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11) and "nbs needs Python 3.11: requirements.lock is resolved for it. Try: make PYTHON=python3.11 ...")'
@@ -51,6 +51,18 @@ serve: $(STAMP) ## serve the champion of env.yaml's model_name on http://127.0.0
 
 loop: $(STAMP) export ## the MLOps loop on the default data: serve, traffic with drift, monitor, retrain, reload
 	scripts/loop.sh
+
+sample: $(STAMP) export ## the pipeline on a 150-row sample, in experiment and model nbs-sample (products/sample)
+	$(BIN)/python scripts/sample_data.py products/sample/data.csv
+	$(BIN)/nbs run -p data_path=products/sample/data.csv -p products=products/sample -p experiment=nbs-sample \
+	  -p model_name=nbs-sample -p tune_trials=3 -p cv_folds=3
+
+check-change: test sample ## CI on every change (.github/workflows/ci.yml): the tests, then the pipeline on a sample
+
+deliver: $(STAMP) export ## CD on main: the full pipeline and the promotion gate (the only automatic way to champion)
+	$(BIN)/nbs run
+
+cd: check-change deliver ## the whole CI/CD workflow, locally: tests, sample pipeline, full pipeline and gate
 
 bench: $(STAMP) ## benchmarks: jobs=2 vs jobs=1 builds; nbs serve vs mlflow models serve
 	$(BIN)/python scripts/bench_jobs.py
