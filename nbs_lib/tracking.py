@@ -203,26 +203,27 @@ def log_table(table, name: str):
     return frame
 
 
-def log_tags(tags: dict[str, object]) -> None:
-    "Tag this task's run with `tags`; by hand (no run) only print them."
+def _log_batch(shown: dict, **batch) -> None:
+    "Send `batch` (MLflow log_batch's tags or params) to this task's run; by hand (no run) only print `shown`."
     run_id = active_run_id()
     if run_id is None:
-        print("not tracked (no nbs run):", tags)
+        print("not tracked (no nbs run):", shown)
         return
+    get_client().log_batch(run_id, **batch)
+
+
+def log_tags(tags: dict[str, object]) -> None:
+    "Tag this task's run with `tags`; by hand (no run) only print them."
     from mlflow.entities import RunTag
 
-    get_client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    _log_batch(tags, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def log_params(params: dict[str, object]) -> None:
     "Log `params` on this task's run, beside those the build gave it; by hand (no run) only print them."
-    run_id = active_run_id()
-    if run_id is None:
-        print("not tracked (no nbs run):", params)
-        return
     from mlflow.entities import Param
 
-    get_client().log_batch(run_id, params=[Param(k, _as_param(v)) for k, v in params.items()])
+    _log_batch(params, params=[Param(k, _as_param(v)) for k, v in params.items()])
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:

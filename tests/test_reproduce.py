@@ -11,6 +11,8 @@ import pytest
 from conftest import copy_project, run_nbs, runs_of, store
 from sklearn.datasets import load_breast_cancer
 
+from nbs_lib.lineage import file_digest
+
 URI = "models:/nbs-classifier/1"
 
 
@@ -36,12 +38,18 @@ def test_changed_data_file_is_refused_before_anything_runs(built):
     (built / "data.csv").write_text("\n".join(lines) + "\n")
     try:
         done = run_nbs("reproduce", URI, cwd=built)
+        status = run_nbs("status", "-p", "data_path=data.csv", cwd=built).stdout.splitlines()
     finally:
         (built / "data.csv").write_bytes(original)
+    # Ploomber alone would call ingest up to date: the path did not change, the content did
+    assert status[0] == "ingest       would run   its data file changed", status
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"cannot reproduce {URI}: the data file" in done.stderr and "changed since its build" in done.stderr
     assert "--data PATH to a copy with SHA-256" in done.stderr
     assert runs_of(built, "nbs-reproduce") == [] and len(worktrees(built)) == 1
+    ingest = next(r for r in runs_of(built) if r.data.tags.get("nbs.task") == "ingest")
+    assert ingest.data.tags["nbs.data.file_sha256"] == file_digest(built / "data.csv")
+    assert ingest.data.params == {"data_path": "data.csv", "target": "target"}
 
 
 def test_unchanged_build_is_reproduced_identically_from_a_moved_data_file(built, tmp_path):

@@ -10,13 +10,17 @@ import optuna
 from conftest import run_nbs, runs_of, store
 
 
-def test_study_trials_are_nested_runs_and_the_best_parameters_are_registered(project):
+def drop_grid(project) -> None:
+    "Take the grid's train tasks out of the copy's pipeline.yaml: train-tuned is then the only candidate."
     spec = project / "pipeline.yaml"
     text = spec.read_text()
     grid = re.search(r"\n  # One task per candidate.*?\n\n", text, re.DOTALL)
     assert grid and "name: train-" in grid.group(0)
-    spec.write_text(text.replace(grid.group(0), "\n"))  # train-tuned is then the only candidate
+    spec.write_text(text.replace(grid.group(0), "\n"))
 
+
+def test_study_trials_are_nested_runs_and_the_best_parameters_are_registered(project):
+    drop_grid(project)
     done = run_nbs("run", "-p", "tune_trials=4", cwd=project)
     assert done.returncode == 0, done.stdout + done.stderr
     runs = runs_of(project)
@@ -51,6 +55,7 @@ def test_study_trials_are_nested_runs_and_the_best_parameters_are_registered(pro
 
 
 def test_a_bad_search_space_is_refused_with_the_entry_named(project):
+    drop_grid(project)
     done = run_nbs("run", "-p", "tune_space={C: {low: 10, high: 1}}", cwd=project)
     assert done.returncode == 1
     assert "task 'tune'" in done.stderr and "entry 'C': low and high must be numbers with low < high" in done.stderr
