@@ -8,12 +8,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 UI_PORT ?= 5000
+LAB_PORT ?= 8888
 PORT ?= 8000
+# The browser tests drive Debian's chromium (Playwright's own browser download is not allowed here)
+CHROMIUM := /usr/bin/chromium
+AS_ROOT := $(if $(filter 0,$(shell id -u)),,sudo)
 
 export PLOOMBER_STATS_ENABLED := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: help run test export clean-nbs lint check nbdev-test pytest ui lock clean bench serve loop sample check-change deliver cd
+.PHONY: help lab run test export clean-nbs lint check nbdev-test pytest ui lock clean bench serve loop sample check-change deliver cd
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -29,7 +33,12 @@ $(STAMP): requirements.lock setup.py settings.ini pyproject.toml
 run: $(STAMP) export ## run the whole pipeline on the default data, tracked in ./mlflow.db
 	$(BIN)/nbs run
 
-test: $(STAMP) ## everything CI checks: notebook hygiene, lint, nbdev_test, pytest
+$(CHROMIUM):
+	@echo "Installing Debian's chromium for the browser tests (apt-get)"
+	$(AS_ROOT) apt-get install -y -qq --no-install-recommends chromium || \
+	  { $(AS_ROOT) apt-get update -qq && $(AS_ROOT) apt-get install -y -qq --no-install-recommends chromium; }
+
+test: $(STAMP) $(CHROMIUM) ## everything CI checks: notebook hygiene, lint, nbdev_test, pytest (browser tests included)
 	$(BIN)/nbs check
 	$(BIN)/ruff check .
 	$(BIN)/nbdev_test --n_workers 2
@@ -41,6 +50,10 @@ export: $(STAMP) ## regenerate nbs_lib/ from notebooks/
 clean-nbs: $(STAMP) ## strip outputs and metadata from every notebook (before committing)
 	$(BIN)/nbdev_clean
 	find notebooks -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' -print0 | xargs -0 $(BIN)/nbstripout --keep-id
+
+lab: $(STAMP) export ## JupyterLab on 127.0.0.1 (port 8888, or LAB_PORT=...): task notebooks open with their upstream injected
+	@echo "JupyterLab: the URL with its token is printed below (Ctrl-C stops it)"
+	$(BIN)/jupyter lab --no-browser --ip 127.0.0.1 --port $(LAB_PORT) $(if $(filter 0,$(shell id -u)),--allow-root)
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1 (port 5000, or UI_PORT=...) over ./mlflow.db
 	@echo "MLflow UI: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"

@@ -36,7 +36,8 @@ from nbs_lib.lineage import (
 # %% auto #0
 __all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute',
            'cmd_schedule', 'cmd_promote', 'cmd_rollback', 'cmd_models', 'cmd_serve', 'cmd_predict', 'cmd_monitor',
-           'cmd_retrain', 'cmd_simulate', 'cmd_lineage', 'cmd_reproduce', 'cmd_check', 'build_parser', 'main']
+           'cmd_retrain', 'cmd_simulate', 'cmd_lineage', 'cmd_reproduce', 'cmd_new', 'cmd_check', 'build_parser',
+           'main']
 
 # %% ../notebooks/90_cli.ipynb #59fa4774
 def load_dag(root: Path, overrides: dict | None = None):
@@ -554,6 +555,27 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
               f"`git worktree remove --force {workdir / 'source'}`.")
     return 0 if report["identical"] else 1
 
+# %% ../notebooks/90_cli.ipynb #8b7a5d72
+def cmd_new(args: argparse.Namespace) -> int:
+    "Scaffold a pipeline task notebook (added to pipeline.yaml) or a library notebook, numbered in dependency order."
+    import subprocess
+
+    from nbs_lib.hygiene import _export_env, _nbdev_export_command
+    from nbs_lib.scaffold import new_module, new_task
+
+    root = find_project_root(args.root)
+    if args.kind == "task":
+        _prepare_environment(root)
+        path = new_task(root, args.name, args.after)
+        print(f"wrote {display_path(path, root)} and added task {args.name!r} to {PIPELINE_FILE}.\n"
+              f"Open it in JupyterLab (make lab) to see its upstream products injected; nbs run builds it.")
+        return 0
+    path = new_module(root, args.name)
+    subprocess.run([_nbdev_export_command()], cwd=root, env=_export_env(), check=True)
+    print(f"wrote {display_path(path, root)} and exported it to nbs_lib/{args.name}.py.\n"
+          f"Edit the notebook, then make export; task notebooks import it as nbs_lib.{args.name}.")
+    return 0
+
 # %% ../notebooks/90_cli.ipynb #aa943727
 def cmd_check(args: argparse.Namespace) -> int:
     "Check notebooks are clean, nbs_lib matches them, and env.yml matches requirements.lock."
@@ -650,6 +672,18 @@ def build_parser() -> argparse.ArgumentParser:
         action.add_argument("--root", type=Path, help="the project folder (default: the nearest folder holding "
                             "pipeline.yaml, else the current folder)")
     schedule.set_defaults(handler=cmd_schedule)
+
+    new = sub.add_parser("new", help="scaffold a task notebook or a library notebook", description=cmd_new.__doc__)
+    kinds = new.add_subparsers(dest="kind", required=True, metavar="KIND")
+    task = kinds.add_parser("task", help="a task notebook in notebooks/pipeline/, added to pipeline.yaml")
+    task.add_argument("name", metavar="NAME", help="the task's name: lowercase letters, digits, _ and -")
+    task.add_argument("--after", action="append", metavar="TASK", required=True,
+                      help="a task whose products it reads (repeat for several; wildcards like 'train-*')")
+    module = kinds.add_parser("module", help="a library notebook in notebooks/, exported to nbs_lib/NAME.py")
+    module.add_argument("name", metavar="NAME", help="the module's name: lowercase letters, digits and _")
+    for kind in kinds.choices.values():
+        kind.add_argument("--root", type=Path, help="the project folder (default: the nearest holding pipeline.yaml)")
+    new.set_defaults(handler=cmd_new)
 
     registry_root = dict(type=Path, help="folder whose mlflow.db holds the registry (default: the project, "
                          "else the current folder; MLFLOW_TRACKING_URI wins)")

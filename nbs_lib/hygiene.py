@@ -16,7 +16,7 @@ from configparser import ConfigParser
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['cleaned', 'unclean_notebooks', 'export_drift', 'lock_mismatch']
+__all__ = ['INJECTED_TAG', 'cleaned', 'unclean_notebooks', 'export_drift', 'lock_mismatch']
 
 # %% ../notebooks/14_hygiene.ipynb #6f5f5ff6
 def _settings(root: Path) -> dict:
@@ -45,12 +45,20 @@ def cleaned(nb: dict, settings: dict) -> dict:
                                               keep_id=True)))
 
 
+INJECTED_TAG = "injected-parameters"  # the tag of the cell Ploomber injects into an opened task notebook
+
+
 def unclean_notebooks(root: str | Path) -> list[str]:
-    "A problem line for each notebook under nbs_path with outputs or metadata the cleaners would strip."
+    "A problem line for each notebook under nbs_path with an injected cell, or outputs or metadata the cleaners would strip."
     root = Path(root)
     settings, problems = _settings(root), []
     for path in _notebooks(root, settings):
         nb = json.loads(path.read_text(encoding="utf-8"))
+        injected = [i for i, c in enumerate(nb["cells"]) if INJECTED_TAG in c.get("metadata", {}).get("tags", [])]
+        if injected:  # Ploomber's Jupyter extension adds it on open and drops it on save; any other save keeps it
+            problems.append(f"{path.relative_to(root)}: Ploomber's injected parameters in cells {injected} "
+                            f"(delete them, or run `ploomber nb --remove`)")
+            continue
         if nb == cleaned(nb, settings):
             continue
         with_outputs = [i for i, c in enumerate(nb["cells"])

@@ -122,6 +122,89 @@ def stop_server(process: subprocess.Popen) -> tuple[int, str, str]:
     return process.returncode, out, err
 
 
+def free_port() -> int:
+    "A TCP port on 127.0.0.1 that nothing listens on now."
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_service(command: list[str], ready_url: str, cwd: Path, log: Path, env: dict | None = None,
+                  timeout: float = 120) -> subprocess.Popen:
+    "Start a server `command` in its own process group, its output in `log`; the process once `ready_url` answers 200."
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _answers(ready_url):
+            assert process.poll() is None, f"{command[0]} exited {process.returncode}: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"{ready_url} did not answer in {timeout} s: {log.read_text()[-2000:]}"
+            time.sleep(0.3)
+    except BaseException:
+        stop_service(process)
+        raise
+    return process
+
+
+def stop_service(process: subprocess.Popen) -> int:
+    "Stop a process started by `start_service`: SIGTERM to its group, SIGKILL after 20 s; its exit code."
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        return process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+    except ProcessLookupError:
+        return process.wait()
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by `make test`; Playwright never downloads a browser here
+SCREENSHOTS = ROOT / ".nbs" / "screenshots"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    "Keep each phase's report on the test item, so a fixture can tell whether its test failed."
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    "Headless chromium driven by Playwright, for the whole session."
+    from playwright.sync_api import sync_playwright
+
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: `make test` installs Debian's chromium (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        # the background-networking flags keep it from calling out of this closed network
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium, request):
+    "A fresh browser page; if the test fails, a screenshot of it in .nbs/screenshots/TEST.png."
+    context = chromium.new_context(viewport={"width": 1400, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    yield page
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        shot = SCREENSHOTS / f"{request.node.name}.png"
+        page.screenshot(path=str(shot), full_page=True)
+        print(f"screenshot of the page at failure: {shot}")
+    context.close()
+
+
 def log_predictions(path: Path, model, table, start, version: int = 1, name: str = "nbs-classifier",
                     requests: int = 10, target: str = "target") -> None:
     "Log `table` through the real log writer as `requests` requests an hour apart from `start`, then feed back every label."

@@ -8,7 +8,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import copy_project, log_predictions, run_nbs, runs_of, store
+from conftest import (
+    copy_project,
+    free_port,
+    log_predictions,
+    run_nbs,
+    runs_of,
+    start_service,
+    stop_service,
+    store,
+)
 
 TARGET, NAME = "target", "nbs-classifier"
 SHIFTED = ["mean radius", "worst area", "mean texture"]
@@ -63,6 +72,32 @@ def test_no_drift_on_a_holdout_of_the_same_distribution(project):
     html = store(root).download_artifacts(run.info.run_id, "", str(root / "downloaded"))
     report = next(Path(html).rglob("*.html")).read_text()
     assert report.count("data:image/png;base64") >= 3, "drift, distributions and performance plots"
+
+
+def test_report_renders_in_a_browser_with_its_plots(project, page, tmp_path):
+    import sys
+
+    root, test, model = project["root"], project["test"], project["model"]
+    log_predictions(tmp_path / "log.db", model, test, START)
+    done = run_nbs("monitor", "--since", "", "--prediction-log", str(tmp_path / "log.db"), cwd=root)
+    assert done.returncode == 0, done.stderr
+    folder = Path(store(root).download_artifacts(monitor_run(root).info.run_id, "", str(tmp_path / "report")))
+    report = next(folder.rglob("*.html"))
+    port = free_port()
+    server = start_service([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                            "--directory", str(report.parent)], f"http://127.0.0.1:{port}/{report.name}",
+                           tmp_path, tmp_path / "http.log")
+    try:
+        page.goto(f"http://127.0.0.1:{port}/{report.name}")
+        headings = [h.strip().rstrip("¶") for h in page.locator("h1, h2").all_inner_texts()]
+        assert headings[:5] == ["Monitoring report", "Drift", "Live performance and volume", "Data quality",
+                                "The champion against the one before it"], headings
+        plots = page.locator("img")
+        assert plots.count() >= 3, "drift, distributions and performance plots"
+        sizes = plots.evaluate_all("images => images.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+        assert all(done and width > 100 and height > 100 for done, width, height in sizes), sizes
+    finally:
+        stop_service(server)
 
 
 def test_drift_flagged_on_an_injected_shift_naming_the_features(project, tmp_path):

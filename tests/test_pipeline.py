@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import copy_project, run_nbs, runs_of, store
+from conftest import copy_project, free_port, run_nbs, runs_of, start_service, stop_service, store
 
 GRID = ["train-0", "train-1", "train-2", "train-3"]  # the grid of pipeline.yaml
 CANDIDATES = [*GRID, "train-tuned"]  # everything evaluate chooses from
@@ -188,6 +188,36 @@ def test_lineage_of_every_task_run(built, tmp_path):
                                *[f"{name}.{key}" for name in CANDIDATES for key in ("model", "scores")]]
 
 
+def test_mlflow_ui_shows_the_build_and_renders_a_task_notebook(built, page, tmp_path):
+    import sys
+
+    root, _ = built
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("mlflow")), "ui", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    url = f"http://127.0.0.1:{port}"
+    server = start_service(command, f"{url}/health", root, tmp_path / "ui.log",
+                           {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        experiment = store(root).get_experiment_by_name("nbs").experiment_id
+        page.goto(f"{url}/#/experiments/{experiment}/runs")
+        parent = page.locator("[role=row]", has_text="pipeline").first
+        parent.locator("button[data-component-id*=runnamecellrenderer]").click()  # show its child runs
+        names = page.locator("[role=gridcell][col-id='attributes.`Run Name`']")
+        names.filter(has_text="register").wait_for()
+        assert set(TASKS) <= {text.split("\n")[-1] for text in names.all_inner_texts()}
+
+        ingest = next(r for r in runs_of(root) if r.data.tags.get("nbs.task") == "ingest")
+        page.goto(f"{url}/#/experiments/{experiment}/runs/{ingest.info.run_id}/artifacts")
+        page.get_by_text("notebook", exact=True).first.click()
+        page.get_by_text("ingest.html", exact=True).click()
+        rendered = page.frame_locator("iframe").first
+        assert rendered.locator("h1").first.inner_text().strip().startswith("Ingest")
+        assert rendered.get_by_text("mean radius").first.is_visible(), "the executed cell's table"
+    finally:
+        stop_service(server)
+
+
 def test_executed_notebook_holds_injected_parameters_and_outputs(built):
     root, _ = built
     nb = json.loads((root / "products/executed/features.ipynb").read_text())
@@ -341,6 +371,32 @@ def test_only_runs_just_the_named_task(built):
     assert done.returncode == 0, done.stdout + done.stderr
     new = [r for r in runs_of(root) if r.info.run_id not in before]
     assert sorted(r.data.tags.get("nbs.task", "pipeline") for r in new) == ["evaluate", "pipeline"]
+
+
+def test_new_task_runs_in_the_pipeline_and_new_module_is_exported(built):
+    root, _ = built
+    done = run_nbs("new", "task", "summary", "--after", "evaluate", cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert (root / "notebooks/pipeline/51_summary.ipynb").is_file()
+    assert "name: summary" in (root / "pipeline.yaml").read_text()
+    before = {r.info.run_id for r in runs_of(root)}
+    built_again = run_nbs("run", "-p", "cv_folds=3", cwd=root)
+    assert built_again.returncode == 0, built_again.stdout + built_again.stderr
+    summary, = [r for r in runs_of(root) if r.info.run_id not in before and r.data.tags.get("nbs.task") == "summary"]
+    assert summary.info.status == "FINISHED" and summary.data.metrics == {"upstream_tasks": 1.0}
+    assert summary.data.tags["nbs.inputs"] == "evaluate"
+
+    clash = run_nbs("new", "task", "summary", "--after", "evaluate", cwd=root)
+    assert clash.returncode == 2 and "'summary' clashes with a task of pipeline.yaml" in clash.stderr
+    unknown = run_nbs("new", "task", "deploy", "--after", "nowhere", cwd=root)
+    assert unknown.returncode == 2 and "'nowhere' names no task" in unknown.stderr
+
+    module = run_nbs("new", "module", "helpers", cwd=root)
+    assert module.returncode == 0, module.stderr
+    assert "def twice(x: int) -> int:" in (root / "nbs_lib/helpers.py").read_text()
+    assert run_nbs("new", "module", "drift", cwd=root).returncode == 2
+    check = run_nbs("check", cwd=root)
+    assert check.returncode == 0, check.stdout
 
 
 def _assert_nothing_left_running(root):

@@ -1,0 +1,69 @@
+"""JupyterLab as a data scientist sees it, in headless chromium: a task notebook opens with its upstream injected."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import copy_project, free_port, start_service, stop_service
+
+TOKEN = "nbs-test-token"
+INJECTED = "This cell was injected automatically"
+
+
+@pytest.fixture(params=["ploomber on", "ploomber off"])
+def lab(request, tmp_path):
+    "JupyterLab on a free port of 127.0.0.1 in a project copy, with Ploomber's extension on or (to prove the test can fail) off."
+    root = copy_project(tmp_path / "project")
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("jupyter")), "lab", "--no-browser", "--allow-root",
+               "--ip", "127.0.0.1", f"--port={port}", "--ServerApp.port_retries=0",
+               f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={root}"]
+    settings = tmp_path / "jupyter"  # nothing of the user's own Jupyter set-up, nothing written to it
+    (settings / "config").mkdir(parents=True)
+    if request.param == "ploomber off":  # the user's config directory outranks the environment's
+        (settings / "config/jupyter_server_config.json").write_text(
+            json.dumps({"ServerApp": {"jpserver_extensions": {"ploomber": False}}}))
+    env = {"PYTHONPATH": str(root), "PLOOMBER_STATS_ENABLED": "false", "JUPYTER_CONFIG_DIR": str(settings / "config"),
+           "JUPYTERLAB_SETTINGS_DIR": str(settings / "lab"), "JUPYTERLAB_WORKSPACES_DIR": str(settings / "workspaces"),
+           "JUPYTER_RUNTIME_DIR": str(settings / "runtime")}
+    url = f"http://127.0.0.1:{port}"
+    server = start_service(command, f"{url}/api/status?token={TOKEN}", root, tmp_path / "lab.log", env)
+    yield {"url": url, "root": root, "injection": request.param == "ploomber on", "log": tmp_path / "lab.log"}
+    stop_service(server)
+
+
+def test_task_notebook_opens_with_its_upstream_injected_and_runs(lab, page):
+    page.goto(f"{lab['url']}/lab/tree/notebooks/pipeline/40_train.ipynb?token={TOKEN}")
+    listing = page.locator(".jp-DirListing-item")
+    listing.filter(has_text="40_train.ipynb").wait_for()
+    assert {"10_ingest.ipynb", "60_register.ipynb"} <= {t.split("\n")[0] for t in listing.all_inner_texts()}
+    assert "notebooks" in page.locator(".jp-BreadCrumbs").inner_text()
+    cells = page.locator(".jp-Notebook .jp-Cell")
+    cells.filter(has_text='upstream = ["features"]').wait_for()  # the notebook's own parameters cell
+    injected = cells.filter(has_text=INJECTED)
+    if not lab["injection"]:
+        page.wait_for_timeout(3000)  # time enough for a late injection to show
+        assert injected.count() == 0, "without Ploomber's extension nothing may be injected"
+        return
+    injected.wait_for()
+    text = injected.inner_text()
+    assert 'model_params = {"C": 0.1}' in text  # the grid's first candidate, from pipeline.yaml
+    assert f'"train": "{lab["root"]}/products/data/train.parquet"' in text
+
+    # run the injected cell, then a new cell below it that reads what it set, in the project's kernel
+    injected.locator(".cm-content").click()
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.press("Escape")
+    page.keyboard.press("a")  # a new cell above the one Shift+Enter moved to: right after the injected cell
+    page.keyboard.press("Enter")
+    page.keyboard.type('import sys; print(sys.prefix, upstream["features"]["train"])')
+    page.keyboard.press("Shift+Enter")
+    output = page.locator(".jp-OutputArea-output", has_text="train.parquet")
+    output.wait_for()
+    assert output.inner_text().strip() == f"{sys.prefix} {lab['root']}/products/data/train.parquet"
+    saved = json.loads((lab["root"] / "notebooks/pipeline/40_train.ipynb").read_text())
+    assert all("injected-parameters" not in c["metadata"].get("tags", []) for c in saved["cells"]), \
+        "opening and running must not write the injected cell into the committed notebook"
