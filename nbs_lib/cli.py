@@ -558,9 +558,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 # %% ../notebooks/90_cli.ipynb #8b7a5d72
 def cmd_new(args: argparse.Namespace) -> int:
     "Scaffold a pipeline task notebook (added to pipeline.yaml) or a library notebook, numbered in dependency order."
-    import subprocess
-
-    from nbs_lib.hygiene import _export_env, _nbdev_export_command
+    from nbs_lib.hygiene import export_notebooks
     from nbs_lib.scaffold import new_module, new_task
 
     root = find_project_root(args.root)
@@ -571,7 +569,10 @@ def cmd_new(args: argparse.Namespace) -> int:
               f"Open it in JupyterLab (make lab) to see its upstream products injected; nbs run builds it.")
         return 0
     path = new_module(root, args.name)
-    subprocess.run([_nbdev_export_command()], cwd=root, env=_export_env(), check=True)
+    exported = export_notebooks(root)
+    if exported.returncode:
+        raise ConfigError(path, f"nbdev_export failed: {exported.stderr.strip()[-500:]}",
+                          hint="fix the notebook, then make export")
     print(f"wrote {display_path(path, root)} and exported it to nbs_lib/{args.name}.py.\n"
           f"Edit the notebook, then make export; task notebooks import it as nbs_lib.{args.name}.")
     return 0

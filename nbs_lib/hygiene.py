@@ -16,10 +16,11 @@ from configparser import ConfigParser
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['INJECTED_TAG', 'cleaned', 'unclean_notebooks', 'export_drift', 'lock_mismatch']
+__all__ = ['INJECTED_TAG', 'nbdev_settings', 'cleaned', 'unclean_notebooks', 'export_notebooks', 'export_drift', 'lock_mismatch']
 
 # %% ../notebooks/14_hygiene.ipynb #6f5f5ff6
-def _settings(root: Path) -> dict:
+def nbdev_settings(root: Path) -> dict:
+    "The `[DEFAULT]` section of the project's settings.ini."
     parser = ConfigParser(delimiters=["="])
     parser.read(root / "settings.ini", encoding="utf-8")
     return dict(parser["DEFAULT"])
@@ -51,7 +52,7 @@ INJECTED_TAG = "injected-parameters"  # the tag of the cell Ploomber injects int
 def unclean_notebooks(root: str | Path) -> list[str]:
     "A problem line for each notebook under nbs_path with an injected cell, or outputs or metadata the cleaners would strip."
     root = Path(root)
-    settings, problems = _settings(root), []
+    settings, problems = nbdev_settings(root), []
     for path in _notebooks(root, settings):
         nb = json.loads(path.read_text(encoding="utf-8"))
         injected = [i for i, c in enumerate(nb["cells"]) if INJECTED_TAG in c.get("metadata", {}).get("tags", [])]
@@ -68,19 +69,17 @@ def unclean_notebooks(root: str | Path) -> list[str]:
     return problems
 
 # %% ../notebooks/14_hygiene.ipynb #6bd34a4b
-def _nbdev_export_command() -> str:
-    return str(Path(sys.executable).with_name("nbdev_export"))
-
-
-def _export_env() -> dict[str, str]:
+def export_notebooks(folder: str | Path) -> subprocess.CompletedProcess:
+    "Run this environment's nbdev_export in `folder`, its output captured, under nbdev_test too."
     # nbdev_export silently does nothing while IN_TEST is set (as it is under nbdev_test)
-    return {k: v for k, v in os.environ.items() if k != "IN_TEST"}
+    return subprocess.run([str(Path(sys.executable).with_name("nbdev_export"))], cwd=folder, capture_output=True,
+                          text=True, env={k: v for k, v in os.environ.items() if k != "IN_TEST"})
 
 
 def export_drift(root: str | Path) -> list[str]:
     "A line for each file of the library that `nbdev_export` would add, change or remove."
     root = Path(root)
-    settings = _settings(root)
+    settings = nbdev_settings(root)
     lib, nbs = settings["lib_path"], settings["nbs_path"]
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp)
@@ -89,8 +88,7 @@ def export_drift(root: str | Path) -> list[str]:
         if (root / lib).is_dir():
             shutil.copytree(root / lib, copy / lib,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        done = subprocess.run([_nbdev_export_command()], cwd=copy, capture_output=True, text=True,
-                              env=_export_env())
+        done = export_notebooks(copy)
         if done.returncode != 0:
             return [f"nbdev_export failed: {done.stderr.strip().splitlines()[-1:]}"]
         return _tree_diff(root / lib, copy / lib, lib)

@@ -26,7 +26,7 @@ def _notebook(cells: list[tuple[str, str, list[str]]], root: Path):
     "A notebook of (kind, source, tags) cells, as `make clean-nbs` would leave it."
     import nbformat
 
-    from nbs_lib.hygiene import _settings, cleaned
+    from nbs_lib.hygiene import cleaned, nbdev_settings
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"display_name": "python3", "language": "python", "name": "python3"}
@@ -35,7 +35,7 @@ def _notebook(cells: list[tuple[str, str, list[str]]], root: Path):
         if tags:
             cell.metadata["tags"] = tags
         nb.cells.append(cell)
-    return nbformat.from_dict(cleaned(nb, _settings(root)))
+    return nbformat.from_dict(cleaned(nb, nbdev_settings(root)))
 
 
 def _numbers(folder: Path) -> dict[int, Path]:
