@@ -72,7 +72,7 @@ def test_unchanged_build_is_reproduced_identically_from_a_moved_data_file(built,
 
     client = store(built)
     assert [str(v.version) for v in client.search_model_versions("name = 'nbs-classifier'")] == ["1"]
-    assert client.get_registered_model("nbs-classifier").aliases["champion"] == "1"
+    assert str(client.get_registered_model("nbs-classifier").aliases["champion"]) == "1"
     assert client.get_model_version("nbs-classifier", "1").tags["nbs.reproduced"].startswith("identical (run ")
     run, = runs_of(built, "nbs-reproduce")
     assert run.info.status == "FINISHED" and run.data.tags["nbs.reproduces"] == URI
