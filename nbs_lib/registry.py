@@ -174,9 +174,9 @@ def apply_gate(name: str, version: int, candidate: dict[str, float], test: pd.Da
     return decision
 
 
-def load_version(name: str, version: int | str):
-    "The scikit-learn model of `name`, version `version`, from the registry (skops: no code runs on load)."
+def load_version(name: str, version: int | str, client=None):
+    "The scikit-learn model of `name`, version `version`, from the registry of `client` (skops: no code runs on load)."
     import mlflow.sklearn
 
-    mlflow.set_tracking_uri(get_client().tracking_uri)
+    mlflow.set_tracking_uri((client or get_client()).tracking_uri)
     return mlflow.sklearn.load_model(f"models:/{name}/{version}")

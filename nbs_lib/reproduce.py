@@ -187,12 +187,6 @@ def format_comparison(report: dict) -> str:
                "differs from the recorded one in the rows marked NO above."))
 
 # %% ../notebooks/27_reproduce.ipynb #72c33eed
-def _load(client, name: str, version: int | str):
-    import mlflow.sklearn
-
-    return mlflow.sklearn.load_model(client.get_model_version_download_uri(name, str(version)))
-
-
 def _holdout_path(client, run_id: str, source: Path) -> Path:
     "The holdout table a build wrote: the product keyed `test` in its dag.json."
     for task in _json_artifact(client, run_id, "dag.json")["tasks"]:
@@ -206,6 +200,7 @@ def reproduce(client, recorded: dict, data_path: str | None, root: Path, workdir
     "Rebuild the `recorded_build` in `workdir` from its commit and parameters, on `data_path`; the comparison."
     import pandas as pd
 
+    from nbs_lib.registry import load_version
     from nbs_lib.tracking import open_store
 
     parameters = {**recorded["parameters"], "products": "products"}
@@ -223,8 +218,8 @@ def reproduce(client, recorded: dict, data_path: str | None, root: Path, workdir
         latest = max(int(v.version) for v in rebuilt_store.search_model_versions(f"name = '{recorded['name']}'"))
         rebuilt = version_facts(rebuilt_store, recorded["name"], latest)
         holdout = pd.read_parquet(_holdout_path(rebuilt_store, rebuilt["pipeline_run"], source))
-        predictions = compare_predictions(_load(client, recorded["name"], recorded["version"]),
-                                          _load(rebuilt_store, recorded["name"], latest), holdout,
+        predictions = compare_predictions(load_version(recorded["name"], recorded["version"], client),
+                                          load_version(recorded["name"], latest, rebuilt_store), holdout,
                                           parameters["target"])
         rows = compare_facts(recorded, rebuilt)
         files = [recorded["data_files"], data_files(rebuilt_store, rebuilt["pipeline_run"])]

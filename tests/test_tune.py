@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import re
 
-import mlflow.sklearn
 import optuna
 from conftest import run_nbs, runs_of, store
+
+from nbs_lib.registry import load_version
 
 
 def drop_grid(project) -> None:
@@ -38,7 +39,7 @@ def test_study_trials_are_nested_runs_and_the_best_parameters_are_registered(pro
     assert version.tags["nbs.candidate"] == "train-tuned"
     assert json.loads(version.tags["nbs.model_params"]) == best["model_params"]
     client = store(project)
-    registered = mlflow.sklearn.load_model(client.get_model_version_download_uri("nbs-classifier", version.version))
+    registered = load_version("nbs-classifier", version.version, client)
     assert registered.named_steps["classify"].C == best["model_params"]["C"]
 
     # a larger budget resumes the study in its storage: only the missing trials run
