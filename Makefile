@@ -77,9 +77,8 @@ deliver: $(STAMP) export ## CD on main: the full pipeline and the promotion gate
 
 cd: check-change deliver ## the whole CI/CD workflow, locally: tests, sample pipeline, full pipeline and gate
 
-bench: $(STAMP) ## benchmarks: jobs=2 vs jobs=1 builds; nbs serve vs mlflow models serve
-	$(BIN)/python scripts/bench_jobs.py
-	$(BIN)/python scripts/bench_serve.py
+bench: $(STAMP) ## the benchmark suite (about 15 minutes): every figure against its baseline, written to BENCHMARKS.md
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 lock: ## re-resolve requirements.in into requirements.lock and env.yml
 	scripts/lock.sh

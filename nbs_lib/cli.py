@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import signal
 import sys
@@ -25,6 +26,7 @@ from nbs_lib.config import (
     tracking_uri,
 )
 from .errors import ConfigError, Interrupted, NbsError
+from .freshness import BuildInputs, forget_fresh_build, fresh_build, record_fresh_build
 from nbs_lib.lineage import (
     DATA_DIGEST_PARAM,
     LIBRARY_DIGEST_PARAM,
@@ -83,39 +85,72 @@ def _prepare_environment(root: Path) -> None:
     os.environ.setdefault("PLOOMBER_STATS_ENABLED", "false")
 
 
-def _project_dag(args: argparse.Namespace) -> tuple[Path, dict, object]:
-    "The project root, its resolved parameters and its rendered DAG, from --root, --env-file and -p."
+def _parameters(args: argparse.Namespace) -> tuple[Path, dict, dict]:
+    "The project root, env.yaml's values, and the values --env-file and -p set over them."
     root = find_project_root(args.root)
     declared = read_yaml_mapping(root / ENV_FILE)
     from_file = merge_env_file(Path(args.env_file).resolve(), declared) if args.env_file else {}
-    values = {**from_file, **parse_overrides(args.param, declared)}
+    return root, declared, {**from_file, **parse_overrides(args.param, declared)}
+
+
+def _project_dag(args: argparse.Namespace) -> tuple[Path, dict, object]:
+    "The project root, its resolved parameters and its rendered DAG, from --root, --env-file and -p."
+    root, declared, values = _parameters(args)
     _prepare_environment(root)
     return root, {**declared, **values}, load_dag(root, values)
 
 
+def _build_inputs(root: Path, dag, env_file: Path | None) -> BuildInputs:
+    "The files `dag`'s up-to-date decision rests on, relative to `root`."
+    tasks = list(dag.values())
+    return BuildInputs(
+        spec=[PIPELINE_FILE, ENV_FILE, *([str(env_file)] if env_file else [])],
+        sources=[display_path(t.source.loc, root) for t in tasks if hasattr(t.source, "loc")],
+        data=sorted({str(t.params.to_dict()["data_path"]) for t in tasks if t.params.to_dict().get("data_path")}),
+        products={t.name: [display_path(p, root) for p in product_files(t.product).values()] for t in tasks})
+
+
+def _print_products(products: dict[str, list[str]]) -> None:
+    for task, shown in products.items():
+        print(f"  {task:10} " + "\n  {:10} ".format("").join(shown))
+    uri = tracking_uri()
+    browse = "make ui  (http://127.0.0.1:5000)" if uri.startswith("sqlite:") else uri
+    print(f"\nTracked in {uri}. To browse the runs: {browse}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     "Build the pipeline: run the tasks that are out of date, each tracked in MLflow."
-    root, values, dag = _project_dag(args)
-    if args.only and args.only not in dag:
-        raise ConfigError(root / PIPELINE_FILE, f"no task named {args.only!r}",
+    root, _, overrides = _parameters(args)
+    env_file = Path(args.env_file).resolve() if args.env_file else None
+    _prepare_environment(root)
+    if not (args.force or args.only):
+        unchanged = fresh_build(root, overrides)
+        if unchanged is not None:
+            print(f"All {len(unchanged)} tasks are up to date; nothing ran (--force re-runs them). Products:")
+            _print_products(unchanged)
+            return 0
+    dag = load_dag(root, overrides)
+    # Ploomber takes a name with a * as an fnmatch pattern, and any other as a task's name
+    if args.only and not (fnmatch.filter(dag, args.only) if "*" in args.only else args.only in dag):
+        raise ConfigError(root / PIPELINE_FILE, f"no task named {args.only!r}"
+                          + (" (as a pattern it matches none)" if "*" in args.only else ""),
                           hint=f"tasks: {', '.join(dag)}")
     _stop_on_signals()
+    forget_fresh_build(root)
     if args.only:
         report = dag.build_partially(args.only, force=args.force, skip_upstream=True)
     else:
         report = dag.build(force=args.force, show_progress=True)
+    inputs = _build_inputs(root, dag, env_file)
+    if not args.only:  # every task is up to date now
+        record_fresh_build(root, inputs, overrides)
     outcome = report.to_dict()
     ran = [name for name, done in zip(outcome["name"], outcome["Ran?"], strict=True) if done]
     if ran:
         print(f"\nRan {len(ran)} of {len(dag)} tasks. Products:")
     else:
         print(f"All {len(dag)} tasks are up to date; nothing ran (--force re-runs them). Products:")
-    for task in dag.values():
-        shown = [display_path(p, root) for p in product_files(task.product).values()]
-        print(f"  {task.name:10} " + "\n  {:10} ".format("").join(shown))
-    uri = tracking_uri()
-    browse = "make ui  (http://127.0.0.1:5000)" if uri.startswith("sqlite:") else uri
-    print(f"\nTracked in {uri}. To browse the runs: {browse}")
+    _print_products(inputs.products)
     return 0
 
 
@@ -616,7 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_options(run)
     run.add_argument("--force", action="store_true", help="run every task, even if up to date")
     run.add_argument("--only", metavar="TASK",
-                     help="run just this task (its upstream products must exist)")
+                     help="run just this task, or the tasks a pattern such as 'train-*' matches (their "
+                     "upstream products must exist)")
     run.set_defaults(handler=cmd_run)
 
     status = sub.add_parser("status", help="which tasks would run, and why",

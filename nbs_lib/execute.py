@@ -16,7 +16,7 @@ from .errors import ConfigError, ExecutionError, ParameterError, TaskFailure
 from .executor import copy_metrics_to_parent, describe_failure, log_notebook, say_progress
 from .lineage import file_digest, run_lineage
 from nbs_lib.tracking import (
-    RUN_ID_ENV,
+    RunJournal,
     finish_run,
     get_client,
     reap_orphans,
@@ -166,18 +166,27 @@ class _Attempt:
         self.output.unlink(missing_ok=True)  # an earlier attempt's notebook must not pass for this one's
         say_progress(f"  running  {self.shown} (attempt {number}) ...", self.show)
         started, status, failure = time.monotonic(), "KILLED", None
+        journal = RunJournal(run_id)
         try:
             try:
                 papermill.execute_notebook(
                     str(self.notebook), str(self.output), parameters=self.params, engine_name="nbs",
                     kernel_name=self.kernel, progress_bar=False, execution_timeout=self.timeout,
-                    kernel_env={RUN_ID_ENV: run_id})
+                    kernel_env=journal.env)
+                error = None
+            except Exception as e:  # a cell failed, timed out or lost its kernel, or none started
+                error = e
+            refused = journal.close(self.client)
+            kept = display_path(self.output, self.root) if self.output.is_file() else ""
+            if error is not None:
+                failure, status = describe_failure(name, error, self.shown, kept), "FAILED"
+            elif refused:
+                failure, status = TaskFailure(name, self.shown, refused, executed=kept), "FAILED"
+            else:
                 copy_metrics_to_parent(self.client, run_id, self.parent, name)
                 status = "FINISHED"
-            except Exception as e:  # a cell failed, timed out or lost its kernel, or none started
-                kept = display_path(self.output, self.root) if self.output.is_file() else ""
-                failure, status = describe_failure(name, e, self.shown, kept), "FAILED"
         finally:
+            journal.close(self.client)  # after an interrupt too: what the notebook logged is kept
             if self.output.is_file():
                 redact_notebook(self.output, self.secret_values)
                 log_notebook(self.client, run_id, self.output)

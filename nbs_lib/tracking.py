@@ -6,21 +6,27 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import shutil
 import socket
 import subprocess
+import tempfile
+import time
 from functools import lru_cache
 from pathlib import Path
 
 from .config import artifact_location, tracking_uri
 
 # %% auto #0
-__all__ = ['RUN_ID_ENV', 'PARAM_VALUE_LIMIT', 'open_store', 'get_client', 'experiment_id', 'git_state', 'owner_tags',
-           'reap_orphans', 'start_pipeline_run', 'start_task_run', 'finish_run', 'active_run_id', 'log_metrics',
-           'log_table', 'log_tags', 'log_params', 'log_artifact']
+__all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'open_store', 'get_client', 'experiment_id',
+           'git_state', 'owner_tags', 'reap_orphans', 'start_pipeline_run', 'start_task_run', 'finish_run',
+           'active_run_id', 'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact', 'RunJournal']
 
 # %% ../notebooks/08_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
+JOURNAL_ENV = "NBS_RUN_JOURNAL"  # the folder a task's kernel records what it logs in (see RunJournal)
+JOURNAL_RECORDS = "records.jsonl"
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value's length
 
 # %% ../notebooks/08_tracking.ipynb #b28518ad
@@ -175,6 +181,17 @@ def active_run_id() -> str | None:
     return os.environ.get(RUN_ID_ENV) or None
 
 
+def _journal() -> Path | None:
+    "The journal folder the executor gave this kernel's task run, if any."
+    folder = os.environ.get(JOURNAL_ENV)
+    return Path(folder) if folder and active_run_id() else None
+
+
+def _append(journal: Path, record: dict) -> None:
+    with open(journal / JOURNAL_RECORDS, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")  # one write of one line: the reader takes whole lines only
+
+
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> dict[str, float]:
     "Report numeric `metrics` to this task's run; by hand (no run) only print them."
     values = {name: float(value) for name, value in metrics.items()}
@@ -182,11 +199,11 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> dict[str,
     if run_id is None:
         print("not tracked (no nbs run):", ", ".join(f"{k}={v:g}" for k, v in values.items()))
         return values
-    from mlflow.entities import Metric
-    from mlflow.utils.time import get_current_time_millis
-
-    now = get_current_time_millis()
-    get_client().log_batch(run_id, metrics=[Metric(k, v, now, step or 0) for k, v in values.items()])
+    now, journal = int(time.time() * 1000), _journal()
+    if journal is not None:
+        _append(journal, {"kind": "metrics", "values": values, "step": step or 0, "timestamp": now})
+        return values
+    _send_batch(get_client(), run_id, metrics=[(k, v, now, step or 0) for k, v in values.items()])
     return values
 
 
@@ -199,31 +216,48 @@ def log_table(table, name: str):
     if run_id is None:
         print(f"not tracked (no nbs run): table {name}, {len(frame)} rows")
         return frame
+    journal = _journal()
+    if journal is not None:
+        staged = Path(tempfile.mkdtemp(dir=journal)) / "table.pkl"
+        frame.to_pickle(staged)  # read back by the process that started this kernel, nobody else
+        _append(journal, {"kind": "table", "path": str(staged), "artifact_file": f"tables/{name}.json"})
+        return frame
     get_client().log_table(data=frame, artifact_file=f"tables/{name}.json", run_id=run_id)
     return frame
 
 
-def _log_batch(shown: dict, **batch) -> None:
-    "Send `batch` (MLflow log_batch's tags or params) to this task's run; by hand (no run) only print `shown`."
+def _send_batch(client, run_id: str, metrics=(), params=(), tags=()) -> None:
+    "Log (key, value, timestamp, step) metrics and (key, value) params and tags, in batches MLflow accepts."
+    from mlflow.entities import Metric, Param, RunTag
+
+    metrics = [Metric(*m) for m in metrics]
+    params, tags = [Param(*p) for p in params], [RunTag(*t) for t in tags]
+    while metrics or params or tags:  # MLflow takes up to 1000 metrics, 100 params and 100 tags a batch
+        client.log_batch(run_id, metrics=metrics[:1000], params=params[:100], tags=tags[:100])
+        metrics, params, tags = metrics[1000:], params[100:], tags[100:]
+
+
+def _log_batch(shown: dict, kind: str, values: dict[str, str]) -> None:
+    "Send `values`, params or tags as `kind` says, to this task's run; by hand (no run) only print `shown`."
     run_id = active_run_id()
     if run_id is None:
         print("not tracked (no nbs run):", shown)
         return
-    get_client().log_batch(run_id, **batch)
+    journal = _journal()
+    if journal is not None:
+        _append(journal, {"kind": kind, "values": values})
+        return
+    _send_batch(get_client(), run_id, **{kind: list(values.items())})
 
 
 def log_tags(tags: dict[str, object]) -> None:
     "Tag this task's run with `tags`; by hand (no run) only print them."
-    from mlflow.entities import RunTag
-
-    _log_batch(tags, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    _log_batch(tags, "tags", {k: str(v) for k, v in tags.items()})
 
 
 def log_params(params: dict[str, object]) -> None:
     "Log `params` on this task's run, beside those the build gave it; by hand (no run) only print them."
-    from mlflow.entities import Param
-
-    _log_batch(params, params=[Param(k, _as_param(v)) for k, v in params.items()])
+    _log_batch(params, "params", {k: _as_param(v) for k, v in params.items()})
 
 
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
@@ -232,9 +266,70 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     if run_id is None:
         print(f"not tracked (no nbs run): {path}")
         return
-    import tempfile
-
     from nbs_lib.credentials import handed_out, redacted_copy
 
-    with tempfile.TemporaryDirectory() as tmp:  # never store a secret this kernel was given
+    journal = _journal()
+    if journal is not None:  # a copy as the file is now, never with a secret this kernel was given
+        stage = Path(tempfile.mkdtemp(dir=journal))
+        staged = redacted_copy(path, handed_out(), stage)
+        if staged.parent != stage:  # nothing to scrub: redacted_copy handed back the file itself
+            staged = Path(shutil.copy2(path, stage / staged.name))
+        _append(journal, {"kind": "artifact", "path": str(staged), "artifact_path": artifact_path})
+        return
+    with tempfile.TemporaryDirectory() as tmp:
         get_client().log_artifact(run_id, str(redacted_copy(path, handed_out(), tmp)), artifact_path)
+
+# %% ../notebooks/08_tracking.ipynb #5297c841
+class RunJournal:
+    "Where one task's kernel records what it logs, and the replay of those records into its MLflow run."
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.folder = Path(tempfile.mkdtemp(prefix="nbs-journal-"))
+        self.offset = 0  # bytes of the records file replayed so far
+        self.refused: str | None = None  # why MLflow refused a record; the task must then fail
+
+    @property
+    def env(self) -> dict[str, str]:
+        "What the kernel's environment needs to record into this journal."
+        return {RUN_ID_ENV: self.run_id, JOURNAL_ENV: str(self.folder)}
+
+    def replay(self, client) -> int:
+        "Log the records appended since the last replay into the run; how many (none once MLflow refused one)."
+        records_file = self.folder / JOURNAL_RECORDS
+        if self.refused or not records_file.is_file():
+            return 0
+        with open(records_file, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        complete = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next replay
+        records = [json.loads(line) for line in complete.decode("utf-8").splitlines()]
+        batch: dict[str, list] = {"metrics": [], "params": [], "tags": []}
+        for r in records:
+            if r["kind"] == "metrics":
+                batch["metrics"] += [(k, v, r["timestamp"], r["step"]) for k, v in r["values"].items()]
+            elif r["kind"] in ("params", "tags"):
+                batch[r["kind"]] += list(r["values"].items())
+        try:
+            _send_batch(client, self.run_id, **batch)
+            for r in records:
+                if r["kind"] == "artifact":
+                    client.log_artifact(self.run_id, r["path"], r["artifact_path"])
+                elif r["kind"] == "table":
+                    import pandas as pd
+
+                    client.log_table(data=pd.read_pickle(r["path"]), artifact_file=r["artifact_file"],
+                                     run_id=self.run_id)
+        except Exception as e:  # MlflowException mostly: a param given a new value, a name it refuses
+            self.refused = f"MLflow refused what the notebook logged: {type(e).__name__}: {e}"
+            return 0
+        self.offset += len(complete)
+        return len(records)
+
+    def close(self, client) -> str | None:
+        "Replay what is left and remove the journal; why MLflow refused a record, or None."
+        try:
+            self.replay(client)
+            return self.refused
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)

@@ -373,6 +373,17 @@ def test_only_runs_just_the_named_task(built):
     assert sorted(r.data.tags.get("nbs.task", "pipeline") for r in new) == ["evaluate", "pipeline"]
 
 
+def test_only_with_a_pattern_runs_the_tasks_it_matches(built):
+    root, _ = built
+    before = {r.info.run_id for r in runs_of(root)}
+    done = run_nbs("run", "--only", "train-*", "--force", "-p", "cv_folds=3", cwd=root)
+    assert done.returncode == 0, done.stdout + done.stderr
+    new = [r for r in runs_of(root) if r.info.run_id not in before]
+    assert sorted(r.data.tags.get("nbs.task", "pipeline") for r in new) == sorted(["pipeline", *CANDIDATES])
+    missed = run_nbs("run", "--only", "deploy-*", cwd=root)
+    assert missed.returncode == 2 and "'deploy-*' (as a pattern it matches none)" in missed.stderr
+
+
 def test_new_task_runs_in_the_pipeline_and_new_module_is_exported(built):
     root, _ = built
     done = run_nbs("new", "task", "summary", "--after", "evaluate", cwd=root)

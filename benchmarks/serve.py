@@ -8,26 +8,26 @@ over kept-alive connections; servers take turns round after round, so drift in t
 speed falls on all of them alike. Reported: median throughput over rounds, p50 and p99 latency
 over all requests, and ratios against the baseline.
 
-    .venv/bin/python scripts/bench_serve.py [--rounds 3] [--requests 1500] [--concurrency 4]
+Part of `make bench` (benchmarks/run.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from common import BIN, Figure
+
 NAME = "bench-classifier"
 
 
@@ -125,14 +125,12 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=1500, help="requests per server per round and load")
-    parser.add_argument("--concurrency", type=int, default=4)
-    args = parser.parse_args()
+def measure(rounds: int = 3, requests: int = 1500, concurrency: int = 4) -> list[Figure]:
+    "Throughput and latency of the three servers, alternating, on both loads; figures against mlflow's server."
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    here = Path.cwd()
     records = register(root)
+    os.chdir(here)
     uri = f"models:/{NAME}/1"
     ports = {name: free_port() for name in ("nbs serve", "nbs serve, no log", "mlflow models serve")}
     commands = {
@@ -150,42 +148,34 @@ def main() -> None:
             processes[name] = start(command, ready, ports[name], root)
         results = {(load_name, name): {"throughput": [], "latencies": []} for load_name in loads for name in commands}
         for load_name, size in loads.items():
-            count = args.requests if size == 1 else max(args.requests // 10, 50)
+            count = requests if size == 1 else max(requests // 10, 50)
             bodies = [json.dumps({"dataframe_records": [records[(i * size + j) % len(records)] for j in range(size)]}).encode()
                       for i in range(count)]
             for name in commands:  # warm-up
-                load(ports[name], commands[name][2], bodies[:50], args.concurrency)
-            for round_number in range(args.rounds):
+                load(ports[name], commands[name][2], bodies[:50], concurrency)
+            for round_number in range(rounds):
                 order = list(commands) if round_number % 2 == 0 else list(reversed(commands))
                 for name in order:
-                    throughput, latencies = load(ports[name], commands[name][2], bodies, args.concurrency)
+                    throughput, latencies = load(ports[name], commands[name][2], bodies, concurrency)
                     results[(load_name, name)]["throughput"].append(throughput)
                     results[(load_name, name)]["latencies"].extend(latencies)
     finally:
         for process in processes.values():
             stop(process)
-    import platform
-    from importlib.metadata import version
-
-    print(f"\n## nbs serve vs mlflow models serve ({time.strftime('%Y-%m-%d')})\n")
-    print(f"Command: `.venv/bin/python scripts/bench_serve.py --rounds {args.rounds} --requests {args.requests} "
-          f"--concurrency {args.concurrency}`  ")
-    print(f"Machine: {os.cpu_count()} CPUs, Python {platform.python_version()}, mlflow {version('mlflow')}, "
-          f"uvicorn {version('uvicorn')}, fastapi {version('fastapi')}, scikit-learn {version('scikit-learn')}. "
-          f"{args.concurrency} client threads on the same machine, one server process each.\n")
-    print("| load | server | req/s (median of rounds) | spread | p50 ms | p99 ms | throughput vs mlflow | p99 vs mlflow |")
-    print("|---|---|---|---|---|---|---|---|")
+        shutil.rmtree(root, ignore_errors=True)
+    figures = []
     for load_name in loads:
         base = results[(load_name, "mlflow models serve")]
-        base_tp, base_p99 = statistics.median(base["throughput"]), percentile(base["latencies"], 99)
-        for name in commands:
-            r = results[(load_name, name)]
-            tp = statistics.median(r["throughput"])
-            spread = f"{min(r['throughput']):.0f}-{max(r['throughput']):.0f}"
-            p50, p99 = percentile(r["latencies"], 50), percentile(r["latencies"], 99)
-            print(f"| {load_name} | {name} | {tp:.0f} | {spread} | {p50:.1f} | {p99:.1f} | "
-                  f"{tp / base_tp:.2f}x | {p99 / base_p99:.2f}x |")
-
-
-if __name__ == "__main__":
-    main()
+        for name in ("nbs serve", "nbs serve, no log"):
+            mine = results[(load_name, name)]
+            figure = Figure(f"serving throughput, {load_name}", f"{name} (req/s)", "mlflow models serve (req/s)",
+                            mine["throughput"], base["throughput"], unit="req/s",
+                            target=">= 1.0x" if name == "nbs serve" else "", higher_is_better=True)
+            p50, p99 = percentile(mine["latencies"], 50), percentile(mine["latencies"], 99)
+            base_p99 = percentile(base["latencies"], 99)
+            figure.notes.append(f"{name}: p50 {p50:.1f} ms, p99 {p99:.1f} ms; mlflow: p50 "
+                                f"{percentile(base['latencies'], 50):.1f} ms, p99 {base_p99:.1f} ms "
+                                f"(p99 {p99 / base_p99:.2f}x{', no worse' if p99 <= base_p99 else ', WORSE'}); "
+                                f"{concurrency} client threads, {rounds} rounds")
+            figures.append(figure)
+    return figures

@@ -1,0 +1,116 @@
+"""Fixed costs: what tracking adds to a task, what executing adds to a notebook cell, and how long
+the command line takes to start."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from common import BIN, Figure, run_process
+
+
+def tracking_per_task(project: Path, repeat: int) -> Figure:
+    "The bookkeeping nbs does for one task against the same records made with MLflow's own API."
+    import mlflow
+
+    from nbs_lib.executor import copy_metrics_to_parent, log_notebook
+    from nbs_lib.tracking import (
+        finish_run,
+        log_metrics,
+        open_store,
+        start_pipeline_run,
+        start_task_run,
+    )
+
+    notebook = project / "products" / "executed" / "evaluate.ipynb"  # a real one: tables and three plots
+    uri = f"sqlite:///{project}/tracking-bench.db"
+    client = open_store(uri)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    params = {"target": "target", "seed": 42, "selection_metric": "roc_auc"}
+    metrics = {f"metric_{i}": i / 10 for i in range(8)}
+    parent = start_pipeline_run(client, "bench-tracking", ["evaluate"], params, project)
+    ours, theirs = [], []
+    mlflow.set_experiment("bench-tracking-mlflow")
+    for _ in range(repeat + 1):  # the first of each is a warm-up
+        started = time.perf_counter()
+        run_id = start_task_run(client, parent, "evaluate", "notebooks/pipeline/50_evaluate.ipynb", params, project)
+        os.environ["NBS_RUN_ID"] = run_id
+        log_metrics(metrics)
+        del os.environ["NBS_RUN_ID"]
+        log_notebook(client, run_id, notebook)
+        copy_metrics_to_parent(client, run_id, parent, "evaluate")
+        finish_run(client, run_id, "FINISHED")
+        ours.append((time.perf_counter() - started) * 1000)
+        started = time.perf_counter()
+        with mlflow.start_run():
+            mlflow.log_params(params)
+            mlflow.log_metrics(metrics)
+            mlflow.log_artifact(str(notebook), "notebook")
+        theirs.append((time.perf_counter() - started) * 1000)
+    finish_run(client, parent, "FINISHED")
+    return Figure("tracking cost per task", "nbs: task run, params, lineage tags, metrics, notebook + HTML, "
+                  "metrics to the build's run", "mlflow: run, params, metrics, notebook", ours[1:], theirs[1:],
+                  unit="ms", target="<= 150 ms", absolute_target=150.0)
+
+
+def cell_notebook(path: Path, cells: int) -> Path:
+    "A notebook of `cells` trivial code cells."
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(f"x = {i}") for i in range(cells)]
+    nbformat.write(nb, path)
+    return path
+
+
+def per_cell(repeat: int, cells: int = 200) -> list[Figure]:
+    "Milliseconds per cell beyond a one-cell notebook: the nbs engine and bare nbclient against papermill's default."
+    import nbformat
+    import papermill
+    from nbclient import NotebookClient
+
+    def papermill_seconds(source: Path, engine: str | None) -> float:
+        started = time.perf_counter()
+        papermill.execute_notebook(str(source), str(source.with_suffix(".out.ipynb")), engine_name=engine,
+                                   progress_bar=False)
+        return time.perf_counter() - started
+
+    def nbclient_seconds(source: Path) -> float:
+        started = time.perf_counter()
+        NotebookClient(nbformat.read(source, as_version=4), kernel_name="python3").execute()
+        return time.perf_counter() - started
+
+    runners = {"papermill": lambda s: papermill_seconds(s, None), "nbs": lambda s: papermill_seconds(s, "nbs"),
+               "nbclient": nbclient_seconds}
+    per_cell_ms: dict[str, list[float]] = {name: [] for name in runners}
+    with tempfile.TemporaryDirectory() as scratch:
+        one, many = cell_notebook(Path(scratch) / "one.ipynb", 1), cell_notebook(Path(scratch) / "many.ipynb", cells)
+        for runner in runners.values():  # warm-up: imports, the kernel spec lookup
+            runner(one)
+        for _ in range(repeat):
+            for name, runner in runners.items():
+                per_cell_ms[name].append((runner(many) - runner(one)) / (cells - 1) * 1000)
+    return [
+        Figure(f"execution overhead per cell ({cells} cells)", "nbs engine (saves at most once a second, "
+               "always at the end and on failure)", "papermill's default engine (saves twice per cell)",
+               per_cell_ms["nbs"], per_cell_ms["papermill"], unit="ms", target="<= 10 ms",
+               absolute_target=10.0),
+        Figure(f"execution overhead per cell ({cells} cells), the floor", "nbclient alone (no saving, no "
+               "papermill metadata)", "papermill's default engine", per_cell_ms["nbclient"], per_cell_ms["papermill"],
+               unit="ms"),
+    ]
+
+
+def startup(repeat: int) -> list[Figure]:
+    "Whole-process time of `nbs --help` and `import nbs_lib` against a bare `python -c pass`."
+    python, here = str(BIN / "python"), Path.cwd()
+    bare = [run_process([python, "-c", "pass"], here)[0] for _ in range(repeat)]
+    helps = [run_process([str(BIN / "nbs"), "--help"], here)[0] for _ in range(repeat)]
+    imports = [run_process([python, "-c", "import nbs_lib"], here)[0] for _ in range(repeat)]
+    return [Figure("nbs --help, whole process", "nbs --help", "python -c pass", helps, bare,
+                   target="<= 0.3 s", absolute_target=0.3),
+            Figure("import nbs_lib, whole process", "python -c 'import nbs_lib'", "python -c pass", imports, bare,
+                   target="<= 0.3 s", absolute_target=0.3)]

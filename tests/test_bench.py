@@ -1,0 +1,36 @@
+"""The benchmark suite, once through on tiny data (`--smoke`): it must keep working, so it runs here.
+
+It measures nothing worth keeping: one repetition each on a busy test machine. The figures are
+in BENCHMARKS.md, written by `make bench`.
+"""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ["nbs --help, whole process", "import nbs_lib, whole process", "forced pipeline, default data (569 rows)",
+           "grid of 4 candidates on 2 cores", "tracking cost per task", "execution overhead per cell (200 cells)",
+           "execution overhead per cell (200 cells), the floor", "no-op build, whole process",
+           "forced pipeline, 1,000 generated rows", "serving throughput, 1 record per request",
+           "serving throughput, 100 records per request"]
+
+
+@pytest.mark.slow
+def test_the_benchmark_suite_runs_and_writes_every_figure(tmp_path):
+    page = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--output", str(page)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {}
+    for line in page.read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[5].endswith("x"):
+            rows.setdefault(cells[0], []).append(float(cells[5].rstrip("x")))
+    assert set(rows) == set(FIGURES), sorted(rows)
+    for name, ratios in rows.items():
+        assert all(math.isfinite(r) and r > 0 for r in ratios), (name, ratios)
+    assert "--smoke" in page.read_text() and "Machine: " in page.read_text()
