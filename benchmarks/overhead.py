@@ -94,8 +94,8 @@ def per_cell(repeat: int, cells: int = 200) -> list[Figure]:
             for name, runner in runners.items():
                 per_cell_ms[name].append((runner(many) - runner(one)) / (cells - 1) * 1000)
     return [
-        Figure(f"execution overhead per cell ({cells} cells)", "nbs engine (saves at most once a second, "
-               "always at the end and on failure)", "papermill's default engine (saves twice per cell)",
+        Figure(f"execution overhead per cell ({cells} cells)", "nbs engine (one compact save per cell, "
+               "papermill's format at the end)", "papermill's default engine (saves twice per cell)",
                per_cell_ms["nbs"], per_cell_ms["papermill"], unit="ms", target="<= 10 ms",
                absolute_target=10.0),
         Figure(f"execution overhead per cell ({cells} cells), the floor", "nbclient alone (no saving, no "

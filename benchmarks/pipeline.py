@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from common import BIN, Figure, run_process
+from common import BIN, Figure, run_process, spread
 
 NBS = str(BIN / "nbs")
 
@@ -125,14 +125,33 @@ def noop(project: Path, env: dict, repeat: int) -> Figure:
                   ours, theirs, absolute_target=1.0, target="<= 1.0 s")
 
 
+def grid_span(project: Path) -> float:
+    "Seconds from the first task's start to the last task's end in `project`'s latest build."
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name("nbs").experiment_id
+    build, = client.search_runs([experiment], "tags.`nbs.kind` = 'pipeline'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+    tasks = client.search_runs([experiment], f"tags.`nbs.pipeline_run_id` = '{build.info.run_id}'")
+    return (max(t.info.end_time for t in tasks) - min(t.info.start_time for t in tasks)) / 1000
+
+
 def grid(project: Path, env: dict, repeat: int) -> Figure:
     "The grid's candidates (train-0..3) forced with two tasks at once against one at a time."
     run_process([NBS, "run"], project, env)
-    serial, parallel = [], []
+    serial, parallel, whole = [], [], {1: [], 2: []}
     for _ in range(repeat):
         for jobs, into in ((1, serial), (2, parallel)):
-            into.append(run_process([NBS, "run", "--force", "--only", "train-[0-9]*", "-p", f"jobs={jobs}"],
-                                    project, env)[0])
-    return Figure("grid of 4 candidates on 2 cores", "one at a time (jobs=1), as the speed-up's numerator",
-                  "two at once (jobs=2)", serial, parallel, target=">= 1.7x", higher_is_better=True)
-
+            seconds, _ = run_process([NBS, "run", "--force", "--only", "train-[0-9]*", "-p", f"jobs={jobs}"],
+                                     project, env)
+            whole[jobs].append(seconds)
+            into.append(grid_span(project))
+    figure = Figure("grid of 4 candidates on 2 cores", "one at a time (jobs=1): first task's start to last "
+                    "task's end, as the speed-up's numerator", "two at once (jobs=2), the same span", serial,
+                    parallel, target=">= 1.7x", higher_is_better=True)
+    figure.notes.append(f"the whole `nbs run --only 'train-[0-9]*' --force` process: {spread(whole[1])} s with "
+                        f"jobs=1, {spread(whole[2])} s with jobs=2 "
+                        f"({statistics.median(whole[1]) / statistics.median(whole[2]):.2f}x; loading the DAG and "
+                        "opening the build's run take the same time either way)")
+    return figure

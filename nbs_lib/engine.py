@@ -92,22 +92,36 @@ def kill_kernels() -> int:
 
 
 class QuickSaveManager(NotebookExecutionManager):
-    "papermill's execution manager, but the saves while cells run are compact JSON, written atomically."
+    "papermill's execution manager, but the saves while cells run are compact JSON, written atomically, one per cell."
 
     finished = False
+    deferred = False  # the save papermill asks for when a cell completes; the next cell's start makes it
 
     def save(self, **kwargs) -> None:
         "Write the notebook: unvalidated compact JSON while running, papermill's own format at the end."
         # papermill validates and pretty-prints the whole notebook twice per cell: 37 ms a cell on a
-        # 200-cell notebook. A local notebook is written as plain JSON instead, to a temporary file
-        # renamed over it, so a reader never sees half a notebook; the last save is papermill's.
-        if self.finished or not self.output_path or "://" in str(self.output_path):
+        # 200-cell notebook. A local notebook is written as plain JSON instead until the last save,
+        # each time to a temporary file renamed over it, so a reader never sees half a notebook.
+        if self.deferred:
+            return
+        if not self.output_path or "://" in str(self.output_path):
             return super().save(**kwargs)
         target = Path(self.output_path)
         partial = target.with_name(f".{target.name}.partial")
-        partial.write_text(json.dumps(self.nb, ensure_ascii=False), encoding="utf-8")
+        text = nbformat.writes(self.nb) if self.finished else json.dumps(self.nb, ensure_ascii=False)
+        partial.write_text(text, encoding="utf-8")
         os.replace(partial, target)
         self.last_save_time = self.now()
+
+    def cell_complete(self, cell, cell_index=None, **kwargs) -> None:
+        "Finish the cell's metadata; write the notebook now only if the cell failed."
+        # Otherwise the next cell's start writes it, or the end of the notebook does: after an
+        # error, a timeout, a dead kernel or an interrupt, notebook_complete always writes.
+        self.deferred = cell.metadata.papermill.get("status") != self.FAILED
+        try:
+            super().cell_complete(cell, cell_index, **kwargs)
+        finally:
+            self.deferred = False
 
     def notebook_complete(self, **kwargs) -> None:
         "Finish the notebook's metadata and write it in papermill's format."
