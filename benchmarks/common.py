@@ -86,5 +86,6 @@ def clean_env(project: Path) -> dict[str, str]:
     "The environment the benchmarked commands run in: the project's own store, no telemetry."
     env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
     env.update(PLOOMBER_STATS_ENABLED="false", MLFLOW_TRACKING_URI=f"sqlite:///{project}/mlflow.db",
-               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+               PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONPATH=str(project))  # the copy's nbs_lib, for nbs and its kernels alike
     return env

@@ -60,13 +60,19 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
     if "startup" in chosen:
         say("startup")
         figures += overhead.startup(1 if smoke else 5)
+    if "noop" in chosen or {"pipeline", "grid", "tracking"} & set(chosen):
+        say("ploomber build, then its no-op builds")
+        ploomber_seconds = pipeline.ploomber_noop(project, env, 1 if smoke else 5)
     if {"pipeline", "grid", "tracking", "noop"} & set(chosen):
         say("forced pipeline against plain python, default data")
         figure, built_mib, plain_mib = pipeline.pipeline_vs_plain(
-            project, env, few, [], "forced pipeline, default data (569 rows)", "<= 2.0x", warm_up=not smoke)
+            project, env, few, [], "forced pipeline, default data (569 rows)", "<= 2.0x")
         figure.notes.append(f"peak memory of the largest process: nbs {max(built_mib)} MiB, plain {max(plain_mib)} MiB")
         if "pipeline" in chosen:
             figures.append(figure)
+    if "noop" in chosen:
+        say("nbs no-op builds")
+        figures.append(pipeline.noop(project, env, 1 if smoke else 5, ploomber_seconds))
     if "grid" in chosen:
         say("grid: jobs=1 against jobs=2")
         figures.append(pipeline.grid(project, env, few))
@@ -76,17 +82,14 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
     if "cells" in chosen:
         say("per-cell overhead")
         figures += overhead.per_cell(few)
-    if "noop" in chosen:
-        say("no-op builds")
-        figures.append(pipeline.noop(project, env, 1 if smoke else 5))
     if "large" in chosen:
         say("generated data")
         large = scratch_project(scratch / "large")
-        sizes = [1_000] if smoke else [100_000, 500_000, 1_000_000]
-        figures += pipeline.large_data(large, clean_env(large), few, sizes, warm_up=not smoke)
+        sizes = [500, 1_000] if smoke else [100_000, 1_000_000]
+        figures.append(pipeline.large_data(large, clean_env(large), sizes))
     if "serve" in chosen:
         say("serving")
-        figures += serve.measure(rounds=1 if smoke else 3, requests=100 if smoke else 1500)
+        figures += serve.measure(rounds=1 if smoke else 2, requests=100 if smoke else 1000)
     return figures
 
 
@@ -130,7 +133,8 @@ def table(figures: list[Figure], command: str, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=3, help="repetitions of each timed build (default 3)")
+    parser.add_argument("--repeat", type=int, default=2, help="repetitions of each timed build (default 2; "
+                        "other figures repeat more)")
     parser.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="the Markdown table to write")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=BENCHMARKS, help="some benchmarks only")
     parser.add_argument("--smoke", action="store_true", help="once each, tiny data: checks the suite, measures nothing")
