@@ -60,9 +60,12 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
     if "startup" in chosen:
         say("startup")
         figures += overhead.startup(1 if smoke else 5)
-    if "noop" in chosen or {"pipeline", "grid", "tracking"} & set(chosen):
+    if "cells" in chosen:
+        say("per-cell overhead")
+        figures += overhead.per_cell(few)
+    if {"noop", "pipeline", "grid", "tracking", "large"} & set(chosen):
         say("ploomber build, then its no-op builds")
-        ploomber_seconds = pipeline.ploomber_noop(project, env, 1 if smoke else 5)
+        ploomber_seconds = pipeline.ploomber_noop(project, env, 1 if smoke else 3)
     if {"pipeline", "grid", "tracking", "noop"} & set(chosen):
         say("forced pipeline against plain python, default data")
         figure, built_mib, plain_mib = pipeline.pipeline_vs_plain(
@@ -79,14 +82,10 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
     if "tracking" in chosen:
         say("tracking cost per task")
         figures.append(overhead.tracking_per_task(project, 3 if smoke else 20))
-    if "cells" in chosen:
-        say("per-cell overhead")
-        figures += overhead.per_cell(few)
-    if "large" in chosen:
+    if "large" in chosen:  # last on this project: it changes the grid
         say("generated data")
-        large = scratch_project(scratch / "large")
         sizes = [500, 1_000] if smoke else [100_000, 1_000_000]
-        figures.append(pipeline.large_data(large, clean_env(large), sizes))
+        figures.append(pipeline.large_data(project, env, sizes))
     if "serve" in chosen:
         say("serving")
         figures += serve.measure(rounds=1 if smoke else 2, requests=100 if smoke else 1000)

@@ -1,9 +1,8 @@
 """Benchmark: `nbs serve` against `mlflow models serve`, same model, same machine, same load, one run.
 
-A logistic-regression pipeline trained on the default data is registered in a scratch store;
-three servers answer the same requests in turn: `nbs serve` with its prediction log (as it
-runs by default), `nbs serve --no-prediction-log` (what the log costs) and `mlflow models serve`
-(the baseline, one uvicorn worker like ours). Each load is sent by CONCURRENCY client threads
+A logistic-regression model trained on the default data is registered in a scratch store;
+two servers answer the same requests in turn: `nbs serve` with its prediction log (as it runs
+by default) and `mlflow models serve` (the baseline, one uvicorn worker like ours). Each load is sent by CONCURRENCY client threads
 over kept-alive connections; servers take turns round after round, so drift in the machine's
 speed falls on all of them alike. Reported: median throughput over rounds, p50 and p99 latency
 over all requests, and ratios against the baseline.
@@ -126,18 +125,16 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def measure(rounds: int = 3, requests: int = 1500, concurrency: int = 4) -> list[Figure]:
-    "Throughput and latency of the three servers, alternating, on both loads; figures against mlflow's server."
+    "Throughput and latency of both servers, alternating, on both loads; figures against mlflow's server."
     root = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     here = Path.cwd()
     records = register(root)
     os.chdir(here)
     uri = f"models:/{NAME}/1"
-    ports = {name: free_port() for name in ("nbs serve", "nbs serve, no log", "mlflow models serve")}
+    ports = {name: free_port() for name in ("nbs serve", "mlflow models serve")}
     commands = {
         "nbs serve": ([str(BIN / "nbs"), "serve", "--model", uri, "--port", str(ports["nbs serve"]),
                        "--prediction-log", str(root / "predictions.db"), "--root", str(root)], "/ready", "/predict"),
-        "nbs serve, no log": ([str(BIN / "nbs"), "serve", "--model", uri, "--port", str(ports["nbs serve, no log"]),
-                               "--no-prediction-log", "--root", str(root)], "/ready", "/predict"),
         "mlflow models serve": ([str(BIN / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
                                  "-h", "127.0.0.1", "-p", str(ports["mlflow models serve"]), "-w", "1"], "/ping", "/invocations"),
     }
@@ -166,11 +163,11 @@ def measure(rounds: int = 3, requests: int = 1500, concurrency: int = 4) -> list
     figures = []
     for load_name in loads:
         base = results[(load_name, "mlflow models serve")]
-        for name in ("nbs serve", "nbs serve, no log"):
+        for name in ("nbs serve",):
             mine = results[(load_name, name)]
             figure = Figure(f"serving throughput, {load_name}", f"{name} (req/s)", "mlflow models serve (req/s)",
                             mine["throughput"], base["throughput"], unit="req/s",
-                            target=">= 1.0x" if name == "nbs serve" else "", higher_is_better=True)
+                            target=">= 1.0x", higher_is_better=True)
             p50, p99 = percentile(mine["latencies"], 50), percentile(mine["latencies"], 99)
             base_p99 = percentile(base["latencies"], 99)
             figure.notes.append(f"{name}: p50 {p50:.1f} ms, p99 {p99:.1f} ms; mlflow: p50 "
