@@ -14,27 +14,32 @@ from .errors import ParameterError
 from .train import train_model
 
 # %% auto #0
-__all__ = ['METRIC_NAMES', 'holdout_metrics', 'cross_validated_metrics', 'rank_candidates', 'plot_confusion_matrix', 'plot_roc',
-           'permutation_importances', 'plot_importances']
+__all__ = ['METRIC_NAMES', 'prediction_metrics', 'holdout_metrics', 'cross_validated_metrics', 'rank_candidates',
+           'plot_confusion_matrix', 'plot_roc', 'permutation_importances', 'plot_importances']
 
 # %% ../notebooks/06_evaluate.ipynb #b826e166
-def holdout_metrics(model, test: pd.DataFrame, target: str) -> dict[str, float]:
-    "Accuracy, precision, recall, F1 and ROC AUC of `model` on the holdout table `test`."
+def prediction_metrics(y, predicted, scores, classes) -> dict[str, float]:
+    "Accuracy, precision, recall, F1 and ROC AUC of labels `predicted` and probabilities `scores` (a column per one of `classes`) against the true labels `y`."
     from sklearn import metrics
 
-    X, y = test.drop(columns=[target]), test[target]
-    predicted, scores = model.predict(X), model.predict_proba(X)
-    binary = len(model.classes_) == 2
-    averaging = {"average": "binary", "pos_label": model.classes_[1]} if binary else {"average": "macro"}
+    binary = len(classes) == 2
+    averaging = {"average": "binary", "pos_label": classes[1]} if binary else {"average": "macro"}
+    precision, recall, f1, _ = metrics.precision_recall_fscore_support(y, predicted, zero_division=0, **averaging)
     result = {
         "accuracy": metrics.accuracy_score(y, predicted),
-        "precision": metrics.precision_score(y, predicted, zero_division=0, **averaging),
-        "recall": metrics.recall_score(y, predicted, zero_division=0, **averaging),
-        "f1": metrics.f1_score(y, predicted, zero_division=0, **averaging),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
         "roc_auc": (metrics.roc_auc_score(y, scores[:, 1]) if binary
-                    else metrics.roc_auc_score(y, scores, multi_class="ovr", labels=model.classes_)),
+                    else metrics.roc_auc_score(y, scores, multi_class="ovr", labels=classes)),
     }
     return {name: round(float(value), 6) for name, value in result.items()}
+
+
+def holdout_metrics(model, test: pd.DataFrame, target: str) -> dict[str, float]:
+    "Accuracy, precision, recall, F1 and ROC AUC of `model` on the holdout table `test`."
+    X = test.drop(columns=[target])
+    return prediction_metrics(test[target], model.predict(X), model.predict_proba(X), model.classes_)
 
 # %% ../notebooks/06_evaluate.ipynb #adceeaa8
 METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "roc_auc")  # all: greater is better
@@ -106,13 +111,15 @@ def plot_roc(model, test: pd.DataFrame, target: str, path: str | Path) -> Path:
         plt.close(figure)
 
 # %% ../notebooks/06_evaluate.ipynb #e3b53a1c
-def permutation_importances(model, test: pd.DataFrame, target: str, seed: int = 42, repeats: int = 10) -> pd.DataFrame:
-    "Per feature: the mean and spread of the holdout score's drop when it is shuffled, largest first."
+def permutation_importances(model, test: pd.DataFrame, target: str, seed: int = 42, repeats: int = 10,
+                            max_rows: int = 10_000) -> pd.DataFrame:
+    "Per feature: the mean and spread of the holdout score's drop when it is shuffled (on at most `max_rows` rows a repeat), largest first."
     from sklearn.inspection import permutation_importance
 
     X, y = test.drop(columns=[target]), test[target]
     scoring = "roc_auc" if y.nunique() == 2 else "accuracy"
-    found = permutation_importance(model, X, y, scoring=scoring, n_repeats=repeats, random_state=seed)
+    found = permutation_importance(model, X, y, scoring=scoring, n_repeats=repeats, random_state=seed,
+                                   max_samples=min(len(X), max_rows))
     table = pd.DataFrame({"feature": X.columns, "importance": found.importances_mean, "spread": found.importances_std,
                           "scoring": scoring})
     return table.sort_values("importance", ascending=False, ignore_index=True)
