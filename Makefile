@@ -81,7 +81,7 @@ deliver: $(STAMP) export ## CD on main: the full pipeline and the promotion gate
 
 cd: check-change deliver ## the whole CI/CD workflow, locally: tests, sample pipeline, full pipeline and gate
 
-bench: $(STAMP) ## the benchmark suite (about 15 minutes): every figure against its baseline, written to BENCHMARKS.md
+bench: $(STAMP) ## the benchmark suite (about 13 minutes): every figure against its baseline, written to BENCHMARKS.md
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 lock: ## re-resolve requirements.in into requirements.lock and env.yml

@@ -88,7 +88,7 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
         figures.append(pipeline.large_data(project, env, sizes))
     if "serve" in chosen:
         say("serving")
-        figures += serve.measure(rounds=1 if smoke else 2, requests=100 if smoke else 1000)
+        figures += serve.measure(rounds=1 if smoke else 2, requests=100 if smoke else 600)
     return figures
 
 
