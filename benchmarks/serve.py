@@ -2,10 +2,10 @@
 
 A logistic-regression model trained on the default data is registered in a scratch store;
 two servers answer the same requests in turn: `nbs serve` with its prediction log (as it runs
-by default) and `mlflow models serve` (the baseline, one uvicorn worker like ours). Each load is sent by CONCURRENCY client threads
-over kept-alive connections; servers take turns round after round, so drift in the machine's
-speed falls on all of them alike. Reported: median throughput over rounds, p50 and p99 latency
-over all requests, and ratios against the baseline.
+by default) and `mlflow models serve` (the baseline, one uvicorn worker like ours). Each load
+is sent by CONCURRENCY client threads over kept-alive connections; the servers take turns round
+after round, so drift in the machine's speed falls on both alike. Reported: median throughput
+over rounds, p50 and p99 latency over all requests, and ratios against the baseline.
 
 Part of `make bench` (benchmarks/run.py).
 """
@@ -162,17 +162,15 @@ def measure(rounds: int = 3, requests: int = 1500, concurrency: int = 4) -> list
         shutil.rmtree(root, ignore_errors=True)
     figures = []
     for load_name in loads:
-        base = results[(load_name, "mlflow models serve")]
-        for name in ("nbs serve",):
-            mine = results[(load_name, name)]
-            figure = Figure(f"serving throughput, {load_name}", f"{name} (req/s)", "mlflow models serve (req/s)",
-                            mine["throughput"], base["throughput"], unit="req/s",
-                            target=">= 1.0x", higher_is_better=True)
-            p50, p99 = percentile(mine["latencies"], 50), percentile(mine["latencies"], 99)
-            base_p99 = percentile(base["latencies"], 99)
-            figure.notes.append(f"{name}: p50 {p50:.1f} ms, p99 {p99:.1f} ms; mlflow: p50 "
-                                f"{percentile(base['latencies'], 50):.1f} ms, p99 {base_p99:.1f} ms "
-                                f"(p99 {p99 / base_p99:.2f}x{', no worse' if p99 <= base_p99 else ', WORSE'}); "
-                                f"{concurrency} client threads, {rounds} rounds")
-            figures.append(figure)
+        base, mine = results[(load_name, "mlflow models serve")], results[(load_name, "nbs serve")]
+        figure = Figure(f"serving throughput, {load_name}", "nbs serve (req/s)", "mlflow models serve (req/s)",
+                        mine["throughput"], base["throughput"], unit="req/s", target=">= 1.0x",
+                        higher_is_better=True)
+        p50, p99 = percentile(mine["latencies"], 50), percentile(mine["latencies"], 99)
+        base_p99 = percentile(base["latencies"], 99)
+        figure.notes.append(f"nbs serve: p50 {p50:.1f} ms, p99 {p99:.1f} ms; mlflow: p50 "
+                            f"{percentile(base['latencies'], 50):.1f} ms, p99 {base_p99:.1f} ms "
+                            f"(p99 {p99 / base_p99:.2f}x{', no worse' if p99 <= base_p99 else ', WORSE'}); "
+                            f"{concurrency} client threads, {rounds} rounds")
+        figures.append(figure)
     return figures
