@@ -15,12 +15,17 @@ LAB_PORT ?= 8888
 PORT ?= 8000
 # The browser tests drive Debian's chromium (Playwright's own browser download is not allowed here)
 CHROMIUM := /usr/bin/chromium
+# Apache Airflow runs exported DAGs from a virtual environment of its own: its pins fight ours
+AIRFLOW_VENV := .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed
+# nbs server and the tests start Debian's PostgreSQL from the project's own folder
+POSTGRES_CTL = $(firstword $(wildcard /usr/lib/postgresql/*/bin/pg_ctl))
 AS_ROOT := $(if $(filter 0,$(shell id -u)),,sudo)
 
 export PLOOMBER_STATS_ENABLED := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: help lab run test export clean-nbs lint check nbdev-test pytest ui lock clean bench serve loop sample check-change deliver cd
+.PHONY: help lab run test export clean-nbs lint check nbdev-test pytest ui lock clean bench serve loop sample check-change deliver cd server postgresql airflow
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -42,7 +47,24 @@ $(CHROMIUM):
 	$(AS_ROOT) apt-get install -y -qq --no-install-recommends chromium || \
 	  { $(AS_ROOT) apt-get update -qq && $(AS_ROOT) apt-get install -y -qq --no-install-recommends chromium; }
 
-test: $(STAMP) $(CHROMIUM) ## everything CI checks: notebook hygiene, lint, nbdev_test, pytest (browser tests included)
+postgresql: ## install Debian's PostgreSQL when it is missing (nbs server runs it from .nbs-server/)
+	@test -n "$(POSTGRES_CTL)" || { echo "Installing Debian's postgresql (apt-get)"; \
+	  $(AS_ROOT) apt-get install -y -qq --no-install-recommends postgresql || \
+	  { $(AS_ROOT) apt-get update -qq && $(AS_ROOT) apt-get install -y -qq --no-install-recommends postgresql; }; }
+
+$(AIRFLOW_STAMP): requirements-airflow.lock
+	@test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(AIRFLOW_VENV)/bin/uv pip install --quiet --python $(AIRFLOW_VENV)/bin/python --no-deps -r requirements-airflow.lock
+	$(AIRFLOW_VENV)/bin/pip check
+	@touch $(AIRFLOW_STAMP)
+
+airflow: $(AIRFLOW_STAMP) ## Apache Airflow in .venv-airflow, to run the DAG `nbs export airflow` writes
+
+server: $(STAMP) postgresql ## the team's MLflow server (PostgreSQL, basic auth) on 127.0.0.1:5001; needs MLFLOW_AUTH_ADMIN_PASSWORD
+	$(BIN)/nbs server
+
+test: $(STAMP) $(CHROMIUM) postgresql $(AIRFLOW_STAMP) ## everything CI checks: hygiene, lint, nbdev_test, pytest (browser, PostgreSQL, MLflow server and Airflow included)
 	$(BIN)/nbs check
 	$(BIN)/ruff check .
 	$(BIN)/nbdev_test --n_workers 2
@@ -87,5 +109,5 @@ bench: $(STAMP) ## the benchmark suite (about 13 minutes): every figure against 
 lock: ## re-resolve requirements.in into requirements.lock and env.yml
 	scripts/lock.sh
 
-clean: ## remove products, the embedded MLflow store and the prediction log (keeps .venv)
+clean: ## remove products, the embedded MLflow store and the prediction log (keeps .venv and .nbs-server)
 	rm -rf products mlflow.db mlflow.db.lock mlartifacts predictions.db predictions.db-wal predictions.db-shm alerts.jsonl

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
+import re
 import signal
 import sys
 import time
@@ -20,12 +21,13 @@ from nbs_lib.config import (
     PIPELINE_FILE,
     display_path,
     find_project_root,
+    json_overrides,
     merge_env_file,
     parse_overrides,
     read_yaml_mapping,
     tracking_uri,
 )
-from .errors import ConfigError, Interrupted, NbsError
+from .errors import ConfigError, Interrupted, NbsError, ParameterError, ServerError
 from .freshness import BuildInputs, forget_fresh_build, fresh_build, record_fresh_build
 from nbs_lib.lineage import (
     DATA_DIGEST_PARAM,
@@ -34,19 +36,21 @@ from nbs_lib.lineage import (
     pin_library_code,
     product_files,
 )
+from .server import DEFAULT_DB_PORT, DEFAULT_PORT
 
 # %% auto #0
 __all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute',
-           'cmd_schedule', 'cmd_promote', 'cmd_rollback', 'cmd_models', 'cmd_serve', 'cmd_predict', 'cmd_monitor',
-           'cmd_retrain', 'cmd_simulate', 'cmd_lineage', 'cmd_reproduce', 'cmd_new', 'cmd_check', 'build_parser',
-           'main']
+           'cmd_schedule', 'cmd_server', 'cmd_task', 'cmd_export', 'cmd_promote', 'cmd_rollback', 'cmd_models',
+           'cmd_serve', 'cmd_predict', 'cmd_monitor', 'cmd_retrain', 'cmd_simulate', 'cmd_lineage', 'cmd_reproduce',
+           'cmd_new', 'cmd_check', 'build_parser', 'main']
 
 # %% ../notebooks/90_cli.ipynb #59fa4774
 def load_dag(root: Path, overrides: dict | None = None):
-    "The Ploomber DAG of `root`/pipeline.yaml, rendered with `overrides` over env.yaml."
+    "The Ploomber DAG of `root`/pipeline.yaml, rendered with `overrides` over env.yaml, its products kept in $NBS_PRODUCT_STORE too if set."
     from ploomber.spec import DAGSpec
 
     from nbs_lib.executor import TrackedExecutor
+    from nbs_lib.storage import use_product_store
 
     read_yaml_mapping(root / PIPELINE_FILE)  # syntax errors, with their line, before Ploomber's
     try:
@@ -55,6 +59,7 @@ def load_dag(root: Path, overrides: dict | None = None):
         pin_data_files(dag, root)
         if isinstance(dag.executor, TrackedExecutor):
             dag.executor.parameters = {**read_yaml_mapping(root / ENV_FILE), **(overrides or {})}
+        use_product_store(dag, root)
         dag.render(show_progress=False)
     except Exception as e:  # Ploomber raises many types here; all mean the spec is unusable
         detail = str(e).strip().splitlines()
@@ -86,11 +91,12 @@ def _prepare_environment(root: Path) -> None:
 
 
 def _parameters(args: argparse.Namespace) -> tuple[Path, dict, dict]:
-    "The project root, env.yaml's values, and the values --env-file and -p set over them."
+    "The project root, env.yaml's values, and the values --env-file, --params-json and -p set over them."
     root = find_project_root(args.root)
     declared = read_yaml_mapping(root / ENV_FILE)
     from_file = merge_env_file(Path(args.env_file).resolve(), declared) if args.env_file else {}
-    return root, declared, {**from_file, **parse_overrides(args.param, declared)}
+    given = json_overrides(args.params_json, declared) if getattr(args, "params_json", None) else {}
+    return root, declared, {**from_file, **given, **parse_overrides(args.param, declared)}
 
 
 def _project_dag(args: argparse.Namespace) -> tuple[Path, dict, object]:
@@ -269,6 +275,149 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 # %% ../notebooks/90_cli.ipynb #ac7fc8a7
+def _client_settings(state: dict) -> str:
+    return (f"  export MLFLOW_TRACKING_URI={state['url']}\n"
+            "  export MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=\"$MLFLOW_AUTH_ADMIN_PASSWORD\"")
+
+
+def _migrate(root: Path, source: str | None) -> int:
+    "Copy the runs and registered models of `source` (default: the project's mlflow.db) to the server."
+    from nbs_lib.migrate import migrate_store
+    from nbs_lib.tracking import open_store
+
+    target = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not target.startswith(("http://", "https://")):
+        raise ServerError("mlflow", f"MLFLOW_TRACKING_URI ({target or 'not set'}) names no tracking server to migrate to",
+                          hint="export MLFLOW_TRACKING_URI and the credentials as `nbs server status` prints them")
+    source = source or f"sqlite:///{root / 'mlflow.db'}"
+    if source.startswith("sqlite:///") and not Path(source.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(source.removeprefix("sqlite:///"), "no such store to migrate from",
+                          hint="--from sqlite:///PATH/mlflow.db names another one")
+    open_store(target)  # a server that is down or refuses the credentials says so before anything is copied
+    # MLflow would print a link for every run copied and a progress bar for every download
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    print(f"Copying {source} to {target} ...", flush=True)
+    print(migrate_store(source, target).summary())
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    "The team's MLflow tracking server (PostgreSQL, basic auth): run it until Ctrl-C, start, stop, show it, or migrate to it."
+    from nbs_lib.server import server_state, start_server, stop_server
+
+    root = find_project_root(args.root)
+    if args.action == "migrate":
+        return _migrate(root, args.source)
+    if args.action == "stop":
+        stopped = stop_server(root)
+        print("\n".join(f"stopped {what}" for what in stopped) or "nothing was running")
+        return 0
+    if args.action == "status":
+        state = server_state(root)
+        if state is None:
+            print("not running (`nbs server start` starts it)")
+            return 3
+        print(f"running at {state['url']} (pid {state['pid']}), PostgreSQL on 127.0.0.1:{state['db_port']}")
+        print(f"Clients use:\n{_client_settings(state)}")
+        return 0
+    state = start_server(root, port=args.port, db_port=args.db_port)
+    print(f"MLflow tracking server at {state['url']} (pid {state['pid']}), PostgreSQL on 127.0.0.1:"
+          f"{state['db_port']}, data in {display_path(root / '.nbs-server', root)}/")
+    print(f"Clients use:\n{_client_settings(state)}", flush=True)
+    if args.action == "start":
+        return 0
+    _stop_on_signals()
+    print("Ctrl-C stops it.", flush=True)
+    try:
+        while server_state(root) is not None:
+            time.sleep(1)
+        print("nbs: the MLflow server exited; see .nbs-server/mlflow-server.log", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the way to stop it
+        return 0
+    finally:
+        print("\n".join(f"stopped {what}" for what in stop_server(root)), flush=True)
+
+# %% ../notebooks/90_cli.ipynb #b2f69330
+def _tracked_dag(root: Path, overrides: dict):
+    from nbs_lib.executor import TrackedExecutor
+
+    dag = load_dag(root, overrides)
+    if not isinstance(dag.executor, TrackedExecutor):
+        raise ConfigError(root / PIPELINE_FILE, "the executor is not nbs_lib.executor.TrackedExecutor",
+                          hint="executor: {dotted_path: nbs_lib.executor.TrackedExecutor, ...}")
+    return dag
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    "One step of a pipeline run that an orchestrator drives: open the run, run one task in it, close it."
+    from nbs_lib.executor import PIPELINE_RUN_ENV, close_joined_run
+    from nbs_lib.storage import fetch_upstream_products
+    from nbs_lib.tracking import get_client
+
+    if args.action != "begin" and not args.pipeline_run:
+        raise ParameterError("--pipeline-run", f"is needed by `nbs task {args.action}`: the run id `nbs task begin` printed")
+    if (args.action == "run") != bool(args.name):
+        raise ParameterError("NAME", "is needed by `nbs task run` and taken by no other action")
+    root, _, overrides = _parameters(args)
+    _prepare_environment(root)
+    if args.action == "end":
+        failed = close_joined_run(get_client(), args.pipeline_run)
+        if failed:
+            print(f"pipeline run {args.pipeline_run} FAILED: no finished run of {', '.join(failed)}", file=sys.stderr)
+            return 1
+        print(f"pipeline run {args.pipeline_run} FINISHED")
+        return 0
+    dag = _tracked_dag(root, overrides)
+    if args.action == "begin":
+        run_id, _ = dag.executor.open_build_run(dag, list(dag.values()), get_client(), root)
+        print(run_id)  # the last line of stdout: what Airflow hands the other tasks (XCom)
+        return 0
+    if args.name not in dag:
+        raise ConfigError(root / PIPELINE_FILE, f"no task named {args.name!r}", hint=f"tasks: {', '.join(dag)}")
+    for path in fetch_upstream_products(dag[args.name], root):
+        print(f"fetched {display_path(path, root)} from the product store", file=sys.stderr)
+    os.environ[PIPELINE_RUN_ENV] = args.pipeline_run
+    _stop_on_signals()
+    forget_fresh_build(root)
+    dag.build_partially(args.name, force=True, skip_upstream=True)
+    print(f"Ran {args.name} in pipeline run {args.pipeline_run}. Products:")
+    _print_products({args.name: [display_path(p, root) for p in product_files(dag[args.name].product).values()]})
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    "Write the pipeline as an Apache Airflow DAG file: one Airflow task per pipeline task, params from env.yaml."
+    from nbs_lib.dag_export import (
+        airflow_dag_source,
+        dag_tasks,
+        env_descriptions,
+        spec_placeholders,
+        write_dag_file,
+    )
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,250}", args.dag_id):
+        raise ParameterError("--dag-id", f"{args.dag_id!r}: Airflow takes letters, digits, '_', '-' and '.' only")
+    root, declared, overrides = _parameters(args)
+    _prepare_environment(root)
+    dag = _tracked_dag(root, overrides)
+    executor, tasks = dag.executor, dag_tasks(dag)
+    used = spec_placeholders((root / PIPELINE_FILE).read_text(encoding="utf-8"))
+    params = {name: value for name, value in {**declared, **overrides}.items() if name in used}
+    source = airflow_dag_source(
+        tasks, params, project=(args.project or root).resolve(),
+        nbs=args.nbs or Path(sys.executable).with_name("nbs"), dag_id=args.dag_id,
+        descriptions=env_descriptions((root / ENV_FILE).read_text(encoding="utf-8")),
+        retries=executor.retries, retry_delay=executor.retry_delay, task_timeout=executor.task_timeout)
+    path = write_dag_file(Path(args.output) if args.output else root / "dags" / f"{args.dag_id}.py", source)
+    print(f"Wrote {display_path(path, root)}: DAG {args.dag_id!r}, {len(tasks)} pipeline tasks between "
+          f"begin and end, {len(params)} params.")
+    print("Copy it into Airflow's dags folder; the workers need the project at PROJECT (or $NBS_PROJECT) "
+          "and MLFLOW_TRACKING_URI with credentials in their environment.")
+    return 0
+
+# %% ../notebooks/90_cli.ipynb #ad0e6e1a
 def _registry_client(args: argparse.Namespace):
     _use_store_of(_root_or_here(args.root))
     from nbs_lib.tracking import get_client
@@ -829,6 +978,41 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--json", action="store_true", help="the comparison as JSON")
     again.add_argument("--root", **registry_root)
     again.set_defaults(handler=cmd_reproduce)
+
+    task = sub.add_parser("task", help="one step of a pipeline run an orchestrator drives (what an exported DAG calls)",
+                          description=cmd_task.__doc__)
+    pipeline_options(task)
+    task.add_argument("action", choices=["begin", "run", "end"],
+                      help="begin: open the pipeline run, print its id; run NAME: run one task in it; "
+                           "end: close it, FAILED unless every task finished")
+    task.add_argument("name", nargs="?", metavar="NAME", help="the task to run (with `run`)")
+    task.add_argument("--pipeline-run", metavar="RUN_ID", help="the MLflow run `begin` printed (with run and end)")
+    task.add_argument("--params-json", metavar="JSON", help="parameter values as one JSON object (as Airflow passes them)")
+    task.set_defaults(handler=cmd_task)
+
+    export = sub.add_parser("export", help="write the pipeline as an Apache Airflow DAG", description=cmd_export.__doc__)
+    pipeline_options(export)
+    export.add_argument("target", choices=["airflow"], help="the orchestrator (airflow)")
+    export.add_argument("-o", "--output", metavar="PATH", help="the DAG file (default: dags/DAG_ID.py)")
+    export.add_argument("--dag-id", default="nbs_pipeline", help="the DAG's id (default nbs_pipeline)")
+    export.add_argument("--project", type=Path, metavar="PATH",
+                        help="the project's folder on the Airflow workers (default: this one)")
+    export.add_argument("--nbs", metavar="PATH", help="the nbs command on the workers (default: this environment's)")
+    export.set_defaults(handler=cmd_export, params_json=None)
+
+    server = sub.add_parser("server", help="the team's MLflow tracking server: PostgreSQL, basic auth, proxied artifacts",
+                            description=cmd_server.__doc__)
+    server.add_argument("action", nargs="?", default="run", choices=["run", "start", "stop", "status", "migrate"],
+                        help="run (default): start, and stop on Ctrl-C; start: start and return; stop; status; "
+                             "migrate: copy the runs and models of ./mlflow.db to $MLFLOW_TRACKING_URI")
+    server.add_argument("--from", dest="source", metavar="URI",
+                        help="with migrate: the store to copy (default: sqlite:///PROJECT/mlflow.db)")
+    server.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"the MLflow server's port on 127.0.0.1 (default {DEFAULT_PORT})")
+    server.add_argument("--db-port", type=int, default=DEFAULT_DB_PORT,
+                        help=f"PostgreSQL's port on 127.0.0.1 (default {DEFAULT_DB_PORT})")
+    server.add_argument("--root", type=Path, help=root_help)
+    server.set_defaults(handler=cmd_server)
 
     check = sub.add_parser("check", help="check notebooks, nbs_lib and pins are in step",
                            description=cmd_check.__doc__)

@@ -14,7 +14,8 @@ from .errors import ConfigError, ParameterError
 
 # %% auto #0
 __all__ = ['PIPELINE_FILE', 'ENV_FILE', 'DEFAULT_TRACKING_URI', 'find_project_root', 'read_yaml_mapping', 'parse_overrides',
-           'coerce_value', 'check_type', 'display_path', 'artifact_location', 'merge_env_file', 'tracking_uri']
+           'coerce_value', 'check_type', 'json_overrides', 'display_path', 'artifact_location', 'merge_env_file',
+           'tracking_uri']
 
 # %% ../notebooks/01_config.ipynb #775068e2
 PIPELINE_FILE = "pipeline.yaml"
@@ -86,6 +87,22 @@ def check_type(name: str, value: object, default: object, shown: object = None) 
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     raise ParameterError(name, f"expects {expected.__name__} (default {default!r}), got {raw!r}")
+
+# %% ../notebooks/01_config.ipynb #bdedda42
+def json_overrides(text: str, declared: dict) -> dict:
+    "Typed values from a JSON object of parameters (what an orchestrator passes); each declared and of its default's type."
+    import json
+
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ParameterError("--params-json", f"is not JSON: {e}", valid=list(declared)) from e
+    if not isinstance(values, dict):
+        raise ParameterError("--params-json", f"must be a JSON object of name: value, not {type(values).__name__}")
+    for name in values:
+        if name not in declared:
+            raise ParameterError(name, "is not declared in env.yaml", valid=list(declared))
+    return {name: check_type(name, value, declared[name]) for name, value in values.items()}
 
 # %% ../notebooks/01_config.ipynb #9e0ccceb
 def display_path(path: str | Path, root: Path) -> str:

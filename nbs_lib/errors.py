@@ -7,7 +7,7 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['STUCK_ERRORS', 'NbsError', 'ConfigError', 'ParameterError', 'DataError', 'DataValidationError', 'TaskFailure',
-           'PipelineError', 'ExecutionError', 'InputError', 'ReproductionError', 'Interrupted']
+           'PipelineError', 'ExecutionError', 'InputError', 'ReproductionError', 'ServerError', 'Interrupted']
 
 # %% ../notebooks/00_errors.ipynb #b4ea7153
 class NbsError(Exception):
@@ -129,6 +129,15 @@ class ReproductionError(NbsError):
     def __init__(self, uri: str, problem: str, hint: str = ""):
         self.uri, self.problem = uri, problem
         super().__init__(f"cannot reproduce {uri}: {problem}", hint)
+
+# %% ../notebooks/00_errors.ipynb #0fe4119d
+class ServerError(NbsError):
+    "A team server part (`component`: postgresql, mlflow) that could not be set up, started or stopped; its `log` says more."
+
+    def __init__(self, component: str, problem: str, log: str = "", hint: str = ""):
+        self.component, self.problem, self.log = component, problem, str(log)
+        where = f" (log: {self.log})" if self.log else ""
+        super().__init__(f"{component}: {problem}{where}", hint)
 
 # %% ../notebooks/00_errors.ipynb #ff4f1900
 class Interrupted(KeyboardInterrupt):

@@ -40,9 +40,10 @@ from nbs_lib.tracking import (
 )
 
 # %% auto #0
-__all__ = ['JOURNAL_REPLAY_EVERY', 'THREAD_VARIABLES', 'task_params', 'shared_params', 'executed_notebook', 'describe_failure',
-           'say_progress', 'parallel_jobs', 'TrackedExecutor', 'log_upstream_inputs', 'log_outputs',
-           'copy_metrics_to_parent', 'log_notebook', 'refuse_secret_parameters', 'thread_limits', 'longest_chains']
+__all__ = ['JOURNAL_REPLAY_EVERY', 'PIPELINE_RUN_ENV', 'THREAD_VARIABLES', 'task_params', 'shared_params', 'executed_notebook',
+           'describe_failure', 'say_progress', 'parallel_jobs', 'non_negative', 'TrackedExecutor', 'check_joinable',
+           'close_joined_run', 'log_upstream_inputs', 'log_outputs', 'copy_metrics_to_parent', 'log_notebook',
+           'refuse_secret_parameters', 'thread_limits', 'longest_chains']
 
 # %% ../notebooks/12_executor.ipynb #a231fd1e
 _NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM, DATA_DIGEST_PARAM}
@@ -99,21 +100,54 @@ def parallel_jobs(jobs: int | str | None) -> int:
     return int(text) or os.cpu_count() or 1
 
 
+def non_negative(name: str, value: int | float | str | None) -> float:
+    "`value` as a number >= 0 (empty: 0); a ConfigError naming the executor setting `name` otherwise."
+    try:
+        number = float(str(value if value is not None else 0).strip() or 0)
+    except ValueError:
+        number = -1.0
+    if number < 0:
+        raise ConfigError("pipeline.yaml", f"executor {name} must be a number >= 0, not {value!r}")
+    return number
+
+
+PIPELINE_RUN_ENV = "NBS_PIPELINE_RUN_ID"  # set: a build's tasks join this run (an orchestrator's) instead of opening one
+
+
 class TrackedExecutor(Executor):
     "Ploomber executor: build a DAG's out-of-date tasks, up to `jobs` at once, each in its own MLflow run."
 
     def __init__(self, experiment: str = "nbs", cell_timeout: float | None = None,
-                 secrets: list[str] | None = None, jobs: int | str = 1):
+                 secrets: list[str] | None = None, jobs: int | str = 1, retries: int | str = 0,
+                 retry_delay: float | str = 300, task_timeout: float | str = 0):
         self.experiment = experiment
         self.cell_timeout = cell_timeout or None
         self.secrets = list(secrets or [])
         self.jobs = parallel_jobs(jobs)
+        # For an orchestrator running one task at a time (`nbs export airflow` carries them over):
+        # a build here stops at a failed task, and `nbs run` again resumes from it.
+        if not non_negative("retries", retries).is_integer():
+            raise ConfigError("pipeline.yaml", f"executor retries must be a whole number, not {retries!r}")
+        self.retries = int(non_negative("retries", retries))
+        self.retry_delay = non_negative("retry_delay", retry_delay)  # seconds
+        self.task_timeout = non_negative("task_timeout", task_timeout)  # seconds; 0: no limit
         # The env.yaml values the DAG was rendered with; `load_dag` sets them. Logged with each
         # build as parameters.json, they are what `nbs reproduce` runs the pipeline with again.
         self.parameters: dict = {}
 
+    def open_build_run(self, dag, tasks: list, client, root: Path) -> tuple[str, dict]:
+        "Start the pipeline run of a build of `tasks` of `dag`, its DAG, parameters and environment attached; its id and lineage tags."
+        lineage, environment = run_lineage()
+        parent = start_pipeline_run(client, self.experiment, [t.name for t in tasks], shared_params(tasks),
+                                    root, tags=lineage)
+        client.log_dict(parent, dag_description(dag), "dag.json")
+        if self.parameters:
+            client.log_dict(parent, self.parameters, "parameters.json")
+        client.log_text(parent, environment, "environment/requirements.txt")
+        return parent, lineage
+
     def __call__(self, dag, show_progress: bool = True) -> list:
-        "Build `dag`'s out-of-date tasks under one pipeline run; raise PipelineError if any fails."
+        "Build `dag`'s out-of-date tasks under one pipeline run (or the one $NBS_PIPELINE_RUN_ID names); raise PipelineError if any fails."
         super().__call__(dag)
         scheduled = [t for t in dag.values() if t.exec_status != TaskStatus.Skipped]
         if not scheduled:
@@ -121,16 +155,14 @@ class TrackedExecutor(Executor):
         secret_values = declared_secrets(self.secrets)
         refuse_secret_parameters(scheduled, secret_values)
         client, root = get_client(), Path.cwd()
-        for run_id in reap_orphans(client, self.experiment):
-            say_progress(f"marked run {run_id} KILLED: the process that ran it is gone", show_progress)
-        params = shared_params(scheduled)
-        lineage, environment = run_lineage()
-        parent = start_pipeline_run(client, self.experiment, [t.name for t in scheduled], params,
-                                    root, tags=lineage)
-        client.log_dict(parent, dag_description(dag), "dag.json")
-        if self.parameters:
-            client.log_dict(parent, self.parameters, "parameters.json")
-        client.log_text(parent, environment, "environment/requirements.txt")
+        joined = os.environ.get(PIPELINE_RUN_ENV)
+        if joined:
+            check_joinable(client, joined)
+            parent, lineage = joined, run_lineage()[0]
+        else:
+            for run_id in reap_orphans(client, self.experiment):
+                say_progress(f"marked run {run_id} KILLED: the process that ran it is gone", show_progress)
+            parent, lineage = self.open_build_run(dag, scheduled, client, root)
         say_progress(f"MLflow pipeline run {parent} (experiment {self.experiment!r}, "
              f"up to {self.jobs} task{'s' if self.jobs > 1 else ''} at once)", show_progress)
         build = _Build(client, parent, root, lineage, set(secret_values.values()), self.cell_timeout,
@@ -143,11 +175,42 @@ class TrackedExecutor(Executor):
             status = "FAILED"  # our own bookkeeping failed; an interrupt leaves it KILLED
             raise
         finally:
-            client.set_tag(parent, "nbs.failed_tasks", ",".join(f.task for f in build.failures))
-            finish_run(client, parent, status)
+            if not joined:  # a joined run is the orchestrator's to end (close_joined_run)
+                client.set_tag(parent, "nbs.failed_tasks", ",".join(f.task for f in build.failures))
+                finish_run(client, parent, status)
         if build.failures:
             raise PipelineError(build.failures, hint="executed notebooks are attached to the FAILED runs in MLflow")
         return build.reports
+
+
+def check_joinable(client, run_id: str) -> None:
+    "Raise a ConfigError unless `run_id` is a RUNNING pipeline run that tasks may join."
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise ConfigError(PIPELINE_RUN_ENV, f"no MLflow run {run_id!r} at this tracking URI",
+                          hint="`nbs task begin` opens the pipeline run that tasks join") from e
+    if run.data.tags.get("nbs.kind") != "pipeline" or run.info.status != "RUNNING":
+        raise ConfigError(PIPELINE_RUN_ENV, f"run {run_id} is {run.info.status}, "
+                          f"kind {run.data.tags.get('nbs.kind')!r}: tasks join only a RUNNING pipeline run",
+                          hint="open a new one with `nbs task begin`")
+
+
+def close_joined_run(client, run_id: str) -> list[str]:
+    "End a pipeline run whose tasks ran one by one (an orchestrator's): FAILED unless each task has a FINISHED run; the tasks that have none."
+    check_joinable(client, run_id)
+    parent = client.get_run(run_id)
+    expected = [t for t in parent.data.tags.get("nbs.tasks", "").split(",") if t]
+    children = client.search_runs(
+        [parent.info.experiment_id], max_results=1000,
+        filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`nbs.kind` = 'task'")
+    finished = {r.data.tags.get("nbs.task") for r in children if r.info.status == "FINISHED"}
+    failed = [task for task in expected if task not in finished]
+    client.set_tag(run_id, "nbs.failed_tasks", ",".join(failed))
+    finish_run(client, run_id, "FAILED" if failed else "FINISHED")
+    return failed
 
 
 def _use_nbs_engine(task, cell_timeout: float | None, kernel_env: dict[str, str]) -> None:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import socket
 from datetime import UTC, datetime
 
 import pandas as pd
 
+from .config import tracking_uri
 from .errors import ConfigError, ParameterError
 from .tracking import active_run_id, experiment_id, get_client
 
@@ -115,9 +117,16 @@ def champion_versions(history: list[dict]) -> list[int]:
     return stack
 
 
+def _who() -> str:
+    "Who changes the champion: this machine's user, and the tracking server's user when one authenticated."
+    local = f"{getpass.getuser()}@{socket.gethostname()}"
+    server_user = os.environ.get("MLFLOW_TRACKING_USERNAME") if tracking_uri().startswith("http") else None
+    return f"{server_user} ({local})" if server_user else local
+
+
 def _record(client, name: str, version: int, action: str, why: str) -> dict:
     entry = {"version": int(version), "action": action, "at": datetime.now(UTC).isoformat(timespec="seconds"),
-             "by": f"{getpass.getuser()}@{socket.gethostname()}", "why": why}
+             "by": _who(), "why": why}
     history = [*champion_history(client, name), entry]
     client.set_registered_model_alias(name, CHAMPION, str(version))
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-HISTORY_KEPT:]))

@@ -17,11 +17,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from .config import artifact_location, tracking_uri
+from .errors import ServerError
 
 # %% auto #0
-__all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'open_store', 'get_client', 'experiment_id',
-           'git_state', 'owner_tags', 'reap_orphans', 'start_pipeline_run', 'start_task_run', 'finish_run',
-           'active_run_id', 'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact', 'RunJournal']
+__all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'check_server', 'open_store', 'get_client',
+           'experiment_id', 'git_state', 'owner_tags', 'reap_orphans', 'start_pipeline_run', 'start_task_run',
+           'finish_run', 'active_run_id', 'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact',
+           'RunJournal']
 
 # %% ../notebooks/08_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -30,11 +32,38 @@ JOURNAL_RECORDS = "records.jsonl"
 PARAM_VALUE_LIMIT = 6000  # MLflow's limit on a param value's length
 
 # %% ../notebooks/08_tracking.ipynb #b28518ad
+def check_server(uri: str, timeout: float = 10) -> None:
+    "Raise a ServerError unless the tracking server at `uri` answers and takes the credentials in the environment."
+    import httpx
+
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+    auth = (user, password or "") if user else None
+    headers = {"Authorization": f"Bearer {token}"} if token and not user else {}
+    try:
+        answer = httpx.get(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                           auth=auth, headers=headers, timeout=timeout)
+    except httpx.TransportError as e:
+        raise ServerError("mlflow", f"no tracking server answers at {uri} ({type(e).__name__})",
+                          hint="start it with `nbs server start`, or unset MLFLOW_TRACKING_URI for the "
+                               "embedded store ./mlflow.db") from e
+    if answer.status_code == 401:
+        given = f"user {user!r}" if user else "no credentials"
+        raise ServerError("mlflow", f"{uri} refused {given}: 401 Unauthorized",
+                          hint="export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                               "(the admin creates users: see README, 'A team')")
+    if answer.status_code >= 400:
+        raise ServerError("mlflow", f"{uri} answered {answer.status_code}: {answer.text[:200]}",
+                          hint="is MLFLOW_TRACKING_URI the server's address, as `nbs server status` prints it?")
+
+# %% ../notebooks/08_tracking.ipynb #ec0ad499
 @lru_cache(maxsize=8)
 def open_store(uri: str):
     "An MlflowClient on `uri`; a new SQLite store's tables are created under a lock, safe across processes."
     from mlflow import MlflowClient
 
+    if uri.startswith(("http://", "https://")):
+        check_server(uri)
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
     # MLflow creates a new SQLite store's tables when a client first opens it; two processes

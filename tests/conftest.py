@@ -35,9 +35,9 @@ def copy_project(dest: Path) -> Path:
     return dest
 
 
-def run_nbs(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    "Run the installed `nbs` command in `cwd` with the embedded store of that folder."
-    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
+def run_nbs(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    "Run the installed `nbs` command in `cwd` with the embedded store of that folder, or with what `env` sets."
+    env = {**{k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}, **(env or {})}
     env["PLOOMBER_STATS_ENABLED"] = "false"
     if (cwd / "nbs_lib").is_dir():  # the copy's library, for `nbs` and its kernels alike
         env["PYTHONPATH"] = str(cwd)

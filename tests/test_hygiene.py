@@ -64,16 +64,20 @@ def test_env_yml_out_of_step_with_lock_fails(project):
     assert re.search(r"pandas: [\w.]+ in requirements.lock, 2.2.0 in env.yml", done.stdout)
 
 
+def _names(path, pattern: str) -> set[str]:
+    return {re.split(pattern, line.strip())[0].lower().replace("_", "-")
+            for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")}
+
+
 def test_every_direct_requirement_is_locked():
     from conftest import ROOT
 
-    locked = {line.split("==")[0].lower().replace("_", "-")
-              for line in (ROOT / "requirements.lock").read_text().splitlines()
-              if "==" in line and not line.startswith("#")}
-    direct = {re.split(r"[<>=!~ #]", line.strip())[0].lower().replace("_", "-")
-              for line in (ROOT / "requirements.in").read_text().splitlines()
-              if line.strip() and not line.startswith("#")}
-    assert direct - locked == set()
+    for wanted, lock in [("requirements.in", "requirements.lock"),
+                         ("requirements-airflow.in", "requirements-airflow.lock")]:
+        locked = _names(ROOT / lock, "==")
+        direct = _names(ROOT / wanted, r"[\[<>=!~ #]")  # a name ends at its extras or its bound
+        assert direct and direct - locked == set(), (wanted, direct - locked)
+    locked = _names(ROOT / "requirements.lock", "==")
     for pkg in ["jupyterlab", "papermill", "nbdev", "ploomber", "scikit-learn", "mlflow", "pandas",
                 "pytest"]:
         assert pkg in locked

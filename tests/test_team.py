@@ -1,0 +1,334 @@
+"""The team setup, for real: PostgreSQL and the MLflow server with basic auth (`nbs server`), the
+pipeline tracked there, the exported DAG run by Apache Airflow against it, and the server's
+security options. Every process started here is stopped here."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import ROOT, copy_project, free_port, run_nbs
+
+AIRFLOW = ROOT / ".venv-airflow" / "bin" / "airflow"
+ADMIN = "admin"
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:  # a zombie is dead: where PID 1 reaps nothing, a stopped daemon stays one
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(scope="module")
+def team():
+    "A project copy with its team server running: PostgreSQL and `mlflow server --app-name basic-auth`."
+    # Not under pytest's tmp_path, which only its owner may enter: run as root, nbs runs
+    # PostgreSQL as the postgres user, who must reach the project's .nbs-server/ folder.
+    scratch = Path(tempfile.mkdtemp(prefix="nbs-team-"))
+    scratch.chmod(0o711)
+    project = copy_project(scratch / "project")
+    password = secrets.token_urlsafe(18)
+    port, db_port = free_port(), free_port()
+    started = run_nbs("server", "start", "--port", str(port), "--db-port", str(db_port), cwd=project,
+                      env={"MLFLOW_AUTH_ADMIN_PASSWORD": password}, timeout=180)
+    state_file = project / ".nbs-server" / "server.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else None
+    postmaster = project / ".nbs-server" / "postgres" / "data" / "postmaster.pid"
+    postgres_pid = int(postmaster.read_text().split()[0]) if postmaster.is_file() else None
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update(MLFLOW_TRACKING_USERNAME=ADMIN, MLFLOW_TRACKING_PASSWORD=password)  # for MlflowClient here
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        url = state["url"]
+        yield {"project": project, "url": url, "password": password, "port": port,
+               "client_env": {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": ADMIN,
+                              "MLFLOW_TRACKING_PASSWORD": password}}
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name) if value is None else os.environ.update({name: value})
+        stopped = run_nbs("server", "stop", cwd=project, timeout=120)
+        leftovers = []
+        if state and _alive(state["pid"]):
+            os.killpg(state["pid"], signal.SIGKILL)
+            leftovers.append(f"mlflow server {state['pid']}")
+        if postgres_pid and _alive(postgres_pid):
+            os.kill(postgres_pid, signal.SIGKILL)
+            leftovers.append(f"postgres {postgres_pid}")
+        shutil.rmtree(scratch, ignore_errors=True)
+        assert stopped.returncode == 0 and not leftovers, (stopped.stdout + stopped.stderr, leftovers)
+
+
+def test_server_refuses_a_weak_or_missing_admin_password_and_starts_nothing(tmp_path):
+    project = copy_project(tmp_path / "project")
+    for password, words in [("", "is not set"), ("password1234", "well-known"), ("short", "fewer than 12")]:
+        done = run_nbs("server", "start", "--port", str(free_port()), cwd=project,
+                       env={"MLFLOW_AUTH_ADMIN_PASSWORD": password})
+        assert done.returncode == 2 and words in done.stderr and "hint:" in done.stderr, done.stderr
+    assert not (project / ".nbs-server").exists()
+
+
+def test_status_names_the_running_server(team):
+    status = run_nbs("server", "status", cwd=team["project"])
+    assert status.returncode == 0 and team["url"] in status.stdout and "MLFLOW_TRACKING_USERNAME" in status.stdout
+
+
+API = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def test_requests_without_or_with_wrong_credentials_are_refused(team):
+    url = team["url"]
+    assert httpx.get(url + API).status_code == 401
+    assert httpx.get(url + API, auth=(ADMIN, "wrong-password")).status_code == 401
+    assert httpx.get(url + API, auth=("nobody", team["password"])).status_code == 401
+    assert httpx.get(url + API, auth=(ADMIN, team["password"])).status_code == 200
+
+
+def test_a_foreign_host_header_is_refused(team):
+    answer = httpx.get(team["url"] + API, auth=(ADMIN, team["password"]), headers={"Host": "evil.example"})
+    assert answer.status_code == 403 and "Host" in answer.text
+    answer = httpx.get(team["url"] + API, auth=(ADMIN, team["password"]),
+                       headers={"Host": f"localhost:{team['port']}"})
+    assert answer.status_code == 200
+
+
+def test_a_foreign_origin_gets_no_cors_permission(team):
+    auth = (ADMIN, team["password"])
+    answer = httpx.get(team["url"] + API, auth=auth, headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in answer.headers
+    preflight = httpx.options(team["url"] + "/api/2.0/mlflow/runs/create",
+                              headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code >= 400 and "access-control-allow-origin" not in preflight.headers
+    own = httpx.get(team["url"] + API, auth=auth, headers={"Origin": team["url"]})
+    assert own.headers.get("access-control-allow-origin") == team["url"]
+
+
+def test_artifact_paths_out_of_the_artifact_store_are_refused(team):
+    auth = (ADMIN, team["password"])
+    store = team["project"] / ".nbs-server" / "artifacts"
+    escape = team["project"] / ".nbs-server" / "escaped.txt"
+    base = team["url"] + "/api/2.0/mlflow-artifacts/artifacts/"
+    for path in ["../escaped.txt", "..%2Fescaped.txt", "%2e%2e/escaped.txt", "x/../../escaped.txt"]:
+        put = httpx.put(base + path, content=b"written from outside", auth=auth)
+        assert put.status_code in (400, 403, 404), (path, put.status_code, put.text)
+    assert not escape.exists()
+    for path in ["../pgpass", "..%2Fpgpass", "%2e%2e/%2e%2e/.nbs-server/pgpass"]:
+        got = httpx.get(base + path, auth=auth)
+        assert got.status_code in (400, 403, 404) and "127.0.0.1" not in got.text, (path, got.status_code)
+    assert store.is_dir()
+
+
+def test_bad_credentials_give_a_clear_error_before_anything_runs(team):
+    env = {**team["client_env"], "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
+    done = run_nbs("runs", cwd=team["project"], env=env, timeout=60)
+    assert done.returncode == 2 and "refused user 'admin'" in done.stderr and "MLFLOW_TRACKING_PASSWORD" in done.stderr
+    down = run_nbs("runs", cwd=team["project"], env={**team["client_env"],
+                                                     "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+    assert down.returncode == 2 and "no tracking server answers" in down.stderr
+
+
+FAST = ["-p", "tune_trials=3", "-p", "cv_folds=3"]
+
+
+@pytest.fixture(scope="module")
+def local_build(team) -> str:
+    "A local `nbs run` of the pipeline, tracked on the team server: its pipeline run's id."
+    done = run_nbs("run", *FAST, cwd=team["project"], env=team["client_env"], timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = _client(team)
+    latest, = client.search_runs([client.get_experiment_by_name("nbs").experiment_id], "tags.`nbs.kind` = 'pipeline'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+    return latest.info.run_id
+
+
+def _client(team):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=team["url"])  # the credentials: set by the team fixture
+
+
+def _shape(client, run_id: str) -> tuple[dict, dict]:
+    "A pipeline run and its task runs, as what they hold (names of params, metrics, tags, artifacts)."
+    parent = client.get_run(run_id)
+    tasks = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}'",
+                               max_results=100)
+
+    def held(run) -> dict:
+        return {"status": run.info.status, "params": sorted(run.data.params), "metrics": sorted(run.data.metrics),
+                "tags": sorted(run.data.tags), "inputs": len(run.inputs.dataset_inputs),
+                "artifacts": sorted(a.path for a in client.list_artifacts(run.info.run_id))}
+
+    return held(parent), {run.data.tags["nbs.task"]: held(run) for run in tasks}
+
+
+def test_the_pipeline_runs_against_the_server_with_artifacts_proxied(team, local_build):
+    client = _client(team)
+    parent, tasks = _shape(client, local_build)
+    assert parent["status"] == "FINISHED" and len(tasks) == 12
+    assert all(t["status"] == "FINISHED" for t in tasks.values())
+    assert "notebook" in tasks["evaluate"]["artifacts"] and "dag.json" in parent["artifacts"]
+    version = client.get_model_version_by_alias("nbs-classifier", "champion")
+    assert version.run_id
+    stored = list((team["project"] / ".nbs-server" / "artifacts").rglob("evaluate.ipynb"))
+    assert stored, "the executed notebooks did not reach the server's artifact store"
+    assert not (team["project"] / "mlflow.db").exists() and not (team["project"] / "mlartifacts").exists()
+
+
+def test_a_task_run_needs_a_running_pipeline_run_and_end_fails_a_run_with_tasks_missing(team, local_build):
+    env = team["client_env"]
+    begun = run_nbs("task", "begin", "-p", "experiment=nbs-steps", cwd=team["project"], env=env, timeout=120)
+    assert begun.returncode == 0, begun.stderr
+    run_id = begun.stdout.strip().splitlines()[-1]
+    ended = run_nbs("task", "end", "--pipeline-run", run_id, cwd=team["project"], env=env, timeout=120)
+    assert ended.returncode == 1 and "no finished run of ingest" in ended.stderr
+    client = _client(team)
+    assert client.get_run(run_id).info.status == "FAILED"
+    late = run_nbs("task", "run", "ingest", "--pipeline-run", run_id, cwd=team["project"], env=env, timeout=120)
+    assert late.returncode == 2 and "tasks join only a RUNNING pipeline run" in late.stderr
+    missing = run_nbs("task", "run", "ingest", cwd=team["project"], env=env)
+    assert missing.returncode == 2 and "--pipeline-run" in missing.stderr
+
+
+def test_the_exported_dag_runs_under_airflow_and_records_what_a_local_run_does(team, local_build, tmp_path):
+    assert AIRFLOW.is_file(), f"{AIRFLOW} is missing: `make test` (or `make airflow`) installs it"
+    project, home = team["project"], tmp_path / "airflow"
+    dag_file = home / "dags" / "nbs_pipeline.py"
+    exported = run_nbs("export", "airflow", "-o", str(dag_file), cwd=project)
+    assert exported.returncode == 0, exported.stderr
+    source = dag_file.read_text()
+    assert "'retries': 1" in source and "execution_timeout': timedelta(seconds=7200)" in source
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHONPATH"))}
+    env.update(team["client_env"], AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(home / "dags"),
+               AIRFLOW__CORE__LOAD_EXAMPLES="False", PLOOMBER_STATS_ENABLED="false",
+               PYTHONPATH=str(project))  # the copy's nbs_lib, for its `nbs` and kernels alike
+    migrated = subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
+    assert migrated.returncode == 0, migrated.stderr[-3000:]
+    conf = {"experiment": "nbs-airflow", "model_name": "nbs-airflow", "tune_trials": 3, "cv_folds": 3}
+    ran = subprocess.run([str(AIRFLOW), "dags", "test", "nbs_pipeline", "-c", json.dumps(conf)], env=env,
+                         capture_output=True, text=True, timeout=1500)
+    assert ran.returncode == 0, (ran.stdout + ran.stderr)[-5000:]
+    client = _client(team)
+    airflow_run, = client.search_runs([client.get_experiment_by_name("nbs-airflow").experiment_id],
+                                      "tags.`nbs.kind` = 'pipeline'")
+    local_parent, local_tasks = _shape(client, local_build)
+    airflow_parent, airflow_tasks = _shape(client, airflow_run.info.run_id)
+    assert airflow_parent["status"] == "FINISHED" and airflow_parent == local_parent
+    assert sorted(airflow_tasks) == sorted(local_tasks)
+    for name, held in local_tasks.items():
+        assert airflow_tasks[name] == held, name
+    run = airflow_run
+    assert run.data.params["trials"] == "3" and run.data.params["model_name"] == "nbs-airflow"  # the conf reached the tasks
+    assert client.get_registered_model("nbs-airflow").latest_versions
+
+
+def test_runs_and_models_of_the_embedded_store_move_to_the_server(team, tmp_path):
+    solo = copy_project(tmp_path / "solo")  # one person's project: the embedded store ./mlflow.db
+    built = run_nbs("run", *FAST, "-p", "experiment=nbs-solo", "-p", "model_name=nbs-solo", cwd=solo, timeout=900)
+    assert built.returncode == 0, built.stderr[-3000:]
+    from mlflow import MlflowClient
+
+    local = MlflowClient(tracking_uri=f"sqlite:///{solo}/mlflow.db")
+    local_runs = local.search_runs([local.get_experiment_by_name("nbs-solo").experiment_id], max_results=1000)
+    local_champion = local.get_model_version_by_alias("nbs-solo", "champion")
+
+    moved = run_nbs("server", "migrate", cwd=solo, env=team["client_env"], timeout=900)
+    assert moved.returncode == 0, moved.stdout + moved.stderr
+    assert f"{len(local_runs)} runs copied (0 already there)" in moved.stdout, moved.stdout
+    again = run_nbs("server", "migrate", cwd=solo, env=team["client_env"], timeout=900)
+    assert f"0 runs copied ({len(local_runs)} already there)" in again.stdout, again.stdout
+
+    client = _client(team)
+    server_runs = client.search_runs([client.get_experiment_by_name("nbs-solo").experiment_id], max_results=1000)
+    assert sorted(r.info.run_name for r in server_runs) == sorted(r.info.run_name for r in local_runs)
+    champion = client.get_model_version_by_alias("nbs-solo", "champion")
+    assert str(champion.version) == str(local_champion.version)
+    copied_run = client.get_run(champion.run_id)
+    assert copied_run.data.tags["nbs.migrated_from"].endswith(f"#{local_champion.run_id}")
+    assert copied_run.data.metrics == local.get_run(local_champion.run_id).data.metrics
+    import mlflow.sklearn
+    import pandas as pd
+
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(team["url"])
+    try:
+        model = mlflow.sklearn.load_model("models:/nbs-solo@champion")
+    finally:
+        mlflow.set_tracking_uri(before)
+    rows = pd.read_parquet(solo / "products" / "data" / "test.parquet").drop(columns="target").head(5)
+    assert len(model.predict(rows)) == 5
+
+    nowhere = run_nbs("server", "migrate", cwd=solo, env={"MLFLOW_TRACKING_URI": ""})
+    assert nowhere.returncode == 2 and "names no tracking server" in nowhere.stderr
+
+
+def test_a_task_on_another_checkout_takes_its_inputs_from_the_product_store(tmp_path):
+    import hashlib
+
+    store = tmp_path / "store"  # a shared folder (NFS, a mounted bucket) in production
+    first, second = copy_project(tmp_path / "worker-1"), copy_project(tmp_path / "worker-2")
+    env = {"NBS_PRODUCT_STORE": str(store), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/shared.db"}
+    begun = run_nbs("task", "begin", cwd=first, env=env)
+    assert begun.returncode == 0, begun.stderr
+    run_id = begun.stdout.strip().splitlines()[-1]
+    for name in ("ingest", "validate"):
+        done = run_nbs("task", "run", name, "--pipeline-run", run_id, cwd=first, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+    validated = store / "products" / "data" / "validated.parquet"
+    assert validated.is_file() and (store / "products" / "data" / ".validated.parquet.metadata").is_file()
+
+    features = run_nbs("task", "run", "features", "--pipeline-run", run_id, cwd=second, env=env)
+    assert features.returncode == 0, features.stderr[-3000:]
+    assert "fetched products/data/validated.parquet from the product store" in features.stderr
+    assert (store / "products" / "data" / "train.parquet").is_file()  # for the next worker
+    assert not (second / "products" / "data" / "raw.parquet").exists()  # only what features reads came over
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    task_run, = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                   f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`nbs.task` = 'features'")
+    read, = task_run.inputs.dataset_inputs
+    digest = hashlib.sha256((first / "products" / "data" / "validated.parquet").read_bytes()).hexdigest()
+    assert {t.key: t.value for t in read.tags}["sha256"] == digest
+
+    bare = copy_project(tmp_path / "worker-3")
+    lonely = run_nbs("task", "run", "features", "--pipeline-run", run_id, cwd=bare,
+                     env={"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]})
+    assert lonely.returncode == 2 and "no product store is set" in lonely.stderr, lonely.stderr
+
+
+def test_nbs_server_in_the_foreground_stops_everything_on_ctrl_c():
+    scratch = Path(tempfile.mkdtemp(prefix="nbs-team-"))
+    scratch.chmod(0o711)
+    project = copy_project(scratch / "project")
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_PASSWORD": secrets.token_urlsafe(18), "PYTHONPATH": str(project)}
+    server = subprocess.Popen([str(ROOT / ".venv" / "bin" / "nbs"), "server", "--port", str(free_port()),
+                               "--db-port", str(free_port())], cwd=project, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        lines = [server.stdout.readline() for _ in range(5)]
+        assert any("Ctrl-C stops it" in line for line in lines), lines + [server.stderr.read()]
+        state = json.loads((project / ".nbs-server" / "server.json").read_text())
+        postgres_pid = int((project / ".nbs-server" / "postgres" / "data" / "postmaster.pid").read_text().split()[0])
+        assert httpx.get(state["url"] + "/health").status_code == 200
+        server.send_signal(signal.SIGINT)
+        out, err = server.communicate(timeout=90)
+        assert server.returncode == 0, err
+        assert "stopped MLflow server" in out and "stopped PostgreSQL" in out
+        assert not _alive(state["pid"]) and not _alive(postgres_pid)
+        assert not (project / ".nbs-server" / "server.json").exists()
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+            run_nbs("server", "stop", cwd=project)
+        shutil.rmtree(scratch, ignore_errors=True)
