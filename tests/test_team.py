@@ -92,6 +92,8 @@ def test_requests_without_or_with_wrong_credentials_are_refused(team):
     assert httpx.get(url + API, auth=(ADMIN, "wrong-password")).status_code == 401
     assert httpx.get(url + API, auth=("nobody", team["password"])).status_code == 401
     assert httpx.get(url + API, auth=(ADMIN, team["password"])).status_code == 200
+    # the server caches a verified password (auth_cache_ttl_seconds), never a refusal into a pass
+    assert httpx.get(url + API, auth=(ADMIN, team["password"] + "x")).status_code == 401
 
 
 def test_a_foreign_host_header_is_refused(team):
