@@ -12,10 +12,11 @@ from .config import artifact_location
 from .errors import ServerError
 
 # %% auto #0
-__all__ = ['MIGRATED_TAG', 'Migration', 'migrate_store']
+__all__ = ['MIGRATED_TAG', 'COPYING_TAG', 'Migration', 'migrate_store']
 
 # %% ../notebooks/34_migrate.ipynb #e98db788
 MIGRATED_TAG = "nbs.migrated_from"  # on each copy: "<source uri>#<run id>" or "#<model name>/<version>"
+COPYING_TAG = "nbs.migrating_from"  # on a run being copied; one without MIGRATED_TAG was cut short
 
 
 @dataclass
@@ -54,7 +55,7 @@ def _copy_run(source, target, run, experiment_id: str, origin: str, parent: str 
     from mlflow.entities import Metric, Param, RunTag
 
     tags = {k: v for k, v in run.data.tags.items() if k != "mlflow.parentRunId"}
-    tags[MIGRATED_TAG] = origin
+    tags[COPYING_TAG] = origin  # MIGRATED_TAG comes last, once the copy is whole
     if parent:
         tags["mlflow.parentRunId"] = parent
     copy = target.create_run(experiment_id, start_time=run.info.start_time, tags=tags,
@@ -131,8 +132,10 @@ def migrate_store(source_uri: str, target_uri: str) -> Migration:
         experiment_ids[experiment.experiment_id] = (found.experiment_id if found else target.create_experiment(
             experiment.name, tags=experiment.tags, artifact_location=artifact_location(target_uri)))
         target_id = experiment_ids[experiment.experiment_id]
-        copied_before = {r.data.tags[MIGRATED_TAG]: r.info.run_id
-                         for r in _all_runs(target, target_id) if MIGRATED_TAG in r.data.tags}
+        there = _all_runs(target, target_id)
+        for cut_short in [r for r in there if COPYING_TAG in r.data.tags and MIGRATED_TAG not in r.data.tags]:
+            target.delete_run(cut_short.info.run_id)  # a migration killed midway left it: copied anew below
+        copied_before = {r.data.tags[MIGRATED_TAG]: r.info.run_id for r in there if MIGRATED_TAG in r.data.tags}
         runs = _all_runs(source, experiment.experiment_id)
         if runs:
             done.experiments.append(experiment.name)

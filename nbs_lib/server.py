@@ -286,13 +286,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _started_at(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def _still_ours(state: dict) -> bool:
+    "Whether the process `state` records still runs and is the one nbs started (a reused pid is not)."
+    started = _started_at(state["pid"])
+    return _alive(state["pid"]) and started is not None and abs(started - state["pid_started"]) < 0.01
+
+
 def server_state(root: Path) -> dict | None:
     "What `nbs server start` recorded of the running server (url, pid, ports), or None when it is not running."
     files = ServerFiles(root)
     if not files.state.is_file():
         return None
     state = json.loads(files.state.read_text(encoding="utf-8"))
-    return state if _alive(state["pid"]) else None
+    return state if _still_ours(state) else None
 
 
 def _healthy(url: str) -> bool:
@@ -320,7 +335,7 @@ def _stop_group(pid: int, wait: float = 20) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
 
-# %% ../notebooks/32_server.ipynb #0b571b36
+# %% ../notebooks/32_server.ipynb #91f8de10
 def start_server(root: Path, port: int = DEFAULT_PORT, db_port: int = DEFAULT_DB_PORT,
                  admin_password: str | None = None, timeout: float = 120) -> dict:
     "Start PostgreSQL and the MLflow server of the project at `root`; what was recorded of them (url, pid, ports)."
@@ -360,7 +375,7 @@ def start_server(root: Path, port: int = DEFAULT_PORT, db_port: int = DEFAULT_DB
             _stop_group(process.pid)
         stop_postgres(files, bin_dir)
         raise
-    state = {"url": url, "pid": process.pid, "port": port, "db_port": db_port,
+    state = {"url": url, "pid": process.pid, "pid_started": _started_at(process.pid), "port": port, "db_port": db_port,
              "postgres_data": str(files.data), "started": time.time()}
     files.state.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
     return state
@@ -372,7 +387,7 @@ def stop_server(root: Path) -> list[str]:
     stopped = []
     if files.state.is_file():
         state = json.loads(files.state.read_text(encoding="utf-8"))
-        if _alive(state["pid"]):
+        if _still_ours(state):  # never a signal to a process that merely got the same pid
             _stop_group(state["pid"])
             stopped.append(f"MLflow server {state['url']} (pid {state['pid']})")
         files.state.unlink()

@@ -70,6 +70,7 @@ def fetch_upstream_products(task, root: Path) -> list[Path]:
             fetched.append(path)
     missing = [p for up in task.upstream.values() for p in product_files(up.product).values() if not p.exists()]
     if missing:
-        raise ConfigError(display_path(missing[0], root), f"an upstream product of {task.name!r} is missing "
-                          "and no product store is set", hint=f"run the upstream tasks here, or set {PRODUCT_STORE_ENV}")
+        where = f"after fetching from {product_store()}" if product_store() else "and no product store is set"
+        raise ConfigError(display_path(missing[0], root), f"an upstream product of {task.name!r} is missing {where}",
+                          hint=f"run the upstream tasks here, or set {PRODUCT_STORE_ENV}")
     return fetched
