@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ServerError
+from .tracking import process_alive
 
 # %% auto #0
 __all__ = ['SERVER_FOLDER', 'DEFAULT_PORT', 'DEFAULT_DB_PORT', 'DB_USER', 'DATABASES', 'ADMIN_USER', 'ADMIN_PASSWORD_ENV',
@@ -276,16 +277,6 @@ def server_environment(files: ServerFiles, admin_password: str) -> dict[str, str
     }
 
 # %% ../notebooks/32_server.ipynb #3015fcf5
-def _alive(pid: int) -> bool:
-    "Whether process `pid` runs: a zombie does not (where PID 1 reaps nothing, the dead stay zombies)."
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 def _started_at(pid: int) -> float | None:
     import psutil
 
@@ -297,8 +288,7 @@ def _started_at(pid: int) -> float | None:
 
 def _still_ours(state: dict) -> bool:
     "Whether the process `state` records still runs and is the one nbs started (a reused pid is not)."
-    started = _started_at(state["pid"])
-    return _alive(state["pid"]) and started is not None and abs(started - state["pid_started"]) < 0.01
+    return process_alive(state["pid"], state["pid_started"])
 
 
 def server_state(root: Path) -> dict | None:
@@ -329,9 +319,9 @@ def _stop_group(pid: int, wait: float = 20) -> None:
     except (psutil.NoSuchProcess, ProcessLookupError):
         return
     deadline = time.monotonic() + wait
-    while any(_alive(p.pid) for p in group) and time.monotonic() < deadline:
+    while any(process_alive(p.pid) for p in group) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if any(_alive(p.pid) for p in group):
+    if any(process_alive(p.pid) for p in group):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
 

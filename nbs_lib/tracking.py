@@ -21,9 +21,9 @@ from .errors import ServerError
 
 # %% auto #0
 __all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'check_server', 'open_store', 'get_client',
-           'experiment_id', 'git_state', 'owner_tags', 'reap_orphans', 'start_pipeline_run', 'start_task_run',
-           'finish_run', 'active_run_id', 'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact',
-           'RunJournal']
+           'experiment_id', 'git_state', 'owner_tags', 'process_alive', 'reap_orphans', 'start_pipeline_run',
+           'start_task_run', 'finish_run', 'active_run_id', 'log_metrics', 'log_table', 'log_tags', 'log_params',
+           'log_artifact', 'RunJournal']
 
 # %% ../notebooks/08_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -124,11 +124,15 @@ def owner_tags() -> dict[str, str]:
             "nbs.pid_started": repr(me.create_time())}
 
 
-def _alive(pid: int, started: float) -> bool:
+def process_alive(pid: int, started: float | None = None) -> bool:
+    "Whether process `pid` runs (a zombie does not) and, given its start time `started`, is still that process."
     import psutil
 
     try:
-        return abs(psutil.Process(pid).create_time() - started) < 0.01
+        process = psutil.Process(pid)
+        # where PID 1 reaps nothing (containers, microVMs) an ended process stays a zombie
+        return process.status() != psutil.STATUS_ZOMBIE and (
+            started is None or abs(process.create_time() - started) < 0.01)
     except psutil.NoSuchProcess:
         return False
 
@@ -145,7 +149,7 @@ def reap_orphans(client, experiment: str) -> list[str]:
     reaped = []
     for run in running:
         tags = run.data.tags
-        if _alive(int(tags["nbs.pid"]), float(tags["nbs.pid_started"])):
+        if process_alive(int(tags["nbs.pid"]), float(tags["nbs.pid_started"])):
             continue
         client.set_tag(run.info.run_id, "nbs.end_reason",
                        f"process {tags['nbs.pid']} on {host} ended without closing this run")

@@ -17,17 +17,10 @@ import httpx
 import pytest
 from conftest import ROOT, copy_project, free_port, run_nbs
 
+from nbs_lib.tracking import process_alive
+
 AIRFLOW = ROOT / ".venv-airflow" / "bin" / "airflow"
 ADMIN = "admin"
-
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:  # a zombie is dead: where PID 1 reaps nothing, a stopped daemon stays one
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +52,10 @@ def team():
             os.environ.pop(name) if value is None else os.environ.update({name: value})
         stopped = run_nbs("server", "stop", cwd=project, timeout=120)
         leftovers = []
-        if state and _alive(state["pid"]):
+        if state and process_alive(state["pid"]):
             os.killpg(state["pid"], signal.SIGKILL)
             leftovers.append(f"mlflow server {state['pid']}")
-        if postgres_pid and _alive(postgres_pid):
+        if postgres_pid and process_alive(postgres_pid):
             os.kill(postgres_pid, signal.SIGKILL)
             leftovers.append(f"postgres {postgres_pid}")
         shutil.rmtree(scratch, ignore_errors=True)
@@ -326,7 +319,7 @@ def test_nbs_server_in_the_foreground_stops_everything_on_ctrl_c():
         out, err = server.communicate(timeout=90)
         assert server.returncode == 0, err
         assert "stopped MLflow server" in out and "stopped PostgreSQL" in out
-        assert not _alive(state["pid"]) and not _alive(postgres_pid)
+        assert not process_alive(state["pid"]) and not process_alive(postgres_pid)
         assert not (project / ".nbs-server" / "server.json").exists()
     finally:
         if server.poll() is None:
