@@ -13,6 +13,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ploomber.constants import TaskStatus
 from ploomber.executors.abc import Executor
@@ -38,6 +39,9 @@ from nbs_lib.tracking import (
     start_pipeline_run,
     start_task_run,
 )
+
+if TYPE_CHECKING:  # for annotations only: MLflow is imported where it is used, not when this module loads
+    from mlflow.entities import Run
 
 # %% auto #0
 __all__ = ['JOURNAL_REPLAY_EVERY', 'PIPELINE_RUN_ENV', 'THREAD_VARIABLES', 'task_params', 'shared_params', 'executed_notebook',
@@ -126,9 +130,10 @@ class TrackedExecutor(Executor):
         self.jobs = parallel_jobs(jobs)
         # For an orchestrator running one task at a time (`nbs export airflow` carries them over):
         # a build here stops at a failed task, and `nbs run` again resumes from it.
-        if not non_negative("retries", retries).is_integer():
+        attempts_more = non_negative("retries", retries)
+        if not attempts_more.is_integer():
             raise ConfigError("pipeline.yaml", f"executor retries must be a whole number, not {retries!r}")
-        self.retries = int(non_negative("retries", retries))
+        self.retries = int(attempts_more)
         self.retry_delay = non_negative("retry_delay", retry_delay)  # seconds
         self.task_timeout = non_negative("task_timeout", task_timeout)  # seconds; 0: no limit
         # The env.yaml values the DAG was rendered with; `load_dag` sets them. Logged with each
@@ -183,8 +188,8 @@ class TrackedExecutor(Executor):
         return build.reports
 
 
-def check_joinable(client, run_id: str) -> None:
-    "Raise a ConfigError unless `run_id` is a RUNNING pipeline run that tasks may join."
+def check_joinable(client, run_id: str) -> Run:
+    "The run `run_id` if it is a RUNNING pipeline run that tasks may join; a ConfigError otherwise."
     from mlflow.exceptions import MlflowException
 
     try:
@@ -196,12 +201,12 @@ def check_joinable(client, run_id: str) -> None:
         raise ConfigError(PIPELINE_RUN_ENV, f"run {run_id} is {run.info.status}, "
                           f"kind {run.data.tags.get('nbs.kind')!r}: tasks join only a RUNNING pipeline run",
                           hint="open a new one with `nbs task begin`")
+    return run
 
 
 def close_joined_run(client, run_id: str) -> list[str]:
     "End a pipeline run whose tasks ran one by one (an orchestrator's): FAILED unless each task has a FINISHED run; the tasks that have none."
-    check_joinable(client, run_id)
-    parent = client.get_run(run_id)
+    parent = check_joinable(client, run_id)
     expected = [t for t in parent.data.tags.get("nbs.tasks", "").split(",") if t]
     children = client.search_runs(
         [parent.info.experiment_id], max_results=1000,
