@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import math
 import os
 import re
 import signal
@@ -41,8 +42,8 @@ from .server import DEFAULT_DB_PORT, DEFAULT_PORT
 # %% auto #0
 __all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute',
            'cmd_schedule', 'cmd_server', 'cmd_task', 'cmd_export', 'cmd_promote', 'cmd_rollback', 'cmd_models',
-           'cmd_serve', 'cmd_predict', 'cmd_monitor', 'cmd_retrain', 'cmd_simulate', 'cmd_lineage', 'cmd_reproduce',
-           'cmd_new', 'cmd_check', 'build_parser', 'main']
+           'cmd_features', 'cmd_serve', 'cmd_predict', 'cmd_monitor', 'cmd_retrain', 'cmd_simulate', 'cmd_lineage',
+           'cmd_reproduce', 'cmd_new', 'cmd_check', 'build_parser', 'main']
 
 # %% ../notebooks/90_cli.ipynb #59fa4774
 def load_dag(root: Path, overrides: dict | None = None):
@@ -469,6 +470,61 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"    {e['at']}  {e['action']:8} version {e['version']:<4} {e['by']}: {e['why']}")
     return 0
 
+
+def _unmeasured(value) -> bool:
+    "None or NaN: what a catalogue cell holds when nothing was measured."
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _shown_number(value) -> str:
+    return "-" if _unmeasured(value) else f"{value:.4g}"
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    "The feature catalogue: every feature with its definition, type, owner, description, last statistics, importance in the champion and the models using it."
+    import json
+
+    from nbs_lib.data import write_atomic
+    from nbs_lib.feature_store import (
+        catalogue,
+        catalogue_html,
+        champion_importance,
+        last_feature_stats,
+        models_using,
+        open_feature_store,
+    )
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    root = _root_or_here(args.root)
+    env = read_yaml_mapping(root / ENV_FILE)
+    repo = root / str(env.get("feature_repo", "feature_repo"))
+    if not (repo / "data" / "registry.db").is_file():
+        raise ConfigError(display_path(repo, Path.cwd()), "has no feature registry yet",
+                          hint="`nbs run` builds the feature store (task feature_tables)")
+    model_name = args.model or env.get("model_name", "")
+    client = _registry_client(args)
+    listed = catalogue(open_feature_store(repo), last_feature_stats(client, str(env.get("experiment", "nbs"))),
+                       champion_importance(client, model_name) if model_name else {}, models_using(client))
+    if args.html:
+        write_atomic(args.html, lambda tmp: tmp.write_text(catalogue_html(listed, "Feature catalogue")))
+        print(f"Wrote {display_path(args.html, Path.cwd())}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(json.loads(listed.to_json(orient="records")), indent=2))
+        return 0
+    for row in listed.to_dict("records"):
+        importance = ("importance not recorded" if _unmeasured(row["importance"])
+                      else f"importance {row['importance']:.4g} in the champion of {model_name}")
+        print(f"{row['feature']}  ({row['view']}, {row['type']})  {importance}")
+        print(f"  {row['description'] or '(no description)'}")
+        print(f"  defined by {row['definition'] or '?'}; owner {row['owner'] or '?'}")
+        if _unmeasured(row["rows"]):
+            print("  last run: no statistics recorded")
+        else:
+            print(f"  last run: {int(row['rows'])} rows, {int(row['missing'])} missing, mean {_shown_number(row['mean'])}, "
+                  f"std {_shown_number(row['std'])}, min {_shown_number(row['min'])}, max {_shown_number(row['max'])}")
+        print(f"  used by: {row['models'] or 'no registered model'}")
+    return 0
+
 # %% ../notebooks/90_cli.ipynb #b0aa75fe
 def _model_uri(args: argparse.Namespace, root: Path) -> str:
     "--model, else the champion of the model the project's env.yaml names."
@@ -494,6 +550,19 @@ def _existing_log(given: str | None, root: Path) -> Path:
     return log
 
 
+def _feature_repo(given: str | None, root: Path) -> Path | None:
+    "--feature-repo ('' for none), else the project's feature repository if it has a feature_store.yaml."
+    if given is not None:
+        if given and not (Path(given) / "feature_store.yaml").is_file():
+            raise ConfigError("--feature-repo", f"{given!r} holds no feature_store.yaml", hint="name a Feast repository, or '' for none")
+        return Path(given).resolve() if given else None
+    try:
+        repo = root / str(read_yaml_mapping(root / ENV_FILE).get("feature_repo", "feature_repo"))
+    except ConfigError:
+        return None
+    return repo if (repo / "feature_store.yaml").is_file() else None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     "Serve a registered model over HTTP on 127.0.0.1: /predict, /feedback, /health, /ready, /metadata, /reload."
     from nbs_lib.serve import serve
@@ -504,7 +573,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _use_store_of(root)
     log = None if args.no_prediction_log else _log_path(args.prediction_log, root)
     serve(_model_uri(args, root), args.port, args.canary, 0.1 if args.canary_weight is None else args.canary_weight,
-          log, args.max_body_bytes, args.max_records)
+          log, args.max_body_bytes, args.max_records, _feature_repo(args.feature_repo, root))
     return 0
 
 
@@ -525,7 +594,7 @@ MONITOR_NOTEBOOK = Path("notebooks/monitoring/monitor.ipynb")
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    "Report on the served model from the prediction log (drift, live performance, volume, data quality), tracked in MLflow."
+    "Report on the served model from the prediction log (drift, live performance, volume, data quality) and on feature skew, tracked in MLflow."
     from nbs_lib.execute import execute_notebook
     from nbs_lib.monitoring import check_window, since_time
 
@@ -544,7 +613,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
               "model_name": declared.get("model_name", "nbs-classifier"), "since": args.since, "window": args.window,
               "rollback_margin": float(declared.get("rollback_margin", 0.05)),
               "min_live_labels": int(triggers.get("min_live_labels") or 50),
-              "alert_log": str(root / "alerts.jsonl"), "alert_webhook": declared.get("alert_webhook") or ""}
+              "alert_log": str(root / "alerts.jsonl"), "alert_webhook": declared.get("alert_webhook") or "",
+              "feature_repo": str(declared.get("feature_repo", "feature_repo")),
+              "feature_view": str(declared.get("feature_view", "patient_features"))}
     _use_store_of(root)
     _stop_on_signals()
     output = root / declared.get("products", "products") / "monitoring" / "monitor.ipynb"
@@ -880,6 +951,15 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--root", **registry_root)
     models.set_defaults(handler=cmd_models)
 
+    features = sub.add_parser("features", help="the feature catalogue: definitions, types, owners, statistics, "
+                              "importance in the champion, models using each feature", description=cmd_features.__doc__)
+    features.add_argument("--model", metavar="NAME", help="the registered model whose champion's importances are shown "
+                          "(default: model_name in env.yaml)")
+    features.add_argument("--json", action="store_true", help="print the catalogue as JSON records")
+    features.add_argument("--html", type=Path, metavar="PATH", help="also write it as an HTML page")
+    features.add_argument("--root", type=Path, help=root_help)
+    features.set_defaults(handler=cmd_features)
+
     promote = sub.add_parser("promote", help="make a version champion by hand, recording who and why",
                              description=cmd_promote.__doc__)
     promote.add_argument("name", metavar="NAME", help="the registered model")
@@ -908,6 +988,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-prediction-log", action="store_true", help="log nothing (and refuse feedback)")
     serve.add_argument("--max-body-bytes", type=int, default=1_000_000, metavar="N", help="largest request body (default 1000000)")
     serve.add_argument("--max-records", type=int, default=10_000, metavar="N", help="most records per request (default 10000)")
+    serve.add_argument("--feature-repo", metavar="PATH", help="feature repository whose online store answers requests "
+                       "by entity key (default: the project's, feature_repo in env.yaml; '' for none)")
     serve.add_argument("--root", **registry_root)
     serve.set_defaults(handler=cmd_serve)
 

@@ -19,7 +19,7 @@ from .tracking import active_run_id, experiment_id, get_client
 
 # %% auto #0
 __all__ = ['CHALLENGER', 'CHAMPION', 'HISTORY_TAG', 'HISTORY_KEPT', 'model_requirements', 'register_model', 'gate',
-           'champion_history', 'champion_versions', 'promote', 'rollback', 'apply_gate', 'load_version']
+           'champion_history', 'champion_versions', 'who', 'promote', 'rollback', 'apply_gate', 'load_version']
 
 # %% ../notebooks/09_registry.ipynb #98cd859c
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -117,7 +117,7 @@ def champion_versions(history: list[dict]) -> list[int]:
     return stack
 
 
-def _who() -> str:
+def who() -> str:
     "Who changes the champion: this machine's user, and the tracking server's user when one authenticated."
     local = f"{getpass.getuser()}@{socket.gethostname()}"
     server_user = os.environ.get("MLFLOW_TRACKING_USERNAME") if tracking_uri().startswith("http") else None
@@ -126,7 +126,7 @@ def _who() -> str:
 
 def _record(client, name: str, version: int, action: str, why: str) -> dict:
     entry = {"version": int(version), "action": action, "at": datetime.now(UTC).isoformat(timespec="seconds"),
-             "by": _who(), "why": why}
+             "by": who(), "why": why}
     history = [*champion_history(client, name), entry]
     client.set_registered_model_alias(name, CHAMPION, str(version))
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-HISTORY_KEPT:]))

@@ -5,11 +5,9 @@
 # %% ../notebooks/27_reproduce.ipynb #c651e231
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,17 +16,13 @@ import yaml
 
 from .errors import ConfigError, ReproductionError
 from .lineage import DATA_DIGEST_PARAM, file_digest
+from .tracking import json_artifact
 
 # %% auto #0
 __all__ = ['COMPARED', 'version_facts', 'recorded_build', 'data_files', 'check_data_files', 'checkout', 'rebuild',
            'compare_facts', 'compare_predictions', 'identical', 'format_comparison', 'reproduce']
 
 # %% ../notebooks/27_reproduce.ipynb #549222f9
-def _json_artifact(client, run_id: str, path: str) -> dict:
-    with tempfile.TemporaryDirectory() as scratch:
-        return json.loads(Path(client.download_artifacts(run_id, path, scratch)).read_text())
-
-
 def version_facts(client, name: str, version: int | str) -> dict:
     "What the registry and the registering build recorded of version `version` of `name`."
     found = client.get_model_version(name, str(version))
@@ -67,7 +61,7 @@ def recorded_build(client, uri: str) -> dict:
     if "parameters.json" not in stored:
         raise ReproductionError(pinned, f"its build (run {run_id}) did not record parameters.json (nbs before "
                                 "`nbs reproduce` did not)", hint="build it again with `nbs run --force`")
-    facts["parameters"] = _json_artifact(client, run_id, "parameters.json")
+    facts["parameters"] = json_artifact(client, run_id, "parameters.json")
     facts["data_files"] = data_files(client, run_id)
     return facts
 
@@ -75,7 +69,7 @@ def recorded_build(client, uri: str) -> dict:
 def data_files(client, run_id: str) -> list[dict]:
     "The `data_path` files the build `run_id` read: task, path and SHA-256, from its dag.json."
     return [{"task": t["name"], "path": t["params"]["data_path"], "sha256": t["params"].get(DATA_DIGEST_PARAM)}
-            for t in _json_artifact(client, run_id, "dag.json")["tasks"] if t.get("params", {}).get("data_path")]
+            for t in json_artifact(client, run_id, "dag.json")["tasks"] if t.get("params", {}).get("data_path")]
 
 # %% ../notebooks/27_reproduce.ipynb #c8f50e12
 def check_data_files(facts: dict, root: Path, data: Path | None = None) -> str | None:
@@ -189,7 +183,7 @@ def format_comparison(report: dict) -> str:
 # %% ../notebooks/27_reproduce.ipynb #72c33eed
 def _holdout_path(client, run_id: str, source: Path) -> Path:
     "The holdout table a build wrote: the product keyed `test` in its dag.json."
-    for task in _json_artifact(client, run_id, "dag.json")["tasks"]:
+    for task in json_artifact(client, run_id, "dag.json")["tasks"]:
         if "test" in task["products"]:
             return source / task["products"]["test"]
     raise ConfigError("pipeline.yaml", "no task has a product named test (the holdout table)",

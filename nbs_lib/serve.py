@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .errors import ConfigError, InputError, NbsError, ParameterError
+from .feature_store import OnlineFeatures, open_feature_store
 from .predictions import PredictionLog, now
 from nbs_lib.scoring import (
     ServedModel,
@@ -41,7 +42,7 @@ def goes_to_canary(key: str | None, weight: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < weight
 
 # %% ../notebooks/19_serve.ipynb #2d9d72b9
-REQUEST_FIELDS = ("records", "dataframe_records", "key", "explain")
+REQUEST_FIELDS = ("records", "dataframe_records", "entities", "key", "explain")
 
 
 def _not_json(constant: str) -> None:
@@ -59,22 +60,24 @@ def _json(body: bytes, example: str) -> object:
         raise InputError("body", f"is not valid JSON: {e}", status=400, hint=f"send a JSON object: {example}") from None
 
 
-def parse_request(body: bytes, max_records: int) -> tuple[list, str | None, bool]:
-    "The records, request key and explain flag of a `/predict` body; an InputError naming what is wrong with it."
+def parse_request(body: bytes, max_records: int) -> tuple[list | None, str | None, bool, list | None]:
+    "The records (or entity keys), request key and explain flag of a `/predict` body; an InputError naming what is wrong with it."
     payload = _json(body, '{"records": [{...}, ...]}')
     if type(payload) is not dict:
         raise InputError("body", "must be a JSON object", hint='send {"records": [{...}, ...]}')
     unknown = [name for name in payload if name not in REQUEST_FIELDS]
     if unknown:
         raise InputError(unknown[0], "is not a field of a prediction request",
-                         hint="fields: records (or dataframe_records), key, explain")
-    if "records" in payload and "dataframe_records" in payload:
-        raise InputError("records", "is given twice, as records and dataframe_records", hint="send one of them")
-    records = payload.get("records", payload.get("dataframe_records"))
-    if records is None:
-        raise InputError("records", "is missing", hint='send {"records": [{...}, ...]}')
-    if type(records) is list and len(records) > max_records:
-        raise InputError("records", f"holds {len(records)} records, more than the {max_records} one request may",
+                         hint="fields: records (or dataframe_records, or entities), key, explain")
+    given = [name for name in ("records", "dataframe_records", "entities") if name in payload]
+    if len(given) > 1:
+        raise InputError(given[1], f"is given with {given[0]}: a request holds one of them", hint="send one of them")
+    if not given:
+        raise InputError("records", "is missing", hint='send {"records": [{...}, ...]}, or {"entities": [{...}, ...]} '
+                                                         "to read the features from the feature store")
+    items = payload[given[0]]
+    if type(items) is list and len(items) > max_records:
+        raise InputError(given[0], f"holds {len(items)} records, more than the {max_records} one request may",
                          status=413, hint="split the batch, or score files with nbs predict")
     key = payload.get("key")
     if key is not None and type(key) is not str:
@@ -82,13 +85,15 @@ def parse_request(body: bytes, max_records: int) -> tuple[list, str | None, bool
     explain = payload.get("explain", False)
     if type(explain) is not bool:
         raise InputError("explain", "must be true or false", hint="true asks for each prediction's largest contributions")
-    return records, key, explain
+    entities = items if given[0] == "entities" else None
+    return (None if entities is not None else items), key, explain, entities
 
 # %% ../notebooks/19_serve.ipynb #eb855112
 class Service:
     "The champion and canary versions a server answers with, (re)loaded off the request path."
 
-    def __init__(self, uri: str, canary_version: int | None = None, canary_weight: float = 0.1, loader=load_served):
+    def __init__(self, uri: str, canary_version: int | None = None, canary_weight: float = 0.1, loader=load_served,
+                 feature_repo: str | Path | None = None):
         self.uri, self.name = uri, parse_model_uri(uri)[0]
         self.canary_version, self.canary_weight = canary_version, canary_weight
         self.champion: ServedModel | None = None
@@ -96,6 +101,10 @@ class Service:
         self.error: str | None = None
         self._load = loader
         self._reloading = threading.Lock()
+        self.feature_repo = Path(feature_repo) if feature_repo else None
+        self.features: OnlineFeatures | None = None
+        self.features_error: str | None = None if self.feature_repo else "this server reads no feature store"
+        self._feature_store = None
 
     def _fresh(self, uri: str, current: ServedModel | None) -> ServedModel:
         "What `uri` names now: the one already loaded if it is the same version, else loaded."
@@ -122,8 +131,35 @@ class Service:
             else:
                 changed = (champion is not self.champion) or (canary is not self.canary)
                 self.champion, self.canary, self.error = champion, canary, None
+                if changed or self.features is None:
+                    self._load_features(champion.columns)
                 return {"loaded": True, "changed": changed, **self.versions()}
             return {"loaded": False, "error": self.error, **self.versions()}
+
+    def _load_features(self, columns: list) -> None:
+        "Open the feature store for the served model's columns; on failure keep why, for requests by entity key."
+        if self.feature_repo is None:
+            return
+        if not (self.feature_repo / "data" / "registry.db").is_file() and self._feature_store is None:
+            self.features, self.features_error = None, f"the feature repository {self.feature_repo} has no registry yet"
+            return
+        try:
+            self._feature_store = self._feature_store or open_feature_store(self.feature_repo)
+            self.features = OnlineFeatures(self._feature_store, [c.name for c in columns])
+            self.features_error = None
+        except Exception as e:  # the model still serves records; requests by key get the reason
+            self.features = None
+            self.features_error = str(e) if isinstance(e, NbsError) else f"{type(e).__name__}: {e}"
+            print(f"nbs serve: no lookups by entity key: {self.features_error}", file=sys.stderr, flush=True)
+
+    def entity_records(self, entities: list) -> list[dict]:
+        "The feature records of a request's entity keys, from the online store; 503 when the store is not open."
+        features = self.features
+        if features is None:
+            raise InputError("entities", f"cannot be looked up: {self.features_error}", status=503,
+                             hint="`nbs run` builds and materializes the feature store; POST /reload opens it, "
+                                  "or send the features as records")
+        return features.read(features.entity_rows(entities))
 
     def versions(self) -> dict:
         "The versions serving now (None: none loaded)."
@@ -204,19 +240,27 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
         if service.champion is None:
             return not_ready()
         canary = service.canary and {**service.canary.describe(), "weight": service.canary_weight}
+        feature_store = service.feature_repo and {"repo": str(service.feature_repo),
+                                                  "entity_keys": service.features and service.features.keys,
+                                                  "error": service.features_error}
         return {"uri": service.uri, **service.champion.describe(), "canary": canary,
                 "last_reload_error": service.error, "prediction_log": log and log.status(),
+                "feature_store": feature_store,
                 "limits": {"max_body_bytes": max_body_bytes, "max_records": max_records}}
 
     @app.post("/predict")
     async def predict(request: Request):
-        "Predictions for `records`; `key` routes the request between champion and canary; `explain` adds contributions."
+        "Predictions for `records` (or `entities`, keys whose features the online store holds); `key` routes between champion and canary; `explain` adds contributions."
         started = time.perf_counter()
         if service.champion is None:
             return not_ready()
         body = await _read_body(request, max_body_bytes)
-        records, key, explain = parse_request(body, max_records)
+        records, key, explain, entities = parse_request(body, max_records)
         served, role = service.pick(key)
+        if entities is not None:
+            records = service.entity_records(entities)
+            # logged with the values read, so monitoring sees the inputs the model got
+            body = json.dumps({"records": records, "entities": entities}).encode()
         frame = frame_from_records(records, served.columns)
         explanations = served.explain(frame) if explain else None
         labels, probabilities = served.predict(frame)
@@ -301,8 +345,9 @@ def bind(port: int) -> socket.socket:
 
 
 def serve(uri: str, port: int = 8000, canary_version: int | None = None, canary_weight: float = 0.1,
-          prediction_log: str | Path | None = None, max_body_bytes: int = 1_000_000, max_records: int = 10_000) -> None:
-    "Serve the model `uri` (and a canary version) on 127.0.0.1:`port` until SIGINT or SIGTERM."
+          prediction_log: str | Path | None = None, max_body_bytes: int = 1_000_000, max_records: int = 10_000,
+          feature_repo: str | Path | None = None) -> None:
+    "Serve the model `uri` (and a canary version) on 127.0.0.1:`port` until SIGINT or SIGTERM; `feature_repo` answers requests by entity key."
     import signal
 
     import uvicorn
@@ -315,10 +360,11 @@ def serve(uri: str, port: int = 8000, canary_version: int | None = None, canary_
             raise ParameterError(name, f"must be positive, got {value}")
     log = PredictionLog(prediction_log) if prediction_log else None
     sock = bind(port)
-    service = Service(uri, canary_version, canary_weight)
+    service = Service(uri, canary_version, canary_weight, feature_repo=feature_repo)
     app = create_app(service, log, max_body_bytes, max_records)
     canary = f", canary version {canary_version} at {canary_weight:.0%}" if canary_version is not None else ""
     logged = f"; predictions logged to {prediction_log}" if log else "; prediction log off"
+    logged += f"; entity keys looked up in {feature_repo}" if feature_repo else ""
     print(f"nbs serve: {uri}{canary} on http://127.0.0.1:{sock.getsockname()[1]}{logged}", flush=True)
     # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler makes
     # that a normal return, so the command ends with its summary and exit code 0.

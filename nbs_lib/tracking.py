@@ -23,7 +23,7 @@ from .errors import ServerError
 __all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'check_server', 'open_store', 'get_client',
            'experiment_id', 'git_state', 'owner_tags', 'process_alive', 'reap_orphans', 'start_pipeline_run',
            'start_task_run', 'finish_run', 'active_run_id', 'log_metrics', 'log_table', 'log_tags', 'log_params',
-           'log_artifact', 'RunJournal']
+           'log_artifact', 'json_artifact', 'table_artifact', 'RunJournal']
 
 # %% ../notebooks/08_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -311,6 +311,20 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         get_client().log_artifact(run_id, str(redacted_copy(path, handed_out(), tmp)), artifact_path)
+
+# %% ../notebooks/08_tracking.ipynb #3791bdc7
+def json_artifact(client, run_id: str, path: str) -> object:
+    "The JSON artifact at `path` of run `run_id`, parsed."
+    with tempfile.TemporaryDirectory() as scratch:
+        return json.loads(Path(client.download_artifacts(run_id, path, scratch)).read_text())
+
+
+def table_artifact(client, run_id: str, name: str):
+    "The table `log_table` logged as `name` on run `run_id`, as a DataFrame."
+    import pandas as pd
+
+    found = json_artifact(client, run_id, f"tables/{name}.json")
+    return pd.DataFrame(found["data"], columns=found["columns"])
 
 # %% ../notebooks/08_tracking.ipynb #5297c841
 class RunJournal:
