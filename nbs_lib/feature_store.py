@@ -203,6 +203,10 @@ def materialize(store, view: str, table: pd.DataFrame, end: datetime | None = No
             "entities": int(table.loc[times <= end, entity].nunique())}
 
 
+def _shown_duration(duration: timedelta) -> str:
+    return f"{duration.days} days" if duration == timedelta(days=duration.days) else str(duration)
+
+
 def _shown_key(row: dict) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in row.items())
 
@@ -250,7 +254,7 @@ class OnlineFeatures:
                 if self.ttl[name] and age > self.ttl[name]:
                     raise InputError("entities", f"{_shown_key(key)}: {name!r} is from "
                                      f"{datetime.fromtimestamp(stamp, UTC):%Y-%m-%d %H:%M} UTC, older than its "
-                                     f"{self.ttl[name]} time to live", row=row, status=409,
+                                     f"time to live of {_shown_duration(self.ttl[name])}", row=row, status=409,
                                      hint="materialize newer values (`nbs run`), or send the features as records")
             records.append({name: found[name][row] for name in self.columns})
         return records

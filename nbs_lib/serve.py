@@ -103,7 +103,7 @@ class Service:
         self._reloading = threading.Lock()
         self.feature_repo = Path(feature_repo) if feature_repo else None
         self.features: OnlineFeatures | None = None
-        self.features_error: str | None = None if self.feature_repo else "this server reads no feature store"
+        self.features_error: str | None = "the model is still loading"
         self._feature_store = None
 
     def _fresh(self, uri: str, current: ServedModel | None) -> ServedModel:
@@ -130,27 +130,27 @@ class Service:
                 print(f"nbs serve: cannot load {self.uri}: {self.error}", file=sys.stderr, flush=True)
             else:
                 changed = (champion is not self.champion) or (canary is not self.canary)
+                # ready means ready for requests by key too: the feature store opens before the swap
+                features, features_error = ((self.features, self.features_error) if not changed and self.features
+                                            else self._features_for(champion.columns))
                 self.champion, self.canary, self.error = champion, canary, None
-                if changed or self.features is None:
-                    self._load_features(champion.columns)
+                self.features, self.features_error = features, features_error
                 return {"loaded": True, "changed": changed, **self.versions()}
             return {"loaded": False, "error": self.error, **self.versions()}
 
-    def _load_features(self, columns: list) -> None:
-        "Open the feature store for the served model's columns; on failure keep why, for requests by entity key."
+    def _features_for(self, columns: list) -> tuple[OnlineFeatures | None, str | None]:
+        "The online lookups of the served model's columns, or why there are none (kept for requests by entity key)."
         if self.feature_repo is None:
-            return
-        if not (self.feature_repo / "data" / "registry.db").is_file() and self._feature_store is None:
-            self.features, self.features_error = None, f"the feature repository {self.feature_repo} has no registry yet"
-            return
+            return None, "this server reads no feature store"
+        if self._feature_store is None and not (self.feature_repo / "data" / "registry.db").is_file():
+            return None, f"the feature repository {self.feature_repo} has no registry yet"
         try:
             self._feature_store = self._feature_store or open_feature_store(self.feature_repo)
-            self.features = OnlineFeatures(self._feature_store, [c.name for c in columns])
-            self.features_error = None
+            return OnlineFeatures(self._feature_store, [c.name for c in columns]), None
         except Exception as e:  # the model still serves records; requests by key get the reason
-            self.features = None
-            self.features_error = str(e) if isinstance(e, NbsError) else f"{type(e).__name__}: {e}"
-            print(f"nbs serve: no lookups by entity key: {self.features_error}", file=sys.stderr, flush=True)
+            error = str(e) if isinstance(e, NbsError) else f"{type(e).__name__}: {e}"
+            print(f"nbs serve: no lookups by entity key: {error}", file=sys.stderr, flush=True)
+            return None, error
 
     def entity_records(self, entities: list) -> list[dict]:
         "The feature records of a request's entity keys, from the online store; 503 when the store is not open."

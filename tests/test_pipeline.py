@@ -14,7 +14,8 @@ from conftest import copy_project, free_port, run_nbs, runs_of, start_service, s
 
 GRID = ["train-0", "train-1", "train-2", "train-3"]  # the grid of pipeline.yaml
 CANDIDATES = [*GRID, "train-tuned"]  # everything evaluate chooses from
-TASKS = ["ingest", "eda", "validate", "features", *GRID, "tune", "train-tuned", "evaluate", "register"]
+TASKS = ["ingest", "eda", "validate", "feature_tables", "features", "materialize", *GRID, "tune", "train-tuned", "evaluate",
+         "register", "catalogue"]
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +35,12 @@ def test_run_writes_every_declared_product(built):
                  "evaluation/importance.png", "evaluation/importance.csv", "model/model_card.md",
                  "model/model_card.html", "eda/summary.csv", "eda/distributions.png", "eda/correlations.png",
                  "tune/best.json", "tune/study.db", "model/model-tuned.joblib", "model/scores-tuned.json",
+                 "data/labels.parquet", "features/stats.csv", "features/materialized.json", "features/catalogue.csv",
+                 "features/catalogue.html",
                  *[f"model/{kind}-{i}.{ext}" for i in range(4) for kind, ext in [("model", "joblib"), ("scores", "json")]],
                  *[f"executed/{t}.ipynb" for t in TASKS]]:
         assert (root / "products" / path).is_file(), path
-    assert "Ran 12 of 12 tasks" in done.stdout and "make ui" in done.stdout
+    assert "Ran 15 of 15 tasks" in done.stdout and "make ui" in done.stdout
     metrics = json.loads((root / "products/evaluation/metrics.json").read_text())
     assert metrics["roc_auc"] > 0.95
 
@@ -263,7 +266,7 @@ def test_second_run_skips_every_up_to_date_task(built):
     before = len(runs_of(root))
     done = run_nbs("run", cwd=root)
     assert done.returncode == 0, done.stderr
-    assert "All 12 tasks are up to date; nothing ran" in done.stdout
+    assert "All 15 tasks are up to date; nothing ran" in done.stdout
     assert len(runs_of(root)) == before
 
 
@@ -313,7 +316,7 @@ def test_no_op_shortcut_gives_way_when_a_product_is_gone(built):
     new = [r for r in runs_of(root) if r.info.run_id not in before]
     assert [r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task"] == ["eda"]
     assert (root / "products/eda/distributions.png").is_file()
-    assert "All 12 tasks are up to date" in run_nbs("run", cwd=root).stdout
+    assert "All 15 tasks are up to date" in run_nbs("run", cwd=root).stdout
 
 
 def test_parameter_override_reruns_only_affected_tasks(built):
@@ -376,7 +379,7 @@ def test_library_edit_reruns_exactly_the_tasks_that_import_it(built):
     # register runs because it is downstream
     assert sorted(r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task") == [
         "evaluate", "register", *CANDIDATES, "tune"]
-    assert "All 12 tasks are up to date" in run_nbs("run", *same_params, cwd=root).stdout
+    assert "All 15 tasks are up to date" in run_nbs("run", *same_params, cwd=root).stdout
 
 
 def test_only_runs_just_the_named_task(built):

@@ -169,7 +169,7 @@ def _shape(client, run_id: str) -> tuple[dict, dict]:
 def test_the_pipeline_runs_against_the_server_with_artifacts_proxied(team, local_build):
     client = _client(team)
     parent, tasks = _shape(client, local_build)
-    assert parent["status"] == "FINISHED" and len(tasks) == 12
+    assert parent["status"] == "FINISHED" and len(tasks) == 15
     assert all(t["status"] == "FINISHED" for t in tasks.values())
     assert "notebook" in tasks["evaluate"]["artifacts"] and "dag.json" in parent["artifacts"]
     version = client.get_model_version_by_alias("nbs-classifier", "champion")
@@ -275,24 +275,27 @@ def test_a_task_on_another_checkout_takes_its_inputs_from_the_product_store(tmp_
     begun = run_nbs("task", "begin", cwd=first, env=env)
     assert begun.returncode == 0, begun.stderr
     run_id = begun.stdout.strip().splitlines()[-1]
-    for name in ("ingest", "validate"):
+    for name in ("ingest", "validate", "feature_tables"):
         done = run_nbs("task", "run", name, "--pipeline-run", run_id, cwd=first, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-    validated = store / "products" / "data" / "validated.parquet"
-    assert validated.is_file() and (store / "products" / "data" / ".validated.parquet.metadata").is_file()
+    labels = store / "products" / "data" / "labels.parquet"
+    assert labels.is_file() and (store / "products" / "data" / ".labels.parquet.metadata").is_file()
 
+    # features reads the feature store: the table and Feast's registry come over with the labels
     features = run_nbs("task", "run", "features", "--pipeline-run", run_id, cwd=second, env=env)
     assert features.returncode == 0, features.stderr[-3000:]
-    assert "fetched products/data/validated.parquet from the product store" in features.stderr
+    for fetched in ("products/data/labels.parquet", "feature_repo/data/patient_features.parquet",
+                    "feature_repo/data/registry.db"):
+        assert f"fetched {fetched} from the product store" in features.stderr, features.stderr[-3000:]
     assert (store / "products" / "data" / "train.parquet").is_file()  # for the next worker
-    assert not (second / "products" / "data" / "raw.parquet").exists()  # only what features reads came over
+    assert not (second / "products" / "data" / "validated.parquet").exists()  # only what features reads came over
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
     task_run, = client.search_runs([client.get_run(run_id).info.experiment_id],
                                    f"tags.`mlflow.parentRunId` = '{run_id}' and tags.`nbs.task` = 'features'")
-    read, = task_run.inputs.dataset_inputs
-    digest = hashlib.sha256((first / "products" / "data" / "validated.parquet").read_bytes()).hexdigest()
+    read = {i.dataset.name: i for i in task_run.inputs.dataset_inputs}["feature_tables.labels"]
+    digest = hashlib.sha256((first / "products" / "data" / "labels.parquet").read_bytes()).hexdigest()
     assert {t.key: t.value for t in read.tags}["sha256"] == digest
 
     bare = copy_project(tmp_path / "worker-3")
