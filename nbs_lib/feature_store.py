@@ -18,9 +18,9 @@ from .tracking import table_artifact
 
 # %% auto #0
 __all__ = ['BUILTIN_START', 'DEFINITION_TAG', 'keyed', 'feature_table', 'label_table', 'feature_stats', 'builtin_descriptions',
-           'definition_site', 'definitions', 'open_feature_store', 'apply_definitions', 'training_set', 'materialize',
-           'OnlineFeatures', 'skew', 'sample_entities', 'catalogue', 'catalogue_html', 'last_feature_stats',
-           'champion_importance', 'models_using']
+           'definition_site', 'definitions', 'open_feature_store', 'apply_definitions', 'registered_definitions',
+           'training_set', 'materialize', 'OnlineFeatures', 'skew', 'sample_entities', 'catalogue', 'catalogue_html',
+           'last_feature_stats', 'champion_importance', 'models_using']
 
 # %% ../notebooks/36_feature_store.ipynb #44bcd209
 BUILTIN_START = "2025-01-01"
@@ -171,6 +171,17 @@ def apply_definitions(store, objects: list) -> dict:
     versions = store.list_feature_view_versions(view.name)
     return {"feature_view": view.name, "version": versions[-1]["version_number"] if versions else 0,
             "features": len(view.features)}
+
+# %% ../notebooks/36_feature_store.ipynb #b27edfa9
+def registered_definitions(repo: str | Path) -> dict:
+    "The entities and feature views the registry of `repo` holds, by name (empty before the first `nbs run`)."
+    repo = Path(repo)
+    store = open_feature_store(repo)
+    try:
+        objects = [*store.list_entities(), *store.list_feature_views()]
+    except FileNotFoundError:  # no registry yet
+        return {}
+    return {obj.name: obj for obj in objects}
 
 # %% ../notebooks/36_feature_store.ipynb #251ac2d7
 def _features_of(store, view: str) -> list[str]:

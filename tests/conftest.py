@@ -21,9 +21,10 @@ PROJECT_FILES = ["notebooks", "nbs_lib", "templates", "feature_repo", "pipeline.
 def copy_project(dest: Path) -> Path:
     "A copy of the project's source (no products, no store) at `dest`, committed to a fresh git repo."
     dest.mkdir(parents=True, exist_ok=True)
-    ignore = shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints")
     for name in PROJECT_FILES:
         source = ROOT / name
+        # feature_repo/data/ is what a build of this checkout made (git-ignored), not source
+        ignore = shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints", *(["data"] if name == "feature_repo" else []))
         if source.is_dir():
             shutil.copytree(source, dest / name, ignore=ignore)
         else:
