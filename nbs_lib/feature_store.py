@@ -151,10 +151,20 @@ def definitions(table: pd.DataFrame, view: str, source_path: str, ttl_days: floa
     return [key, feature_view]
 
 # %% ../notebooks/36_feature_store.ipynb #2d5030f7
+def _not_the_file_registry_advice(record) -> bool:
+    # Feast says serve_features_while_materializing "typically has no effect" on a file registry;
+    # it does here: a view that `materialize` marked MATERIALIZING was refused by another process
+    # reading the same registry file (measured), and the flag lifts that
+    return "serve_features_while_materializing" not in record.getMessage()
+
+
 def open_feature_store(repo: str | Path):
     "The Feast store of the feature repository at `repo` (the folder of its feature_store.yaml)."
+    import logging
+
     from feast import FeatureStore
 
+    logging.getLogger("feast.repo_config").addFilter(_not_the_file_registry_advice)
     repo = Path(repo).resolve()
     if not (repo / "feature_store.yaml").is_file():
         raise ConfigError(str(repo / "feature_store.yaml"), "is missing: that folder is not a feature repository",
