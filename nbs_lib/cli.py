@@ -166,9 +166,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from nbs_lib.report import pipeline_status
 
     _, _, dag = _project_dag(args)
-    for row in pipeline_status(dag):
+    rows = pipeline_status(dag)
+    width = max(12, *(len(row["task"]) for row in rows))
+    for row in rows:
         state = "up to date" if row["up_to_date"] else "would run"
-        print(f"{row['task']:12} {state:11} {'; '.join(row['why'])}".rstrip())
+        print(f"{row['task']:{width}} {state:11} {'; '.join(row['why'])}".rstrip())
     return 0
 
 

@@ -90,8 +90,8 @@ def test_report_renders_in_a_browser_with_its_plots(project, page, tmp_path):
     try:
         page.goto(f"http://127.0.0.1:{port}/{report.name}")
         headings = [h.strip().rstrip("¶") for h in page.locator("h1, h2").all_inner_texts()]
-        assert headings[:5] == ["Monitoring report", "Drift", "Live performance and volume", "Data quality",
-                                "The champion against the one before it"], headings
+        assert headings[:6] == ["Monitoring report", "Drift", "Live performance and volume", "Data quality",
+                                "Feature skew", "The champion against the one before it"], headings
         plots = page.locator("img")
         assert plots.count() >= 3, "drift, distributions and performance plots"
         sizes = plots.evaluate_all("images => images.map(i => [i.complete, i.naturalWidth, i.naturalHeight])")

@@ -276,14 +276,14 @@ def test_status_says_what_would_run_and_why(built):
     assert done.returncode == 0, done.stderr
     assert [line.split()[:4] for line in done.stdout.splitlines()] == [
         [t, "up", "to", "date"] for t in TASKS]
-    changed = run_nbs("status", "-p", "seed=7", cwd=root).stdout.splitlines()
-    assert changed[0].split()[:4] == ["ingest", "up", "to", "date"]
-    assert "features     would run   parameter seed changed: 42 -> 7" in changed
-    assert changed[4] == "train-0      would run   parameter seed changed: 42 -> 7; upstream features will run"
-    assert changed[9] == ("train-tuned  would run   parameter seed changed: 42 -> 7; upstream features will run; "
-                          "upstream tune will run")
-    assert changed[10] == ("evaluate     would run   parameter seed changed: 42 -> 7; upstream features will run; "
-                          + "; ".join(f"upstream {name} will run" for name in CANDIDATES))
+    changed = [" ".join(line.split()) for line in run_nbs("status", "-p", "seed=7", cwd=root).stdout.splitlines()]
+    assert changed[0] == "ingest up to date" and changed[3] == "feature_tables up to date"
+    assert changed[4] == "features would run parameter seed changed: 42 -> 7"
+    assert changed[6] == "train-0 would run parameter seed changed: 42 -> 7; upstream features will run"
+    assert changed[11] == ("train-tuned would run parameter seed changed: 42 -> 7; upstream features will run; "
+                           "upstream tune will run")
+    assert changed[12] == ("evaluate would run parameter seed changed: 42 -> 7; upstream features will run; "
+                           + "; ".join(f"upstream {name} will run" for name in CANDIDATES))
 
 
 def test_runs_lists_recent_pipeline_runs_with_metrics(built):
@@ -326,7 +326,7 @@ def test_parameter_override_reruns_only_affected_tasks(built):
     assert done.returncode == 0, done.stdout + done.stderr
     new = [r for r in runs_of(root) if r.info.run_id not in before]
     assert sorted(r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task") == [
-        "evaluate", "register", *CANDIDATES, "tune"]
+        "catalogue", "evaluate", "register", *CANDIDATES, "tune"]
     assert {r.data.params["cv_folds"] for r in new if r.data.tags.get("nbs.task") in CANDIDATES} == {"3"}
     client = store(root)
     assert int(client.get_model_version_by_alias("nbs-classifier", "challenger").version) == 2
@@ -378,7 +378,7 @@ def test_library_edit_reruns_exactly_the_tasks_that_import_it(built):
     # 40_train, 45_train_tuned and 50_evaluate import nbs_lib.evaluate, 35_tune through nbs_lib.tune;
     # register runs because it is downstream
     assert sorted(r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task") == [
-        "evaluate", "register", *CANDIDATES, "tune"]
+        "catalogue", "evaluate", "register", *CANDIDATES, "tune"]
     assert "All 15 tasks are up to date" in run_nbs("run", *same_params, cwd=root).stdout
 
 
