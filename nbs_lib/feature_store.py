@@ -60,10 +60,21 @@ def keyed(df: pd.DataFrame, entity: str, timestamp: str, start: str = BUILTIN_ST
     return out
 
 # %% ../notebooks/36_feature_store.ipynb #d0974d22
+def _storable(column: pd.Series) -> pd.Series:
+    "`column` in a type Feast stores: 32- or 64-bit numbers (smaller ones widened), anything else as it is."
+    if pd.api.types.is_bool_dtype(column) or not pd.api.types.is_numeric_dtype(column):
+        return column
+    if pd.api.types.is_float_dtype(column):
+        return column.astype("float32" if column.dtype.itemsize <= 4 else "float64")
+    fits_int32 = pd.api.types.is_signed_integer_dtype(column) and column.dtype.itemsize <= 4
+    return column.astype("int32" if fits_int32 or column.dtype.itemsize < 4 else "int64")
+
+
 def feature_table(df: pd.DataFrame, target: str, entity: str, timestamp: str) -> pd.DataFrame:
     "The feature view's table: key, event time and every feature column `feature_spec` finds (never the label)."
     spec = feature_spec(df.drop(columns=[entity, timestamp]), target)
-    return df[[entity, timestamp, *spec.columns]].reset_index(drop=True)
+    table = df[[entity, timestamp, *spec.columns]].reset_index(drop=True)
+    return table.assign(**{name: _storable(table[name]) for name in spec.columns})
 
 
 def label_table(df: pd.DataFrame, target: str, entity: str, timestamp: str) -> pd.DataFrame:
@@ -122,9 +133,9 @@ def _feast_type(dtype):
     if pd.api.types.is_bool_dtype(dtype):
         return types.Bool
     if pd.api.types.is_integer_dtype(dtype):
-        return types.Int64
+        return types.Int32 if dtype.itemsize <= 4 else types.Int64
     if pd.api.types.is_float_dtype(dtype):
-        return types.Float64
+        return types.Float32 if dtype.itemsize <= 4 else types.Float64
     if pd.api.types.is_datetime64_any_dtype(dtype):
         return types.UnixTimestamp
     return types.String
@@ -385,10 +396,24 @@ def champion_importance(client, model_name: str) -> dict[str, float]:
     return dict(zip(table["feature"], table["importance"], strict=True))
 
 
+def _input_names(client, name: str, version: int) -> list[str]:
+    "The input column names of a registered version's signature ([] without one), read from its MLmodel file."
+    import tempfile
+
+    import mlflow
+    from mlflow.models import Model
+
+    uri = f"models:/{name}/{version}/MLmodel"
+    with tempfile.TemporaryDirectory() as scratch:
+        # the client's store, not MLflow's process-wide default
+        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch, tracking_uri=client.tracking_uri,
+                                                   registry_uri=client.tracking_uri)
+        signature = Model.load(path).signature
+    return signature.inputs.input_names() if signature else []
+
+
 def models_using(client) -> dict[str, list[str]]:
     "For each input column, the registered versions (aliased or latest of their model) whose signature takes it."
-    from mlflow.models import get_model_info
-
     used: dict[str, list[str]] = {}
     for model in client.search_registered_models():
         latest = max((int(v.version) for v in model.latest_versions), default=None)
@@ -396,8 +421,7 @@ def models_using(client) -> dict[str, list[str]]:
         for alias, version in model.aliases.items():
             aliased.setdefault(int(version), []).append(alias)
         for version in sorted({*aliased, *([latest] if latest else [])}):
-            signature = get_model_info(f"models:/{model.name}/{version}").signature
             label = f"{model.name} v{version}" + (f" ({', '.join(sorted(aliased[version]))})" if version in aliased else "")
-            for name in (signature.inputs.input_names() if signature else []):
+            for name in _input_names(client, model.name, version):
                 used.setdefault(name, []).append(label)
     return used

@@ -5,21 +5,17 @@
 # %% ../notebooks/09_registry.ipynb #547b951f
 from __future__ import annotations
 
-import getpass
 import json
-import os
-import socket
 from datetime import UTC, datetime
 
 import pandas as pd
 
-from .config import tracking_uri
 from .errors import ConfigError, ParameterError
-from .tracking import active_run_id, experiment_id, get_client
+from .tracking import active_run_id, experiment_id, get_client, who
 
 # %% auto #0
 __all__ = ['CHALLENGER', 'CHAMPION', 'HISTORY_TAG', 'HISTORY_KEPT', 'model_requirements', 'register_model', 'gate',
-           'champion_history', 'champion_versions', 'who', 'promote', 'rollback', 'apply_gate', 'load_version']
+           'champion_history', 'champion_versions', 'promote', 'rollback', 'apply_gate', 'load_version']
 
 # %% ../notebooks/09_registry.ipynb #98cd859c
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -115,13 +111,6 @@ def champion_versions(history: list[dict]) -> list[int]:
         else:
             stack.append(entry["version"])
     return stack
-
-
-def who() -> str:
-    "Who changes the champion: this machine's user, and the tracking server's user when one authenticated."
-    local = f"{getpass.getuser()}@{socket.gethostname()}"
-    server_user = os.environ.get("MLFLOW_TRACKING_USERNAME") if tracking_uri().startswith("http") else None
-    return f"{server_user} ({local})" if server_user else local
 
 
 def _record(client, name: str, version: int, action: str, why: str) -> dict:

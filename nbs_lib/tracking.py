@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import fcntl
+import getpass
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from .errors import ServerError
 __all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'check_server', 'open_store', 'get_client',
            'experiment_id', 'git_state', 'owner_tags', 'process_alive', 'reap_orphans', 'start_pipeline_run',
            'start_task_run', 'finish_run', 'active_run_id', 'log_metrics', 'log_table', 'log_tags', 'log_params',
-           'log_artifact', 'json_artifact', 'table_artifact', 'RunJournal']
+           'log_artifact', 'json_artifact', 'table_artifact', 'who', 'RunJournal']
 
 # %% ../notebooks/08_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -325,6 +326,13 @@ def table_artifact(client, run_id: str, name: str):
 
     found = json_artifact(client, run_id, f"tables/{name}.json")
     return pd.DataFrame(found["data"], columns=found["columns"])
+
+
+def who() -> str:
+    "Who acts (changes a champion, owns features): this machine's user, and the tracking server's user when one authenticated."
+    local = f"{getpass.getuser()}@{socket.gethostname()}"
+    server_user = os.environ.get("MLFLOW_TRACKING_USERNAME") if tracking_uri().startswith("http") else None
+    return f"{server_user} ({local})" if server_user else local
 
 # %% ../notebooks/08_tracking.ipynb #5297c841
 class RunJournal:

@@ -144,15 +144,18 @@ def test_serving_by_entity_key_answers_as_by_raw_features_and_refuses_bad_keys(b
     assert [row["mean radius"] for row in first["inputs"]] == [r["mean radius"] for r in raw]
 
 
-def test_the_catalogue_lists_every_feature_of_the_champion_with_its_importance(built, page):
+def test_the_catalogue_lists_every_feature_of_the_champion_with_its_importance(built, page, tmp_path):
     done = run_nbs("features", "--json", "--html", str(built / "catalogue.html"), cwd=built)
     assert done.returncode == 0, done.stderr
     listed = {row["feature"]: row for row in json.loads(done.stdout)}
     client = store(built)
     champion = client.get_model_version_by_alias("nbs-classifier", "champion")
-    from mlflow.models import get_model_info
+    from mlflow.artifacts import download_artifacts
+    from mlflow.models import Model
 
-    inputs = get_model_info(f"models:/nbs-classifier/{champion.version}").signature.inputs.input_names()
+    mlmodel = download_artifacts(artifact_uri=f"models:/nbs-classifier/{champion.version}/MLmodel", dst_path=str(tmp_path),
+                                 tracking_uri=client.tracking_uri, registry_uri=client.tracking_uri)
+    inputs = Model.load(mlmodel).signature.inputs.input_names()
     importance = pd.read_csv(built / "products" / "evaluation" / "importance.csv").set_index("feature")["importance"]
     assert len(inputs) == 30 and set(inputs) == set(listed)
     for name in inputs:
@@ -171,7 +174,8 @@ def test_the_catalogue_lists_every_feature_of_the_champion_with_its_importance(b
     assert logged == {"catalogue/catalogue.html", "catalogue/catalogue.csv"}
     page.goto((built / "products" / "features" / "catalogue.html").as_uri())
     assert page.locator("tbody tr").count() == 30
-    assert page.locator("tbody tr").first.locator("td").first.inner_text() == importance.index[0]
+    most_important = set(importance[importance == importance.max()].index)  # permutation importances can tie
+    assert page.locator("tbody tr").first.locator("td").first.inner_text() in most_important
 
 
 def test_monitoring_measures_skew_between_the_online_and_offline_stores(built):
