@@ -400,14 +400,17 @@ def _input_names(client, name: str, version: int) -> list[str]:
     "The input column names of a registered version's signature ([] without one), read from its MLmodel file."
     import tempfile
 
-    import mlflow
+    from mlflow.artifacts import download_artifacts
     from mlflow.models import Model
 
-    uri = f"models:/{name}/{version}/MLmodel"
+    # the version's own artifact location, read through `client`: a models:/ URI would be
+    # resolved in MLflow's process-wide default store, whatever store `client` reads
+    source = client.get_model_version(name, str(version)).source
+    if source.startswith("models:/"):
+        source = client.get_logged_model(source.removeprefix("models:/")).artifact_location
     with tempfile.TemporaryDirectory() as scratch:
-        # the client's store, not MLflow's process-wide default
-        path = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=scratch, tracking_uri=client.tracking_uri,
-                                                   registry_uri=client.tracking_uri)
+        path = download_artifacts(artifact_uri=f"{source.rstrip('/')}/MLmodel", dst_path=scratch,
+                                  tracking_uri=client.tracking_uri)
         signature = Model.load(path).signature
     return signature.inputs.input_names() if signature else []
 
