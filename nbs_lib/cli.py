@@ -491,6 +491,7 @@ def cmd_features(args: argparse.Namespace) -> int:
         catalogue,
         catalogue_html,
         champion_importance,
+        has_registry,
         last_feature_stats,
         models_using,
         open_feature_store,
@@ -500,7 +501,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     root = _root_or_here(args.root)
     env = read_yaml_mapping(root / ENV_FILE)
     repo = root / str(env.get("feature_repo", "feature_repo"))
-    if not (repo / "data" / "registry.db").is_file():
+    if not has_registry(repo):
         raise ConfigError(display_path(repo, Path.cwd()), "has no feature registry yet",
                           hint="`nbs run` builds the feature store (task feature_tables)")
     model_name = args.model or env.get("model_name", "")

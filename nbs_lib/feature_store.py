@@ -18,9 +18,9 @@ from .tracking import table_artifact
 
 # %% auto #0
 __all__ = ['BUILTIN_START', 'DEFINITION_TAG', 'keyed', 'feature_table', 'label_table', 'feature_stats', 'builtin_descriptions',
-           'definition_site', 'definitions', 'open_feature_store', 'apply_definitions', 'registered_definitions',
-           'training_set', 'materialize', 'OnlineFeatures', 'skew', 'sample_entities', 'catalogue', 'catalogue_html',
-           'last_feature_stats', 'champion_importance', 'models_using']
+           'definition_site', 'definitions', 'open_feature_store', 'apply_definitions', 'has_registry',
+           'registered_definitions', 'training_set', 'materialize', 'OnlineFeatures', 'skew', 'sample_entities',
+           'catalogue', 'catalogue_html', 'last_feature_stats', 'champion_importance', 'models_using']
 
 # %% ../notebooks/36_feature_store.ipynb #44bcd209
 BUILTIN_START = "2025-01-01"
@@ -194,15 +194,22 @@ def apply_definitions(store, objects: list) -> dict:
             "features": len(view.features)}
 
 # %% ../notebooks/36_feature_store.ipynb #b27edfa9
+def has_registry(repo: str | Path) -> bool:
+    "Whether the feature repository at `repo` has a registry yet (its feature_store.yaml says where)."
+    import yaml
+
+    config = yaml.safe_load((Path(repo) / "feature_store.yaml").read_text())
+    registry = config.get("registry", "data/registry.db")
+    path = Path(registry["path"] if isinstance(registry, dict) else registry)
+    return (path if path.is_absolute() else Path(repo) / path).is_file()
+
+
 def registered_definitions(repo: str | Path) -> dict:
     "The entities and feature views the registry of `repo` holds, by name (empty before the first `nbs run`)."
-    repo = Path(repo)
-    store = open_feature_store(repo)
-    try:
-        objects = [*store.list_entities(), *store.list_feature_views()]
-    except FileNotFoundError:  # no registry yet
+    if not has_registry(repo):  # opening the store would write an empty registry, and it would look built
         return {}
-    return {obj.name: obj for obj in objects}
+    store = open_feature_store(repo)
+    return {obj.name: obj for obj in [*store.list_entities(), *store.list_feature_views()]}
 
 # %% ../notebooks/36_feature_store.ipynb #251ac2d7
 def _features_of(store, view: str) -> list[str]:

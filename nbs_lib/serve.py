@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from .errors import ConfigError, InputError, NbsError, ParameterError
-from .feature_store import OnlineFeatures, open_feature_store
+from .feature_store import OnlineFeatures, has_registry, open_feature_store
 from .predictions import PredictionLog, now
 from nbs_lib.scoring import (
     ServedModel,
@@ -142,7 +142,7 @@ class Service:
         "The online lookups of the served model's columns, or why there are none (kept for requests by entity key)."
         if self.feature_repo is None:
             return None, "this server reads no feature store"
-        if self._feature_store is None and not (self.feature_repo / "data" / "registry.db").is_file():
+        if self._feature_store is None and not has_registry(self.feature_repo):
             return None, f"the feature repository {self.feature_repo} has no registry yet"
         try:
             self._feature_store = self._feature_store or open_feature_store(self.feature_repo)
