@@ -25,7 +25,7 @@ AS_ROOT := $(if $(filter 0,$(shell id -u)),,sudo)
 export PLOOMBER_STATS_ENABLED := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: help lab run test export clean-nbs lint check nbdev-test pytest ui lock clean bench serve loop sample check-change deliver cd server postgresql airflow
+.PHONY: help lab run test test-fast export clean-nbs lint check nbdev-test pytest ui lock clean bench serve loop sample check-change deliver cd server postgresql airflow
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -64,11 +64,21 @@ airflow: $(AIRFLOW_STAMP) ## Apache Airflow in .venv-airflow, to run the DAG `nb
 server: $(STAMP) postgresql ## the team's MLflow server (PostgreSQL, basic auth) on 127.0.0.1:5001; needs MLFLOW_AUTH_ADMIN_PASSWORD
 	$(BIN)/nbs server
 
+# pytest on both cores; --dist loadgroup keeps each module whose fixtures are made once (the team server,
+# the serving registry) on one worker, and the session's shared build is made once for both workers
+PYTEST_PARALLEL := -n 2 --dist loadgroup
+
 test: $(STAMP) $(CHROMIUM) postgresql $(AIRFLOW_STAMP) ## everything CI checks: hygiene, lint, nbdev_test, pytest (browser, PostgreSQL, MLflow server and Airflow included)
 	$(BIN)/nbs check
 	$(BIN)/ruff check .
 	$(BIN)/nbdev_test --n_workers 2
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_PARALLEL)
+
+test-fast: $(STAMP) $(CHROMIUM) ## the inner loop (a few minutes): hygiene, lint, nbdev_test and the tests that build no pipeline
+	$(BIN)/nbs check
+	$(BIN)/ruff check .
+	$(BIN)/nbdev_test --n_workers 2
+	$(BIN)/pytest $(PYTEST_PARALLEL) -m "not build"
 
 export: $(STAMP) ## regenerate nbs_lib/ from notebooks/
 	$(BIN)/nbdev_export

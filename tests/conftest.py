@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = Path(sys.executable).with_name("nbs")
@@ -18,8 +23,50 @@ PROJECT_FILES = ["notebooks", "nbs_lib", "templates", "feature_repo", "pipeline.
                  "requirements.in", "requirements.lock", "setup.py", "pyproject.toml"]
 
 
-def copy_project(dest: Path) -> Path:
-    "A copy of the project's source (no products, no store) at `dest`, committed to a fresh git repo."
+# The tests' parameter defaults: a few tuning trials and 3 folds build the pipeline in half the time of
+# env.yaml's own (20 trials, 5 folds); `make run` and `make bench` keep exercising those.
+FAST = {"tune_trials": 3, "cv_folds": 3}
+# The shared build's feature values stay valid ten years (the built-in data is dated 2025), so a
+# serving test can make one value stale by hand; env.yaml's 0 (forever) has no such edge to test.
+SHARED_DEFAULTS = {**FAST, "feature_ttl_days": 3650}
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+
+
+def set_defaults(root: Path, values: dict) -> None:
+    "Change the default of each named parameter in `root`/env.yaml, its comment kept."
+    spec = root / "env.yaml"
+    text = spec.read_text()
+    for name, value in values.items():
+        text, found = re.subn(rf"(?m)^{re.escape(name)}:[^#\n]*", f"{name}: {value} ", text)
+        assert found == 1, f"env.yaml has no top-level {name}"
+    spec.write_text(text)
+
+
+def commit(root: Path, message: str) -> None:
+    "Commit everything in `root` (a scratch project's own repository), so builds record it clean."
+    subprocess.run([*GIT, "add", "-A"], cwd=root, check=True)
+    subprocess.run([*GIT, "commit", "-qm", message], cwd=root, check=True)
+
+
+CHAIN = ("ingest", "validate", "feature_tables", "features", "train-", "evaluate", "register")
+CHAIN_TASKS = [name.replace("train-", "train-0") for name in CHAIN]  # as trim_pipeline leaves them
+
+
+def trim_pipeline(root: Path, keep: tuple[str, ...] = CHAIN) -> None:
+    """`root`'s pipeline.yaml with only the tasks named in `keep` and a grid of one candidate (train-0, a logistic
+    regression): the chain from data to a registered version in 7 tasks instead of 15, for tests of that chain."""
+    spec = root / "pipeline.yaml"
+    pipeline = yaml.safe_load(spec.read_text())
+    pipeline["tasks"] = [task for task in pipeline["tasks"] if task["name"] in keep]
+    for task in pipeline["tasks"]:
+        if "grid" in task:
+            task["grid"] = [{"model": ["logistic_regression"], "model_params": [{"C": 1.0}]}]
+    spec.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+
+
+def copy_project(dest: Path, defaults: dict | None = None) -> Path:
+    """A copy of the project's source (no products, no store) at `dest`, committed to a fresh git repo, with
+    the FAST parameter defaults (or `defaults`; {} for env.yaml as it is)."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in PROJECT_FILES:
         source = ROOT / name
@@ -29,11 +76,61 @@ def copy_project(dest: Path) -> Path:
             shutil.copytree(source, dest / name, ignore=ignore)
         else:
             shutil.copy(source, dest / name)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    set_defaults(dest, FAST if defaults is None else defaults)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "scratch"], cwd=dest, check=True)
+    commit(dest, "scratch")
     return dest
+
+
+def rebase_paths(root: Path, old: Path) -> None:
+    """Point what a build at `old` recorded about its own place at `root` instead: the artifact locations in
+    its MLflow store and logged models' MLmodel files (absolute file URIs) and the no-op fingerprint."""
+    old_text, new_text = str(old), str(root)
+    with sqlite3.connect(root / "mlflow.db") as db:
+        tables = [name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        for table in tables:
+            for column in [row[1] for row in db.execute(f"PRAGMA table_info('{table}')") if "CHAR" in row[2].upper()
+                           or "TEXT" in row[2].upper()]:
+                db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE "{column}" LIKE ?',
+                           (old_text, new_text, f"%{old_text}%"))
+    recorded = [*(root / "mlartifacts").glob("models/*/artifacts/MLmodel"), root / ".nbs" / "fresh-build.json"]
+    for path in recorded:
+        if path.is_file():
+            text = path.read_text()
+            path.write_text(text.replace(old_text, new_text))
+
+
+def copy_build(built: Path, dest: Path) -> Path:
+    "A copy of the built project `built` at `dest` (products, store, feature store, git), to change freely."
+    shutil.copytree(built, dest, symlinks=True)
+    rebase_paths(dest, built)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def shared_build(tmp_path_factory, worker_id: str) -> Path:
+    """The project built once for the whole test session, by `nbs run` with SHARED_DEFAULTS: every xdist worker
+    shares it. Read it, never change it: a test that changes a build takes `copy_build(shared_build, tmp_path)`."""
+    base = tmp_path_factory.getbasetemp()
+    base = base.parent if worker_id != "master" else base  # the folder every worker's basetemp is in
+    folder = base / "shared-build"
+    outcome = folder / "outcome.json"
+    with open(base / "shared-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker builds; the others wait for it, then read
+        if not outcome.is_file():
+            root = copy_project(folder / "project", SHARED_DEFAULTS)
+            done = run_nbs("run", cwd=root, timeout=900)
+            outcome.write_text(json.dumps({"returncode": done.returncode, "stdout": done.stdout,
+                                           "stderr": done.stderr}))
+    result = json.loads(outcome.read_text())
+    assert result["returncode"] == 0, result["stdout"][-3000:] + result["stderr"][-3000:]
+    return folder / "project"
+
+
+@pytest.fixture(scope="session")
+def shared_build_output(shared_build: Path) -> dict:
+    "What the shared build's `nbs run` printed: returncode, stdout and stderr."
+    return json.loads((shared_build.parent / "outcome.json").read_text())
 
 
 def run_nbs(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -164,6 +261,13 @@ def stop_service(process: subprocess.Popen) -> int:
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by `make test`; Playwright never downloads a browser here
 SCREENSHOTS = ROOT / ".nbs" / "screenshots"
+
+
+def pytest_collection_modifyitems(items) -> None:
+    "A test that reads the shared build is a `build` test like those that build a pipeline of their own."
+    for item in items:
+        if "shared_build" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.build)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -19,7 +19,7 @@ FIGURES = ["nbs --help, whole process", "import nbs_lib, whole process", "forced
            "serving throughput, 100 records per request"]
 
 
-@pytest.mark.slow
+@pytest.mark.build
 def test_the_benchmark_suite_runs_and_writes_every_figure(tmp_path):
     page = tmp_path / "BENCHMARKS.md"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--output", str(page)],

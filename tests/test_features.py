@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from conftest import (
     ROOT,
-    copy_project,
+    SHARED_DEFAULTS,
+    copy_build,
     run_nbs,
     runs_of,
     start_server,
@@ -24,16 +25,13 @@ from conftest import (
 from nbs_lib.data import save_table
 from nbs_lib.feature_store import definitions, open_feature_store, training_set
 
-TTL_DAYS = 3650  # the built-in data is dated 2025: fresh for ten years, so one value can be made stale by hand
+TTL_DAYS = SHARED_DEFAULTS["feature_ttl_days"]  # the shared build's: a value can be made stale by hand
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    "A project copy after one `nbs run` on the default data, feature values valid for TTL_DAYS."
-    root = copy_project(tmp_path_factory.mktemp("features") / "project")
-    done = run_nbs("run", "-p", f"feature_ttl_days={TTL_DAYS}", "-p", "tune_trials=3", cwd=root)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return root
+@pytest.fixture
+def built(shared_build, tmp_path):
+    "A copy of the session's shared build (default data, feature values valid for TTL_DAYS), to change freely."
+    return copy_build(shared_build, tmp_path / "project")
 
 
 def _reference_join(table: pd.DataFrame, labels: pd.DataFrame, ttl: timedelta) -> pd.DataFrame:
@@ -91,7 +89,7 @@ def test_the_pipeline_builds_trains_from_and_materializes_the_feature_store(buil
     assert list(train.columns) == [*table.columns[2:], "target"]
     assert pd.merge(train.drop(columns="target"), table.drop(columns=["patient_id", "event_timestamp"])).shape[0] == len(train)
     # the same definition applied again keeps its version
-    again = run_nbs("run", "--force", "--only", "feature_tables", "-p", f"feature_ttl_days={TTL_DAYS}", "-p", "tune_trials=3", cwd=built)
+    again = run_nbs("run", "--force", "--only", "feature_tables", cwd=built)
     assert again.returncode == 0, again.stdout + again.stderr
     latest = [r for r in runs_of(built) if r.data.tags.get("nbs.task") == "feature_tables"][-1]
     assert latest.info.run_id != tables.info.run_id and latest.data.tags["nbs.feature_view.version"] == "0"
@@ -144,8 +142,9 @@ def test_serving_by_entity_key_answers_as_by_raw_features_and_refuses_bad_keys(b
     assert [row["mean radius"] for row in first["inputs"]] == [r["mean radius"] for r in raw]
 
 
-def test_the_catalogue_lists_every_feature_of_the_champion_with_its_importance(built, page):
-    done = run_nbs("features", "--json", "--html", str(built / "catalogue.html"), cwd=built)
+def test_the_catalogue_lists_every_feature_of_the_champion_with_its_importance(shared_build, page, tmp_path):
+    built = shared_build  # read only
+    done = run_nbs("features", "--json", "--html", str(tmp_path / "catalogue.html"), cwd=built)
     assert done.returncode == 0, done.stderr
     listed = {row["feature"]: row for row in json.loads(done.stdout)}
     client = store(built)

@@ -1,4 +1,5 @@
-"""The whole pipeline in real papermill kernels, tracked in a real MLflow store, on scratch copies."""
+"""The whole pipeline in real papermill kernels, tracked in a real MLflow store: the session's shared build is
+read as it is; a test that changes a build changes a copy of it (`copy_build`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import copy_project, free_port, run_nbs, runs_of, start_service, stop_service, store
+from conftest import copy_build, free_port, run_nbs, runs_of, start_service, stop_service, store
 
 GRID = ["train-0", "train-1", "train-2", "train-3"]  # the grid of pipeline.yaml
 CANDIDATES = [*GRID, "train-tuned"]  # everything evaluate chooses from
@@ -18,13 +19,17 @@ TASKS = ["ingest", "eda", "validate", "feature_tables", "features", "materialize
          "register", "catalogue"]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    "A project copy after one `nbs run` on the default data."
-    root = copy_project(tmp_path_factory.mktemp("built") / "project")
-    done = run_nbs("run", cwd=root)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return root, done
+@pytest.fixture
+def built(shared_build, shared_build_output):
+    "The shared build (read only) and what its `nbs run` printed."
+    return shared_build, subprocess.CompletedProcess([], shared_build_output["returncode"],
+                                                     shared_build_output["stdout"], shared_build_output["stderr"])
+
+
+@pytest.fixture
+def rebuilt(shared_build, tmp_path):
+    "A copy of the shared build, for a test that builds again or changes the registry."
+    return copy_build(shared_build, tmp_path / "project")
 
 
 def test_run_writes_every_declared_product(built):
@@ -261,8 +266,8 @@ def test_model_registered_as_champion_and_serves_like_the_product(built):
     assert served.metadata.signature.inputs.input_names() == list(test.columns)
 
 
-def test_second_run_skips_every_up_to_date_task(built):
-    root, _ = built
+def test_second_run_skips_every_up_to_date_task(rebuilt):
+    root = rebuilt
     before = len(runs_of(root))
     done = run_nbs("run", cwd=root)
     assert done.returncode == 0, done.stderr
@@ -305,9 +310,8 @@ def test_plot_draws_the_dag_offline(built, tmp_path):
     assert (tmp_path / "dag.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_no_op_shortcut_gives_way_when_a_product_is_gone(built):
-    # after the tests that read the latest build's run: this build runs eda alone
-    root, _ = built
+def test_no_op_shortcut_gives_way_when_a_product_is_gone(rebuilt):
+    root = rebuilt
     assert (root / ".nbs/fresh-build.json").is_file(), "the build recorded no fingerprint"
     (root / "products/eda/distributions.png").unlink()  # eda's: nothing downstream, no new model version
     before = {r.info.run_id for r in runs_of(root)}
@@ -319,15 +323,15 @@ def test_no_op_shortcut_gives_way_when_a_product_is_gone(built):
     assert "All 15 tasks are up to date" in run_nbs("run", cwd=root).stdout
 
 
-def test_parameter_override_reruns_only_affected_tasks(built):
-    root, _ = built
+def test_parameter_override_reruns_only_affected_tasks(rebuilt):
+    root = rebuilt
     before = {r.info.run_id for r in runs_of(root)}
-    done = run_nbs("run", "-p", "cv_folds=3", cwd=root)
+    done = run_nbs("run", "-p", "cv_folds=4", cwd=root)
     assert done.returncode == 0, done.stdout + done.stderr
     new = [r for r in runs_of(root) if r.info.run_id not in before]
     assert sorted(r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task") == [
         "catalogue", "evaluate", "register", *CANDIDATES, "tune"]
-    assert {r.data.params["cv_folds"] for r in new if r.data.tags.get("nbs.task") in CANDIDATES} == {"3"}
+    assert {r.data.params["cv_folds"] for r in new if r.data.tags.get("nbs.task") in CANDIDATES} == {"4"}
     client = store(root)
     assert int(client.get_model_version_by_alias("nbs-classifier", "challenger").version) == 2
     second = client.get_model_version("nbs-classifier", "2")
@@ -338,8 +342,16 @@ def test_parameter_override_reruns_only_affected_tasks(built):
     assert int(champion.version) == (2 if gate["promote"] else 1)
 
 
-def test_promote_and_rollback_by_hand_are_recorded(built):
-    root, _ = built
+def test_promote_and_rollback_by_hand_are_recorded(rebuilt):
+    from nbs_lib.registry import register_model
+    from nbs_lib.train import load_model
+
+    root = rebuilt
+    train = pd.read_parquet(root / "products/data/train.parquet")
+    with pytest.MonkeyPatch.context() as patch:  # a second version, as a later build would register
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+        patch.chdir(root)
+        register_model(load_model(root / "products/model/model-0.joblib"), "nbs-classifier", train.drop(columns="target"))
     client = store(root)
     before = int(client.get_model_version_by_alias("nbs-classifier", "champion").version)
     other = 2 if before == 1 else 1
@@ -355,47 +367,44 @@ def test_promote_and_rollback_by_hand_are_recorded(built):
     assert missing.returncode == 2 and "has no version 99" in missing.stderr
 
 
-def test_library_edit_reruns_exactly_the_tasks_that_import_it(built):
+def test_library_edit_reruns_exactly_the_tasks_that_import_it(rebuilt):
     import os
     import sys
     from pathlib import Path
 
-    root, _ = built
-    notebook = root / "notebooks/06_evaluate.ipynb"
+    root = rebuilt
+    notebook = root / "notebooks/17_scoring.ipynb"
     source = notebook.read_text()
-    edited = source.replace("Accuracy, precision, recall, F1 and ROC AUC",
-                            "Accuracy, precision, recall, F1 and ROC AUC (edited)", 1)
+    edited = source.replace("One input column of a model's signature.", "One input column of a model's signature (edited).", 1)
     assert edited != source
     notebook.write_text(edited)
     env = {k: v for k, v in os.environ.items() if k != "IN_TEST"}
     subprocess.run([str(Path(sys.executable).with_name("nbdev_export"))], cwd=root, env=env, check=True)
-    assert "(edited)" in (root / "nbs_lib/evaluate.py").read_text()
+    assert "(edited)" in (root / "nbs_lib/scoring.py").read_text()
     before = {r.info.run_id for r in runs_of(root)}
-    same_params = ["-p", "cv_folds=3"]
-    done = run_nbs("run", *same_params, cwd=root)
+    done = run_nbs("run", cwd=root)
     assert done.returncode == 0, done.stdout + done.stderr
     new = [r for r in runs_of(root) if r.info.run_id not in before]
-    # 40_train, 45_train_tuned and 50_evaluate import nbs_lib.evaluate, 35_tune through nbs_lib.tune;
-    # register runs because it is downstream
+    # no task notebook imports nbs_lib.scoring: 60_register does through nbs_lib.provenance; catalogue runs
+    # because it is downstream of register
     assert sorted(r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task") == [
-        "catalogue", "evaluate", "register", *CANDIDATES, "tune"]
-    assert "All 15 tasks are up to date" in run_nbs("run", *same_params, cwd=root).stdout
+        "catalogue", "register"]
+    assert "All 15 tasks are up to date" in run_nbs("run", cwd=root).stdout
 
 
-def test_only_runs_just_the_named_task(built):
-    root, _ = built
+def test_only_runs_just_the_named_task(rebuilt):
+    root = rebuilt
     before = {r.info.run_id for r in runs_of(root)}
-    same_params = ["-p", "cv_folds=3"]
-    done = run_nbs("run", "--only", "evaluate", "--force", *same_params, cwd=root)
+    done = run_nbs("run", "--only", "evaluate", "--force", cwd=root)
     assert done.returncode == 0, done.stdout + done.stderr
     new = [r for r in runs_of(root) if r.info.run_id not in before]
     assert sorted(r.data.tags.get("nbs.task", "pipeline") for r in new) == ["evaluate", "pipeline"]
 
 
-def test_only_with_a_pattern_runs_the_tasks_it_matches(built):
-    root, _ = built
+def test_only_with_a_pattern_runs_the_tasks_it_matches(rebuilt):
+    root = rebuilt
     before = {r.info.run_id for r in runs_of(root)}
-    done = run_nbs("run", "--only", "train-*", "--force", "-p", "cv_folds=3", cwd=root)
+    done = run_nbs("run", "--only", "train-*", "--force", cwd=root)
     assert done.returncode == 0, done.stdout + done.stderr
     new = [r for r in runs_of(root) if r.info.run_id not in before]
     assert sorted(r.data.tags.get("nbs.task", "pipeline") for r in new) == sorted(["pipeline", *CANDIDATES])
@@ -403,14 +412,14 @@ def test_only_with_a_pattern_runs_the_tasks_it_matches(built):
     assert missed.returncode == 2 and "'deploy-*' (as a pattern it matches none)" in missed.stderr
 
 
-def test_new_task_runs_in_the_pipeline_and_new_module_is_exported(built):
-    root, _ = built
+def test_new_task_runs_in_the_pipeline_and_new_module_is_exported(rebuilt):
+    root = rebuilt
     done = run_nbs("new", "task", "summary", "--after", "evaluate", cwd=root)
     assert done.returncode == 0, done.stderr
     assert (root / "notebooks/pipeline/51_summary.ipynb").is_file()
     assert "name: summary" in (root / "pipeline.yaml").read_text()
     before = {r.info.run_id for r in runs_of(root)}
-    built_again = run_nbs("run", "-p", "cv_folds=3", cwd=root)
+    built_again = run_nbs("run", cwd=root)
     assert built_again.returncode == 0, built_again.stdout + built_again.stderr
     summary, = [r for r in runs_of(root) if r.info.run_id not in before and r.data.tags.get("nbs.task") == "summary"]
     assert summary.info.status == "FINISHED" and summary.data.metrics == {"upstream_tasks": 1.0}
@@ -456,6 +465,7 @@ def test_target_column_not_in_the_data(project):
     _assert_nothing_left_running(project)
 
 
+@pytest.mark.build
 def test_data_that_fails_validation_stops_the_build(project):
     rng = np.random.default_rng(0)
     data = pd.DataFrame({"x": rng.normal(size=40), "z": rng.normal(size=40),
@@ -475,6 +485,7 @@ def test_data_that_fails_validation_stops_the_build(project):
     assert not (project / "products/data/validated.parquet").exists()
 
 
+@pytest.mark.build
 def test_any_csv_with_a_named_target_column(project):
     rng = np.random.default_rng(1)
     n = 120

@@ -8,22 +8,32 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, run_nbs, runs_of, store
+from conftest import commit, copy_build, copy_project, run_nbs, runs_of, store, trim_pipeline
 from sklearn.datasets import load_breast_cancer
 
 from nbs_lib.lineage import file_digest
 
 URI = "models:/nbs-classifier/1"
+pytestmark = [pytest.mark.build, pytest.mark.xdist_group("reproduce")]  # one worker builds its project once
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    "A project copy built once on a CSV data file, data.csv, next to pipeline.yaml (not committed)."
+def build_on_a_csv(tmp_path_factory):
+    """A project built once on a CSV data file, data.csv, next to pipeline.yaml (not committed). Its pipeline is
+    the 7-task chain from data to a registered version: what reproduce rebuilds does not depend on the task count."""
     root = copy_project(tmp_path_factory.mktemp("reproduce") / "project")
+    trim_pipeline(root)
+    commit(root, "the chain from data to a registered version")
     load_breast_cancer(as_frame=True).frame.to_csv(root / "data.csv", index=False)
     done = run_nbs("run", "-p", "data_path=data.csv", cwd=root)
     assert done.returncode == 0, done.stdout + done.stderr
     return root
+
+
+@pytest.fixture
+def built(build_on_a_csv, tmp_path):
+    "A copy of that build, for one test to change."
+    return copy_build(build_on_a_csv, tmp_path / "project")
 
 
 def worktrees(root: Path) -> list[str]:

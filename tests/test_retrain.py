@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import copy_project, log_predictions, run_nbs, runs_of, store
+from conftest import commit, copy_project, log_predictions, run_nbs, runs_of, store, trim_pipeline
 
 TARGET, NAME = "target", "nbs-classifier"
 
@@ -66,10 +66,13 @@ def test_no_trigger_fires_on_fresh_data_and_nothing_is_retrained(project):
     assert not (root / "alerts.jsonl").exists()
 
 
+@pytest.mark.build
 def test_new_labels_trigger_a_retrain_that_the_gate_promotes(project):
     from nbs_lib.train import train_model
 
     root, data, train = project["root"], project["data"], project["train"]
+    trim_pipeline(root)  # the retraining build: 7 tasks from data to a registered version
+    commit(root, "the chain from data to a registered version")
     weak = train_model(train, TARGET, "random_forest", {"n_estimators": 1, "max_depth": 1})
     champion(root, weak, train)
     log_predictions(root / "predictions.db", weak, data, datetime.now(UTC), requests=12)

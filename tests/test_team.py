@@ -15,12 +15,22 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import ROOT, copy_project, free_port, run_nbs
+from conftest import (
+    CHAIN_TASKS,
+    ROOT,
+    commit,
+    copy_build,
+    copy_project,
+    free_port,
+    run_nbs,
+    trim_pipeline,
+)
 
 from nbs_lib.tracking import process_alive
 
 AIRFLOW = ROOT / ".venv-airflow" / "bin" / "airflow"
 ADMIN = "admin"
+pytestmark = [pytest.mark.build, pytest.mark.xdist_group("team")]  # the module's fixtures are made once, on one worker
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +41,8 @@ def team():
     scratch = Path(tempfile.mkdtemp(prefix="nbs-team-"))
     scratch.chmod(0o711)
     project = copy_project(scratch / "project")
+    trim_pipeline(project)  # what is tested here is where runs go, not what the tasks do: 7 tasks, not 15
+    commit(project, "the chain from data to a registered version")
     password = secrets.token_urlsafe(18)
     port, db_port = free_port(), free_port()
     started = run_nbs("server", "start", "--port", str(port), "--db-port", str(db_port), cwd=project,
@@ -132,16 +144,17 @@ def test_bad_credentials_give_a_clear_error_before_anything_runs(team):
     assert down.returncode == 2 and "no tracking server answers" in down.stderr
 
 
-FAST = ["-p", "tune_trials=3", "-p", "cv_folds=3"]
+TEAM = ["-p", "experiment=nbs-team", "-p", "model_name=nbs-team"]  # apart from the migration test's "nbs"
 
 
 @pytest.fixture(scope="module")
 def local_build(team) -> str:
     "A local `nbs run` of the pipeline, tracked on the team server: its pipeline run's id."
-    done = run_nbs("run", *FAST, cwd=team["project"], env=team["client_env"], timeout=900)
+    done = run_nbs("run", *TEAM, cwd=team["project"], env=team["client_env"], timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     client = _client(team)
-    latest, = client.search_runs([client.get_experiment_by_name("nbs").experiment_id], "tags.`nbs.kind` = 'pipeline'",
+    latest, = client.search_runs([client.get_experiment_by_name("nbs-team").experiment_id],
+                                 "tags.`nbs.kind` = 'pipeline'",
                                  order_by=["attributes.start_time DESC"], max_results=1)
     return latest.info.run_id
 
@@ -169,10 +182,10 @@ def _shape(client, run_id: str) -> tuple[dict, dict]:
 def test_the_pipeline_runs_against_the_server_with_artifacts_proxied(team, local_build):
     client = _client(team)
     parent, tasks = _shape(client, local_build)
-    assert parent["status"] == "FINISHED" and len(tasks) == 15
+    assert parent["status"] == "FINISHED" and sorted(tasks) == sorted(CHAIN_TASKS)
     assert all(t["status"] == "FINISHED" for t in tasks.values())
     assert "notebook" in tasks["evaluate"]["artifacts"] and "dag.json" in parent["artifacts"]
-    version = client.get_model_version_by_alias("nbs-classifier", "champion")
+    version = client.get_model_version_by_alias("nbs-team", "champion")
     assert version.run_id
     stored = list((team["project"] / ".nbs-server" / "artifacts").rglob("evaluate.ipynb"))
     assert stored, "the executed notebooks did not reach the server's artifact store"
@@ -208,7 +221,7 @@ def test_the_exported_dag_runs_under_airflow_and_records_what_a_local_run_does(t
                PYTHONPATH=str(project))  # the copy's nbs_lib, for its `nbs` and kernels alike
     migrated = subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
     assert migrated.returncode == 0, migrated.stderr[-3000:]
-    conf = {"experiment": "nbs-airflow", "model_name": "nbs-airflow", "tune_trials": 3, "cv_folds": 3}
+    conf = {"experiment": "nbs-airflow", "model_name": "nbs-airflow", "cv_folds": 4}
     ran = subprocess.run([str(AIRFLOW), "dags", "test", "nbs_pipeline", "-c", json.dumps(conf)], env=env,
                          capture_output=True, text=True, timeout=1500)
     assert ran.returncode == 0, (ran.stdout + ran.stderr)[-5000:]
@@ -221,20 +234,17 @@ def test_the_exported_dag_runs_under_airflow_and_records_what_a_local_run_does(t
     assert sorted(airflow_tasks) == sorted(local_tasks)
     for name, held in local_tasks.items():
         assert airflow_tasks[name] == held, name
-    run = airflow_run
-    assert run.data.params["trials"] == "3" and run.data.params["model_name"] == "nbs-airflow"  # the conf reached the tasks
+    assert airflow_run.data.params["cv_folds"] == "4" and airflow_run.data.params["model_name"] == "nbs-airflow"  # the conf
     assert client.get_registered_model("nbs-airflow").latest_versions
 
 
-def test_runs_and_models_of_the_embedded_store_move_to_the_server(team, tmp_path):
-    solo = copy_project(tmp_path / "solo")  # one person's project: the embedded store ./mlflow.db
-    built = run_nbs("run", *FAST, "-p", "experiment=nbs-solo", "-p", "model_name=nbs-solo", cwd=solo, timeout=900)
-    assert built.returncode == 0, built.stderr[-3000:]
+def test_runs_and_models_of_the_embedded_store_move_to_the_server(team, shared_build, tmp_path):
+    solo = copy_build(shared_build, tmp_path / "solo")  # one person's project: the embedded store ./mlflow.db
     from mlflow import MlflowClient
 
     local = MlflowClient(tracking_uri=f"sqlite:///{solo}/mlflow.db")
-    local_runs = local.search_runs([local.get_experiment_by_name("nbs-solo").experiment_id], max_results=1000)
-    local_champion = local.get_model_version_by_alias("nbs-solo", "champion")
+    local_runs = local.search_runs([local.get_experiment_by_name("nbs").experiment_id], max_results=1000)
+    local_champion = local.get_model_version_by_alias("nbs-classifier", "champion")
 
     moved = run_nbs("server", "migrate", cwd=solo, env=team["client_env"], timeout=900)
     assert moved.returncode == 0, moved.stdout + moved.stderr
@@ -243,9 +253,9 @@ def test_runs_and_models_of_the_embedded_store_move_to_the_server(team, tmp_path
     assert f"0 runs copied ({len(local_runs)} already there)" in again.stdout, again.stdout
 
     client = _client(team)
-    server_runs = client.search_runs([client.get_experiment_by_name("nbs-solo").experiment_id], max_results=1000)
+    server_runs = client.search_runs([client.get_experiment_by_name("nbs").experiment_id], max_results=1000)
     assert sorted(r.info.run_name for r in server_runs) == sorted(r.info.run_name for r in local_runs)
-    champion = client.get_model_version_by_alias("nbs-solo", "champion")
+    champion = client.get_model_version_by_alias("nbs-classifier", "champion")
     assert str(champion.version) == str(local_champion.version)
     copied_run = client.get_run(champion.run_id)
     assert copied_run.data.tags["nbs.migrated_from"].endswith(f"#{local_champion.run_id}")
@@ -256,7 +266,7 @@ def test_runs_and_models_of_the_embedded_store_move_to_the_server(team, tmp_path
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(team["url"])
     try:
-        model = mlflow.sklearn.load_model("models:/nbs-solo@champion")
+        model = mlflow.sklearn.load_model("models:/nbs-classifier@champion")
     finally:
         mlflow.set_tracking_uri(before)
     rows = pd.read_parquet(solo / "products" / "data" / "test.parquet").drop(columns="target").head(5)
