@@ -17,8 +17,11 @@ from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, NotebookExecutionManager
 
+from .tracking import JOURNAL_ENV, journal_tags
+
 # %% auto #0
-__all__ = ['SYS_EXIT_NOTE', 'mark_unfinished', 'flag_sys_exit', 'kill_kernels', 'QuickSaveManager', 'NbsEngine']
+__all__ = ['SYS_EXIT_NOTE', 'KERNEL_DIED_AT_START', 'mark_unfinished', 'flag_sys_exit', 'kill_kernels', 'QuickSaveManager',
+           'NbsEngine']
 
 # %% ../notebooks/10_engine.ipynb #e93744e3
 SYS_EXIT_NOTE = "sys.exit() stopped the notebook before its last cell"
@@ -58,13 +61,35 @@ _running_kernels: dict[int, object] = {}  # id(client) -> kernel manager, while 
 _running_lock = threading.Lock()
 
 
+KERNEL_DIED_AT_START = "Kernel died before replying to kernel_info"  # jupyter_client's words
+
+
 class _KillableClient(PapermillNotebookClient):
-    "papermill's notebook client, with its kernel listed in `_running_kernels` while it runs."
+    """papermill's notebook client, with its kernel listed in `_running_kernels` while it runs, and a kernel
+    that dies before it answers `kernel_info` started once more."""
+
+    kernel_restarts = 0
 
     def start_new_kernel(self, **kwargs) -> None:
+        self._start_kwargs = kwargs
         super().start_new_kernel(**kwargs)
         with _running_lock:
             _running_kernels[id(self)] = self.km
+
+    def start_new_kernel_client(self):
+        # jupyter_client picks the kernel's five ports by binding and releasing them: another
+        # kernel starting at the same moment can take one first, and this kernel then exits on
+        # `ZMQError: Address already in use` before it ever answers. A second start picks anew.
+        try:
+            return super().start_new_kernel_client()
+        except RuntimeError as error:
+            if self.kernel_restarts or KERNEL_DIED_AT_START not in str(error):
+                raise
+            self.kernel_restarts += 1
+            logging.getLogger(__name__).warning("the kernel died before it answered (%s): starting it once more", error)
+            self.km = self.create_kernel_manager()  # nbclient's clean-up dropped the dead one
+            self.start_new_kernel(**self._start_kwargs)
+            return super().start_new_kernel_client()
 
     def execute(self, **kwargs):
         try:
@@ -165,5 +190,8 @@ class NbsEngine(NBClientEngine):
         except (CellTimeoutError, DeadKernelError) as error:
             if mark_unfinished(nb_man, error) is None:
                 raise
+        finally:
+            if client.kernel_restarts and JOURNAL_ENV in (kernel_env or {}):  # recorded on the task's run
+                journal_tags(kernel_env[JOURNAL_ENV], {"nbs.kernel_restarts": client.kernel_restarts})
         flag_sys_exit(nb_man.nb)
         return nb_man.nb

@@ -23,8 +23,8 @@ from .errors import ServerError
 # %% auto #0
 __all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'check_server', 'open_store', 'get_client',
            'experiment_id', 'git_state', 'owner_tags', 'process_alive', 'reap_orphans', 'start_pipeline_run',
-           'start_task_run', 'finish_run', 'active_run_id', 'log_metrics', 'log_table', 'log_tags', 'log_params',
-           'log_artifact', 'json_artifact', 'table_artifact', 'who', 'RunJournal']
+           'start_task_run', 'finish_run', 'active_run_id', 'journal_tags', 'log_metrics', 'log_table', 'log_tags',
+           'log_params', 'log_artifact', 'json_artifact', 'table_artifact', 'who', 'RunJournal']
 
 # %% ../notebooks/08_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -224,6 +224,11 @@ def _journal() -> Path | None:
 def _append(journal: Path, record: dict) -> None:
     with open(journal / JOURNAL_RECORDS, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")  # one write of one line: the reader takes whole lines only
+
+
+def journal_tags(journal: str | Path, tags: dict[str, object]) -> None:
+    "Tag the run of the journal folder `journal` with `tags`, from outside its kernel (the engine that started it)."
+    _append(Path(journal), {"kind": "tags", "values": {k: str(v) for k, v in tags.items()}})
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> dict[str, float]:

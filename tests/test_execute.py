@@ -180,3 +180,27 @@ def test_sigterm_ends_the_runs_killed_and_stops_the_kernel(tmp_path):
             os.killpg(build.pid, signal.SIGKILL)
             build.wait(10)
     assert {r.info.status for r in runs_of(tmp_path)} == {"KILLED"}
+
+
+FIRST_START_FAILS = ("import os, sys; marker = sys.argv.pop(1)\n"
+                     "if not os.path.exists(marker): open(marker, 'w').close(); os._exit(1)\n"
+                     "from ipykernel import kernelapp; kernelapp.launch_new_instance()")
+
+
+def test_a_kernel_that_dies_before_it_answers_is_started_once_more_and_the_run_says_so(tmp_path):
+    import sys
+
+    spec = tmp_path / "jupyter" / "kernels" / "flaky"  # exits at its first start, as a lost port race does
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-c", FIRST_START_FAILS,
+                                                            str(tmp_path / "started-once"), "-f", "{connection_file}"],
+                                                   "display_name": "flaky", "language": "python"}))
+    path = _notebook(tmp_path / "job.ipynb", "print('ran')")
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["kernelspec"] = {"name": "flaky", "display_name": "flaky", "language": "python"}
+    nbformat.write(nb, path)
+    done = run_nbs("execute", "job.ipynb", cwd=tmp_path, env={"JUPYTER_PATH": str(tmp_path / "jupyter")})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "started-once").is_file(), "the first start did not happen: this test would prove nothing"
+    (attempt,) = _by_kind(tmp_path)["task"]
+    assert attempt.info.status == "FINISHED" and attempt.data.tags["nbs.kernel_restarts"] == "1"
