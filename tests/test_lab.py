@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from conftest import copy_project, free_port, start_service, stop_service
+from playwright.sync_api import expect
 
 TOKEN = "nbs-test-token"
 INJECTED = "This cell was injected automatically"
+WAIT = 60_000  # ms a condition may take to hold on a loaded machine (the kernel's start, mostly)
 
 
 @pytest.fixture(params=["ploomber on", "ploomber off"])
@@ -46,8 +50,11 @@ def test_task_notebook_opens_with_its_upstream_injected_and_runs(lab, page):
     cells.filter(has_text='upstream = ["features"]').wait_for()  # the notebook's own parameters cell
     injected = cells.filter(has_text=INJECTED)
     if not lab["injection"]:
-        page.wait_for_timeout(3000)  # time enough for a late injection to show
+        # the injection is part of the notebook the server hands the page: once its own cells show,
+        # an injected cell would show with them, and the served notebook would hold it
         assert injected.count() == 0, "without Ploomber's extension nothing may be injected"
+        served = httpx.get(f"{lab['url']}/api/contents/notebooks/pipeline/40_train.ipynb?token={TOKEN}").json()
+        assert not [c for c in served["content"]["cells"] if INJECTED in c["source"]]
         return
     injected.wait_for()
     text = injected.inner_text()
@@ -55,11 +62,18 @@ def test_task_notebook_opens_with_its_upstream_injected_and_runs(lab, page):
     assert f'"train": "{lab["root"]}/products/data/train.parquet"' in text
 
     # run the injected cell, then a new cell below it that reads what it set, in the project's kernel
+    # Each key waits for what the one before it did: on a loaded machine the kernel starts late and
+    # the page redraws late, and a key sent early lands in the wrong cell or mode.
+    notebook_panel = page.locator(".jp-Notebook").first
     injected.locator(".cm-content").click()
     page.keyboard.press("Shift+Enter")
+    expect(injected.locator(".jp-InputPrompt")).to_have_text(re.compile(r"\[1\]"), timeout=WAIT)  # the kernel ran it
     page.keyboard.press("Escape")
+    expect(notebook_panel).to_have_class(re.compile("jp-mod-commandMode"), timeout=WAIT)
     page.keyboard.press("a")  # a new cell above the one Shift+Enter moved to: right after the injected cell
+    expect(page.locator(".jp-Notebook .jp-Cell.jp-mod-active .cm-content")).to_have_text("", timeout=WAIT)
     page.keyboard.press("Enter")
+    expect(notebook_panel).to_have_class(re.compile("jp-mod-editMode"), timeout=WAIT)
     page.keyboard.type('import sys; print(sys.prefix, upstream["features"]["train"])')
     page.keyboard.press("Shift+Enter")
     output = page.locator(".jp-OutputArea-output", has_text="train.parquet")
