@@ -55,6 +55,9 @@ def test_task_notebook_opens_with_its_upstream_injected_and_runs(lab, page):
         assert injected.count() == 0, "without Ploomber's extension nothing may be injected"
         served = httpx.get(f"{lab['url']}/api/contents/notebooks/pipeline/40_train.ipynb?token={TOKEN}").json()
         assert not [c for c in served["content"]["cells"] if INJECTED in c["source"]]
+        # the page started the notebook's kernel: stopped mid-start, the server spent its whole
+        # 20 s grace on shutting it down (seen on a loaded machine); leave once it is up
+        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=WAIT)
         return
     injected.wait_for()
     text = injected.inner_text()
@@ -65,6 +68,9 @@ def test_task_notebook_opens_with_its_upstream_injected_and_runs(lab, page):
     # Each key waits for what the one before it did: on a loaded machine the kernel starts late and
     # the page redraws late, and a key sent early lands in the wrong cell or mode.
     notebook_panel = page.locator(".jp-Notebook").first
+    # a cell run before the page's kernel is ready is not run at all (seen on a loaded machine: the
+    # injected cell stayed `[ ]`, so the next cell found no `upstream`)
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=WAIT)
     injected.locator(".cm-content").click()
     page.keyboard.press("Shift+Enter")
     expect(injected.locator(".jp-InputPrompt")).to_have_text(re.compile(r"\[1\]"), timeout=WAIT)  # the kernel ran it
