@@ -14,6 +14,8 @@ import psutil
 import pytest
 from conftest import NBS, run_nbs, runs_of, store
 
+pytestmark = pytest.mark.build  # each test builds its own two-task pipeline
+
 FIRST_BODY = """\
 import os, sys, time
 from pathlib import Path

@@ -40,6 +40,15 @@ def lab(request, tmp_path):
     stop_service(server)
 
 
+def wait_for_kernel(page, url: str) -> None:
+    "Wait until the server has the notebook's kernel up and idle, and the page shows it idle."
+    deadline = time.monotonic() + WAIT / 1000
+    while not any(k["execution_state"] == "idle" for k in httpx.get(f"{url}/api/kernels?token={TOKEN}").json()):
+        assert time.monotonic() < deadline, "the notebook's kernel never became idle"
+        time.sleep(0.3)
+    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=WAIT)
+
+
 def test_task_notebook_opens_with_its_upstream_injected_and_runs(lab, page):
     page.goto(f"{lab['url']}/lab/tree/notebooks/pipeline/40_train.ipynb?token={TOKEN}")
     listing = page.locator(".jp-DirListing-item")
@@ -55,9 +64,9 @@ def test_task_notebook_opens_with_its_upstream_injected_and_runs(lab, page):
         assert injected.count() == 0, "without Ploomber's extension nothing may be injected"
         served = httpx.get(f"{lab['url']}/api/contents/notebooks/pipeline/40_train.ipynb?token={TOKEN}").json()
         assert not [c for c in served["content"]["cells"] if INJECTED in c["source"]]
-        # the page started the notebook's kernel: stopped mid-start, the server spent its whole
-        # 20 s grace on shutting it down (seen on a loaded machine); leave once it is up
-        page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=WAIT)
+        # the page asks for the notebook's kernel: a server stopped while it starts one spends its
+        # whole 20 s grace on shutting down (seen with two test workers); leave once it is up
+        wait_for_kernel(page, lab["url"])
         return
     injected.wait_for()
     text = injected.inner_text()
@@ -70,7 +79,7 @@ def test_task_notebook_opens_with_its_upstream_injected_and_runs(lab, page):
     notebook_panel = page.locator(".jp-Notebook").first
     # a cell run before the page's kernel is ready is not run at all (seen on a loaded machine: the
     # injected cell stayed `[ ]`, so the next cell found no `upstream`)
-    page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']").first.wait_for(timeout=WAIT)
+    wait_for_kernel(page, lab["url"])
     injected.locator(".cm-content").click()
     page.keyboard.press("Shift+Enter")
     expect(injected.locator(".jp-InputPrompt")).to_have_text(re.compile(r"\[1\]"), timeout=WAIT)  # the kernel ran it

@@ -443,6 +443,7 @@ def _assert_nothing_left_running(root):
     assert statuses and "RUNNING" not in statuses, statuses
 
 
+@pytest.mark.build
 def test_data_file_that_does_not_exist(project):
     done = run_nbs("run", "-p", "data_path=data/nope.csv", cwd=project)
     assert done.returncode == 1
@@ -457,6 +458,7 @@ def test_data_file_that_does_not_exist(project):
     assert not (project / "products/data/raw.parquet").exists()
 
 
+@pytest.mark.build
 def test_target_column_not_in_the_data(project):
     pd.DataFrame({"x": [1.0, 2.0], "label": [0, 1]}).to_parquet(project / "tiny.parquet")
     done = run_nbs("run", "-p", "data_path=tiny.parquet", "-p", "target=outcome", cwd=project)
