@@ -20,8 +20,8 @@ from papermill.engines import NBClientEngine, NotebookExecutionManager
 from .tracking import JOURNAL_ENV, journal_tags
 
 # %% auto #0
-__all__ = ['SYS_EXIT_NOTE', 'KERNEL_DIED_AT_START', 'mark_unfinished', 'flag_sys_exit', 'kill_kernels', 'QuickSaveManager',
-           'NbsEngine']
+__all__ = ['SYS_EXIT_NOTE', 'KERNEL_DIED_AT_START', 'mark_unfinished', 'mark_not_started', 'flag_sys_exit', 'kill_kernels',
+           'QuickSaveManager', 'NbsEngine']
 
 # %% ../notebooks/10_engine.ipynb #e93744e3
 SYS_EXIT_NOTE = "sys.exit() stopped the notebook before its last cell"
@@ -41,6 +41,19 @@ def mark_unfinished(nb_man, error: BaseException) -> int | None:
         evalue = f"the kernel died while this cell ran (os._exit, a crash or out of memory): {evalue}"
     cell.outputs = [o for o in cell.get("outputs", []) if o.get("output_type") != "error"]
     cell.outputs.append(nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}"]))
+    nb_man.cell_exception(cell, cell_index=index, exception=error)
+    return index
+
+
+def mark_not_started(nb_man, error: BaseException) -> int | None:
+    "Mark the first code cell failed, with an error output saying the kernel did not start and why; its index."
+    index = next((i for i, cell in enumerate(nb_man.nb.cells) if cell.cell_type == "code"), None)
+    if index is None:
+        return None
+    ename, reason = type(error).__name__, " ".join(str(error).split()) or type(error).__name__
+    evalue = f"the kernel did not start, no cell ran: {reason}"
+    cell = nb_man.nb.cells[index]
+    cell.outputs = [nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}"])]
     nb_man.cell_exception(cell, cell_index=index, exception=error)
     return index
 
@@ -167,6 +180,11 @@ class NbsEngine(NBClientEngine):
         nb_man.notebook_start()
         try:
             cls.execute_managed_notebook(nb_man, kernel_name, log_output=log_output, **kwargs)
+        except Exception as error:
+            # papermill would mark every cell "completed" when the kernel never started
+            if not any(cell.metadata.get("papermill", {}).get("start_time") for cell in nb_man.nb.cells):
+                mark_not_started(nb_man, error)
+            raise
         finally:
             nb_man.cleanup_pbar()
             nb_man.notebook_complete()

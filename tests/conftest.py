@@ -107,24 +107,43 @@ def copy_build(built: Path, dest: Path) -> Path:
     return dest
 
 
+# Files a read writes all the same: the lock file every client of the embedded store takes, and the
+# `registered_model_meta` MLflow writes into a model's folder whenever a models:/ URI is loaded (for
+# a local artifact store, that folder is the store's own)
+WRITTEN_BY_READS = ("mlflow.db.lock", "registered_model_meta")
+
+
+def file_states(root: Path) -> dict[str, list[int]]:
+    "Size and modification time of each file of the project at `root`, but git's, Python's caches and WRITTEN_BY_READS."
+    return {str(path.relative_to(root)): [path.stat().st_size, path.stat().st_mtime_ns] for path in sorted(root.rglob("*"))
+            if path.is_file() and path.relative_to(root).parts[0] != ".git" and "__pycache__" not in path.parts
+            and path.name not in WRITTEN_BY_READS}
+
+
 @pytest.fixture(scope="session")
-def shared_build(tmp_path_factory, worker_id: str) -> Path:
+def shared_build(tmp_path_factory, worker_id: str):
     """The project built once for the whole test session, by `nbs run` with SHARED_DEFAULTS: every xdist worker
-    shares it. Read it, never change it: a test that changes a build takes `copy_build(shared_build, tmp_path)`."""
+    shares it. Read it, never change it: a test that changes a build takes `copy_build(shared_build, tmp_path)`.
+    At the end of the session a file of it that changed is an error, naming the file."""
     base = tmp_path_factory.getbasetemp()
     base = base.parent if worker_id != "master" else base  # the folder every worker's basetemp is in
     folder = base / "shared-build"
-    outcome = folder / "outcome.json"
+    outcome, states = folder / "outcome.json", folder / "files.json"
+    root = folder / "project"
     with open(base / "shared-build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker builds; the others wait for it, then read
         if not outcome.is_file():
-            root = copy_project(folder / "project", SHARED_DEFAULTS)
+            copy_project(root, SHARED_DEFAULTS)
             done = run_nbs("run", cwd=root, timeout=900)
+            states.write_text(json.dumps(file_states(root)))
             outcome.write_text(json.dumps({"returncode": done.returncode, "stdout": done.stdout,
                                            "stderr": done.stderr}))
     result = json.loads(outcome.read_text())
     assert result["returncode"] == 0, result["stdout"][-3000:] + result["stderr"][-3000:]
-    return folder / "project"
+    yield root
+    built, now = json.loads(states.read_text()), file_states(root)
+    changed = sorted(name for name in built.keys() | now.keys() if built.get(name) != now.get(name))
+    assert not changed, f"a test changed the shared build (take copy_build for that): {changed[:10]}"
 
 
 @pytest.fixture(scope="session")

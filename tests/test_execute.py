@@ -204,3 +204,23 @@ def test_a_kernel_that_dies_before_it_answers_is_started_once_more_and_the_run_s
     assert (tmp_path / "started-once").is_file(), "the first start did not happen: this test would prove nothing"
     (attempt,) = _by_kind(tmp_path)["task"]
     assert attempt.info.status == "FINISHED" and attempt.data.tags["nbs.kernel_restarts"] == "1"
+
+
+def test_a_kernel_that_never_starts_fails_the_run_and_no_cell_claims_to_have_run(tmp_path):
+    import sys
+
+    spec = tmp_path / "jupyter" / "kernels" / "dead"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-c", "import os; os._exit(1)", "-f",
+                                                            "{connection_file}"], "display_name": "dead", "language": "python"}))
+    path = _notebook(tmp_path / "job.ipynb", "print('ran')", "print('again')")
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["kernelspec"] = {"name": "dead", "display_name": "dead", "language": "python"}
+    nbformat.write(nb, path)
+    done = run_nbs("execute", "job.ipynb", cwd=tmp_path, env={"JUPYTER_PATH": str(tmp_path / "jupyter")})
+    assert done.returncode == 1 and "Kernel died before replying to kernel_info" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert {r.info.status for r in runs_of(tmp_path)} == {"FAILED"}
+    cells = json.loads((tmp_path / "products/executed/job.ipynb").read_text())["cells"]
+    assert [c["metadata"]["papermill"]["status"] for c in cells] == ["failed", "pending"]
+    assert cells[0]["outputs"][0]["evalue"].startswith("the kernel did not start, no cell ran")

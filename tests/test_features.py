@@ -174,13 +174,12 @@ def test_the_catalogue_lists_every_feature_of_the_champion_with_its_importance(s
 
 
 def test_monitoring_measures_skew_between_the_online_and_offline_stores(built):
-    if not (built / "predictions.db").is_file():  # this test alone: one request makes the prediction log
-        process, url = start_server(cwd=built)
-        try:
-            wait_ready(url)
-            assert _post(url, {"entities": [{"patient_id": 1}]}).status_code == 200
-        finally:
-            stop_server(process)
+    process, url = start_server(cwd=built)  # one request makes the prediction log monitoring reads
+    try:
+        wait_ready(url)
+        assert _post(url, {"entities": [{"patient_id": 1}]}).status_code == 200
+    finally:
+        stop_server(process)
     monitored = run_nbs("monitor", "--since", "", cwd=built)
     assert monitored.returncode == 0, monitored.stdout + monitored.stderr
     clean = runs_of(built, "nbs-monitoring")[-1]

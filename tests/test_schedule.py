@@ -34,11 +34,13 @@ def test_a_bad_schedules_file_is_refused(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def _start_scheduler(root: Path) -> subprocess.Popen:
+def _start_scheduler(root: Path, log: Path) -> subprocess.Popen:
+    "`nbs schedule run` in `root`, its output (and its jobs') in `log`: a pipe nobody reads would fill and block it."
     env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
     env["PLOOMBER_STATS_ENABLED"] = "false"
-    return subprocess.Popen([str(NBS), "schedule", "run"], cwd=root, env=env, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    with open(log, "w") as out:
+        return subprocess.Popen([str(NBS), "schedule", "run"], cwd=root, env=env, stderr=out, stdout=out,
+                                text=True, start_new_session=True)
 
 
 def test_two_schedulers_fire_a_one_second_job_never_twice_at_once_and_stop_on_sigterm(tmp_path):
@@ -47,7 +49,8 @@ def test_two_schedulers_fire_a_one_second_job_never_twice_at_once_and_stop_on_si
     nbformat.write(nb, tmp_path / "tick.ipynb")
     (tmp_path / "schedules.yaml").write_text(
         "jobs:\n  tick: {cron: '* * * * * *', notebook: tick.ipynb, overlap: skip}\n")
-    schedulers = [_start_scheduler(tmp_path), _start_scheduler(tmp_path)]
+    logs = [tmp_path / "scheduler-1.log", tmp_path / "scheduler-2.log"]
+    schedulers = [_start_scheduler(tmp_path, log) for log in logs]
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # until two fires have finished
@@ -71,7 +74,7 @@ def test_two_schedulers_fire_a_one_second_job_never_twice_at_once_and_stop_on_si
     fires = [r for r in runs if r.data.tags["nbs.kind"] == "schedule"]
     outcomes = [r.data.tags["nbs.schedule.outcome"] for r in fires]
     assert outcomes.count("finished") >= 2 and outcomes.count("skipped") >= 1, outcomes
-    assert set(outcomes) <= {"finished", "skipped", "killed"}, outcomes
+    assert set(outcomes) <= {"finished", "skipped", "killed"}, (outcomes, [log.read_text()[-3000:] for log in logs])
     assert all("still running" in r.data.tags["nbs.schedule.reason"] for r in fires
                if r.data.tags["nbs.schedule.outcome"] == "skipped")
     executions = sorted((r.info.start_time, r.info.end_time) for r in runs if r.data.tags["nbs.kind"] == "execution")
