@@ -34,26 +34,23 @@ def mark_unfinished(nb_man, error: BaseException) -> int | None:
     if not started:
         return None
     index = started[-1]
-    cell = nb_man.nb.cells[index]
-    ename = type(error).__name__
-    evalue = " ".join(str(error).split()) or ename
-    if isinstance(error, DeadKernelError):
-        evalue = f"the kernel died while this cell ran (os._exit, a crash or out of memory): {evalue}"
-    cell.outputs = [o for o in cell.get("outputs", []) if o.get("output_type") != "error"]
-    cell.outputs.append(nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}"]))
-    nb_man.cell_exception(cell, cell_index=index, exception=error)
-    return index
+    prefix = "the kernel died while this cell ran (os._exit, a crash or out of memory): "
+    return _fail_cell(nb_man, index, error, prefix if isinstance(error, DeadKernelError) else "")
 
 
 def mark_not_started(nb_man, error: BaseException) -> int | None:
     "Mark the first code cell failed, with an error output saying the kernel did not start and why; its index."
     index = next((i for i, cell in enumerate(nb_man.nb.cells) if cell.cell_type == "code"), None)
-    if index is None:
-        return None
-    ename, reason = type(error).__name__, " ".join(str(error).split()) or type(error).__name__
-    evalue = f"the kernel did not start, no cell ran: {reason}"
+    return None if index is None else _fail_cell(nb_man, index, error, "the kernel did not start, no cell ran: ")
+
+
+def _fail_cell(nb_man, index: int, error: BaseException, prefix: str) -> int:
+    "Give cell `index` an error output for `error` (its message after `prefix`) in place of any other, and mark it failed."
     cell = nb_man.nb.cells[index]
-    cell.outputs = [nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}"])]
+    ename = type(error).__name__
+    evalue = prefix + (" ".join(str(error).split()) or ename)
+    cell.outputs = [o for o in cell.get("outputs", []) if o.get("output_type") != "error"]
+    cell.outputs.append(nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=[f"{ename}: {evalue}"]))
     nb_man.cell_exception(cell, cell_index=index, exception=error)
     return index
 
