@@ -114,12 +114,12 @@ def _build_inputs(root: Path, dag, env_file: Path | None) -> BuildInputs:
         spec=[PIPELINE_FILE, ENV_FILE, *([str(env_file)] if env_file else [])],
         sources=[display_path(t.source.loc, root) for t in tasks if hasattr(t.source, "loc")],
         data=sorted({str(t.params.to_dict()["data_path"]) for t in tasks if t.params.to_dict().get("data_path")}),
-        products={t.name: [display_path(p, root) for p in product_files(t.product).values()] for t in tasks})
+        products={t.name: {key: display_path(p, root) for key, p in product_files(t.product).items()} for t in tasks})
 
 
-def _print_products(products: dict[str, list[str]]) -> None:
+def _print_products(products: dict[str, dict[str, str]]) -> None:
     for task, shown in products.items():
-        print(f"  {task:10} " + "\n  {:10} ".format("").join(shown))
+        print(f"  {task:10} " + "\n  {:10} ".format("").join(shown.values()))
     uri = tracking_uri()
     browse = "make ui  (http://127.0.0.1:5000)" if uri.startswith("sqlite:") else uri
     print(f"\nTracked in {uri}. To browse the runs: {browse}")
@@ -133,9 +133,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not (args.force or args.only):
         unchanged = fresh_build(root, overrides)
         if unchanged is not None:
-            print(f"All {len(unchanged)} tasks are up to date; nothing ran (--force re-runs them). Products:")
-            _print_products(unchanged)
-            return 0
+            return _report_build(unchanged, f"All {len(unchanged)} tasks are up to date; nothing ran (--force re-runs them).",
+                                 args.json)
     dag = load_dag(root, overrides)
     # Ploomber takes a name with a * as an fnmatch pattern, and any other as a task's name
     if args.only and not (fnmatch.filter(dag, args.only) if "*" in args.only else args.only in dag):
@@ -153,11 +152,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         record_fresh_build(root, inputs, overrides)
     outcome = report.to_dict()
     ran = [name for name, done in zip(outcome["name"], outcome["Ran?"], strict=True) if done]
-    if ran:
-        print(f"\nRan {len(ran)} of {len(dag)} tasks. Products:")
-    else:
-        print(f"All {len(dag)} tasks are up to date; nothing ran (--force re-runs them). Products:")
-    _print_products(inputs.products)
+    said = (f"\nRan {len(ran)} of {len(dag)} tasks." if ran
+            else f"All {len(dag)} tasks are up to date; nothing ran (--force re-runs them).")
+    return _report_build(inputs.products, said, args.json)
+
+
+def _report_build(products: dict[str, dict[str, str]], said: str, as_json: bool) -> int:
+    "Print what a build ran and made, then what it came to (`build_summary`); all of it as one JSON object with `as_json`."
+    import json
+
+    from nbs_lib.summary import build_summary, format_summary
+
+    summary = build_summary({task: {key: Path(path) for key, path in files.items()} for task, files in products.items()})
+    if as_json:
+        print(json.dumps({"message": said.strip(), "products": products, "summary": summary}, indent=2, default=str))
+        return 0
+    print(f"{said} Products:")
+    _print_products(products)
+    if summary is not None:
+        print("\n" + format_summary(summary))
     return 0
 
 
@@ -386,7 +399,7 @@ def cmd_task(args: argparse.Namespace) -> int:
     forget_fresh_build(root)
     dag.build_partially(args.name, force=True, skip_upstream=True)
     print(f"Ran {args.name} in pipeline run {args.pipeline_run}. Products:")
-    _print_products({args.name: [display_path(p, root) for p in product_files(dag[args.name].product).values()]})
+    _print_products({args.name: {key: display_path(p, root) for key, p in product_files(dag[args.name].product).items()}})
     return 0
 
 
@@ -873,6 +886,7 @@ def build_parser() -> argparse.ArgumentParser:
                          description=cmd_run.__doc__)
     pipeline_options(run)
     run.add_argument("--force", action="store_true", help="run every task, even if up to date")
+    run.add_argument("--json", action="store_true", help="print the products and the results as one JSON object")
     run.add_argument("--only", metavar="TASK",
                      help="run just this task, or the tasks a pattern such as 'train-*' matches (their "
                      "upstream products must exist)")

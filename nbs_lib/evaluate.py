@@ -14,101 +14,173 @@ from .errors import ParameterError
 from .train import train_model
 
 # %% auto #0
-__all__ = ['METRIC_NAMES', 'prediction_metrics', 'holdout_metrics', 'cross_validated_metrics', 'rank_candidates',
-           'plot_confusion_matrix', 'plot_roc', 'permutation_importances', 'plot_importances']
+__all__ = ['CLASSIFICATION_METRICS', 'REGRESSION_METRICS', 'METRIC_NAMES', 'LOWER_IS_BETTER', 'DEFAULT_METRIC', 'task_metrics',
+           'model_task', 'improvement', 'prediction_metrics', 'regression_metrics', 'holdout_metrics',
+           'cross_validated_metrics', 'metric_for_task', 'rank_candidates', 'plot_errors', 'plot_curve',
+           'permutation_importances', 'plot_importances']
 
 # %% ../notebooks/06_evaluate.ipynb #b826e166
+CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "log_loss")
+REGRESSION_METRICS = ("rmse", "mae", "r2")
+METRIC_NAMES = CLASSIFICATION_METRICS + REGRESSION_METRICS
+LOWER_IS_BETTER = frozenset({"log_loss", "rmse", "mae"})
+DEFAULT_METRIC = {"classification": "roc_auc", "regression": "rmse"}
+
+
+def task_metrics(task: str) -> tuple[str, ...]:
+    "The metrics measured for `task`."
+    return CLASSIFICATION_METRICS if task == "classification" else REGRESSION_METRICS
+
+
+def model_task(model) -> str:
+    "classification or regression: what the fitted (or unfitted) scikit-learn `model` does."
+    from sklearn.base import is_classifier, is_regressor
+
+    if is_classifier(model):
+        return "classification"
+    if is_regressor(model):
+        return "regression"
+    raise ParameterError("model", f"{type(model).__name__} is neither a classifier nor a regressor")
+
+
+def improvement(metric: str, new: float, old: float) -> float:
+    "How much better `new` is than `old` on `metric` (negative: worse), whichever way the metric points."
+    return old - new if metric in LOWER_IS_BETTER else new - old
+
+
 def prediction_metrics(y, predicted, scores, classes) -> dict[str, float]:
-    "Accuracy, precision, recall, F1 and ROC AUC of labels `predicted` and probabilities `scores` (a column per one of `classes`) against the true labels `y`."
+    "Accuracy, precision, recall, F1, ROC AUC and log loss of labels `predicted` and probabilities `scores` (a column per one of `classes`; None: the model gives none) against the true labels `y`."
+    import numpy as np
     from sklearn import metrics
 
     binary = len(classes) == 2
     averaging = {"average": "binary", "pos_label": classes[1]} if binary else {"average": "macro"}
     precision, recall, f1, _ = metrics.precision_recall_fscore_support(y, predicted, zero_division=0, **averaging)
-    result = {
-        "accuracy": metrics.accuracy_score(y, predicted),
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "roc_auc": (metrics.roc_auc_score(y, scores[:, 1]) if binary
-                    else metrics.roc_auc_score(y, scores, multi_class="ovr", labels=classes)),
-    }
+    result = {"accuracy": metrics.accuracy_score(y, predicted), "precision": precision, "recall": recall, "f1": f1,
+              "roc_auc": np.nan, "log_loss": np.nan}
+    if scores is not None:
+        result["roc_auc"] = (metrics.roc_auc_score(y, scores[:, 1]) if binary
+                             else metrics.roc_auc_score(y, scores, multi_class="ovr", labels=classes))
+        result["log_loss"] = metrics.log_loss(y, scores, labels=classes)
+    return {name: round(float(value), 6) for name, value in result.items()}
+
+
+def regression_metrics(y, predicted) -> dict[str, float]:
+    "RMSE, MAE and R² of `predicted` against the true values `y`."
+    from sklearn import metrics
+
+    result = {"rmse": metrics.root_mean_squared_error(y, predicted), "mae": metrics.mean_absolute_error(y, predicted),
+              "r2": metrics.r2_score(y, predicted)}
     return {name: round(float(value), 6) for name, value in result.items()}
 
 
 def holdout_metrics(model, test: pd.DataFrame, target: str) -> dict[str, float]:
-    "Accuracy, precision, recall, F1 and ROC AUC of `model` on the holdout table `test`."
-    X = test.drop(columns=[target])
-    return prediction_metrics(test[target], model.predict(X), model.predict_proba(X), model.classes_)
+    "The metrics of `model`'s task (`task_metrics`) on the holdout table `test`."
+    X, y = test.drop(columns=[target]), test[target]
+    if model_task(model) == "regression":
+        return regression_metrics(y, model.predict(X))
+    scores = model.predict_proba(X) if hasattr(model, "predict_proba") else None
+    return prediction_metrics(y, model.predict(X), scores, model.classes_)
 
 # %% ../notebooks/06_evaluate.ipynb #adceeaa8
-METRIC_NAMES = ("accuracy", "precision", "recall", "f1", "roc_auc")  # all: greater is better
-
-
 def cross_validated_metrics(train: pd.DataFrame, target: str, model: str = "logistic_regression",
-                            model_params: dict | None = None, seed: int = 42, folds: int = 5) -> dict[str, float]:
-    "The `holdout_metrics` of `model`, averaged over `folds` stratified folds of `train`."
-    from sklearn.model_selection import StratifiedKFold
+                            model_params: dict | None = None, seed: int = 42, folds: int = 5,
+                            task: str = "classification") -> dict[str, float]:
+    "The `holdout_metrics` of `model` for `task`, averaged over `folds` folds of `train` (stratified for classification)."
+    import numpy as np
+    from sklearn.model_selection import KFold, StratifiedKFold
 
-    smallest = int(train[target].value_counts().min())
-    if not 2 <= folds <= smallest:
-        raise ParameterError("cv_folds", f"is {folds}, but must be at least 2 and at most {smallest}, "
-                             "the number of rows of the rarest class")
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    per_fold = [holdout_metrics(train_model(train.iloc[fit], target, model, model_params, seed),
+    if task == "classification":
+        most = int(train[target].value_counts().min())
+        splitter, limit = StratifiedKFold(n_splits=max(folds, 2), shuffle=True, random_state=seed), "rows of the rarest class"
+    else:
+        most = len(train)
+        splitter, limit = KFold(n_splits=max(folds, 2), shuffle=True, random_state=seed), "rows of the training table"
+    if not 2 <= folds <= most:
+        raise ParameterError("cv_folds", f"is {folds}, but must be at least 2 and at most {most}, the number of {limit}")
+    per_fold = [holdout_metrics(train_model(train.iloc[fit], target, model, model_params, seed, task),
                                 train.iloc[held_out], target)
                 for fit, held_out in splitter.split(train, train[target])]
-    return {name: round(sum(f[name] for f in per_fold) / folds, 6) for name in METRIC_NAMES}
+    return {name: round(float(np.mean([f[name] for f in per_fold])), 6) for name in task_metrics(task)}
+
+
+def metric_for_task(metric: object, task: str, parameter: str = "selection_metric") -> str:
+    "The metric `metric` names for `task` (empty or auto: the task's default; a per-task mapping: its entry)."
+    from nbs_lib.columns import for_task
+
+    chosen = for_task(metric, task, parameter) or "auto"
+    chosen = DEFAULT_METRIC[task] if chosen == "auto" else chosen
+    if chosen not in task_metrics(task):
+        raise ParameterError(parameter, f"is {chosen!r}, not a {task} metric", valid=list(task_metrics(task)))
+    return chosen
 
 # %% ../notebooks/06_evaluate.ipynb #c57ad7ca
 def rank_candidates(candidates: dict[str, dict], metric: str) -> pd.DataFrame:
-    "One row per candidate (its scores and settings), best `metric` first; ties keep the given order."
+    "One row per candidate (its scores and settings), best `metric` first (lowest for an error such as RMSE); ties keep the given order."
     if metric not in METRIC_NAMES:
         raise ParameterError("selection_metric", f"is {metric!r}, not a metric we compute",
                              valid=list(METRIC_NAMES))
     if not candidates:
         raise ParameterError("selection_metric", "has no candidates to rank: the sweep trained none")
     board = pd.DataFrame.from_dict(candidates, orient="index")
-    return board.sort_values(metric, ascending=False, kind="stable", na_position="last")
+    return board.sort_values(metric, ascending=metric in LOWER_IS_BETTER, kind="stable", na_position="last")
 
 # %% ../notebooks/06_evaluate.ipynb #44865529
-def plot_confusion_matrix(model, test: pd.DataFrame, target: str, path: str | Path) -> Path:
-    "Save the holdout confusion matrix of `model` as a PNG at `path`."
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _save_figure(figure, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
 
-    display = ConfusionMatrixDisplay.from_estimator(model, test.drop(columns=[target]), test[target])
-    display.ax_.set_title("Confusion matrix (holdout)")
-    try:
-        return write_atomic(path, lambda tmp: display.figure_.savefig(tmp, dpi=100, format="png"))
-    finally:
-        plt.close(display.figure_)
-
-
-def plot_roc(model, test: pd.DataFrame, target: str, path: str | Path) -> Path:
-    "Save the holdout ROC curve (one-vs-rest per class when there are more than two) at `path`."
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import RocCurveDisplay
-
-    X, y = test.drop(columns=[target]), test[target]
-    figure, ax = plt.subplots(figsize=(5, 5))
-    scores = model.predict_proba(X)
-    classes = model.classes_ if len(model.classes_) > 2 else model.classes_[1:]
-    for index, label in enumerate(model.classes_):
-        if label in classes:
-            RocCurveDisplay.from_predictions(y == label, scores[:, index], name=f"class {label}", ax=ax)
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set_title("ROC (holdout)")
     try:
         return write_atomic(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
     finally:
         plt.close(figure)
+
+
+def _axes(size: tuple[float, float] = (5, 5)):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=size)
+
+
+def plot_errors(model, test: pd.DataFrame, target: str, path: str | Path) -> Path:
+    "Save where `model` goes wrong on the holdout as a PNG at `path`: the confusion matrix, or residuals against predictions."
+    from sklearn.metrics import ConfusionMatrixDisplay, PredictionErrorDisplay
+
+    X, y = test.drop(columns=[target]), test[target]
+    figure, ax = _axes()
+    if model_task(model) == "classification":
+        ConfusionMatrixDisplay.from_estimator(model, X, y, ax=ax, colorbar=False)
+        ax.set_title("Confusion matrix (holdout)")
+    else:
+        PredictionErrorDisplay.from_estimator(model, X, y, kind="residual_vs_predicted", ax=ax)
+        ax.set_title("Residuals (holdout)")
+    return _save_figure(figure, path)
+
+
+def plot_curve(model, test: pd.DataFrame, target: str, path: str | Path) -> Path:
+    "Save the holdout ROC curve (one-vs-rest per class when there are more than two), or predicted against actual values, at `path`."
+    from sklearn.metrics import PredictionErrorDisplay, RocCurveDisplay
+
+    X, y = test.drop(columns=[target]), test[target]
+    figure, ax = _axes()
+    if model_task(model) == "regression":
+        PredictionErrorDisplay.from_estimator(model, X, y, kind="actual_vs_predicted", ax=ax)
+        ax.set_title("Predicted against actual (holdout)")
+        return _save_figure(figure, path)
+    scores = model.predict_proba(X) if hasattr(model, "predict_proba") else None
+    if scores is None:
+        ax.text(0.5, 0.5, f"{type(model[-1] if hasattr(model, 'steps') else model).__name__}\ngives no probabilities",
+                ha="center", va="center")
+    else:
+        shown = model.classes_ if len(model.classes_) > 2 else model.classes_[1:]
+        for index, label in enumerate(model.classes_):
+            if label in shown:
+                RocCurveDisplay.from_predictions(y == label, scores[:, index], name=f"class {label}", ax=ax)
+        ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set_title("ROC (holdout)")
+    return _save_figure(figure, path)
 
 # %% ../notebooks/06_evaluate.ipynb #e3b53a1c
 def permutation_importances(model, test: pd.DataFrame, target: str, seed: int = 42, repeats: int = 10,
@@ -117,7 +189,10 @@ def permutation_importances(model, test: pd.DataFrame, target: str, seed: int = 
     from sklearn.inspection import permutation_importance
 
     X, y = test.drop(columns=[target]), test[target]
-    scoring = "roc_auc" if y.nunique() == 2 else "accuracy"
+    if model_task(model) == "regression":
+        scoring = "r2"
+    else:
+        scoring = "roc_auc" if y.nunique() == 2 else "accuracy"
     found = permutation_importance(model, X, y, scoring=scoring, n_repeats=repeats, random_state=seed,
                                    max_samples=min(len(X), max_rows))
     table = pd.DataFrame({"feature": X.columns, "importance": found.importances_mean, "spread": found.importances_std,
@@ -127,18 +202,10 @@ def permutation_importances(model, test: pd.DataFrame, target: str, seed: int = 
 
 def plot_importances(importances: pd.DataFrame, path: str | Path, shown: int = 15) -> Path:
     "Save a bar chart of the `shown` largest permutation importances, with their spread, at `path`."
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     top = importances.head(shown).iloc[::-1]
-    figure, ax = plt.subplots(figsize=(7, 0.3 * len(top) + 1.2))
+    figure, ax = _axes((7, 0.3 * len(top) + 1.2))
     ax.barh(top["feature"], top["importance"], xerr=top["spread"], color="tab:blue")
     ax.set_xlabel(f"drop of holdout {top['scoring'].iloc[0]} when shuffled")
     ax.set_title("Permutation importance (holdout)")
     figure.tight_layout()
-    try:
-        return write_atomic(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
-    finally:
-        plt.close(figure)
+    return _save_figure(figure, path)

@@ -70,9 +70,11 @@ def _storable(column: pd.Series) -> pd.Series:
     return column.astype("int32" if fits_int32 or column.dtype.itemsize < 4 else "int64")
 
 
-def feature_table(df: pd.DataFrame, target: str, entity: str, timestamp: str) -> pd.DataFrame:
-    "The feature view's table: key, event time and every feature column `feature_spec` finds (never the label)."
-    spec = feature_spec(df.drop(columns=[entity, timestamp]), target)
+def feature_table(df: pd.DataFrame, target: str, entity: str, timestamp: str,
+                  features: list[str] | None = None) -> pd.DataFrame:
+    "The feature view's table: key, event time and the `features` (default: every column but these and the label)."
+    keep = [*(features or []), target] if features is not None else df.columns.drop([entity, timestamp])
+    spec = feature_spec(df[keep].drop(columns=[entity, timestamp], errors="ignore"), target)
     table = df[[entity, timestamp, *spec.columns]].reset_index(drop=True)
     return table.assign(**{name: _storable(table[name]) for name in spec.columns})
 

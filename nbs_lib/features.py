@@ -12,7 +12,7 @@ import pandas as pd
 from .errors import DataError, ParameterError
 
 # %% auto #0
-__all__ = ['FeatureSpec', 'feature_spec', 'build_preprocessor', 'split_holdout']
+__all__ = ['FeatureSpec', 'feature_spec', 'build_preprocessor', 'imputed_columns', 'split_holdout']
 
 # %% ../notebooks/04_features.ipynb #d40f612a
 @dataclass(frozen=True)
@@ -51,22 +51,43 @@ def build_preprocessor(spec: FeatureSpec):
          list(spec.categorical)),
     ])
 
+# %% ../notebooks/04_features.ipynb #0f2ecc39
+def imputed_columns(model) -> set[str]:
+    "The input columns whose missing values `model` (a Pipeline starting with a ColumnTransformer) fills in itself."
+    from sklearn.compose import ColumnTransformer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline
+
+    first = model.steps[0][1] if isinstance(model, Pipeline) else None
+    if not isinstance(first, ColumnTransformer):
+        return set()
+    filled = set()
+    for _, transformer, columns in first.transformers_:
+        head = transformer.steps[0][1] if isinstance(transformer, Pipeline) else transformer
+        if isinstance(head, SimpleImputer):
+            filled.update(map(str, columns))
+    return filled
+
 # %% ../notebooks/04_features.ipynb #91717839
 def split_holdout(df: pd.DataFrame, target: str, test_size: float = 0.2,
-                  seed: int = 42) -> tuple[pd.DataFrame, pd.DataFrame]:
-    "Train and holdout tables, stratified by `target`, reproducible by `seed`."
+                  seed: int = 42, task: str = "classification") -> tuple[pd.DataFrame, pd.DataFrame]:
+    "Train and holdout tables, reproducible by `seed`; stratified by `target` when the task is classification."
     from sklearn.model_selection import train_test_split
 
     if not 0 < test_size < 1:
         raise ParameterError("test_size", f"must be between 0 and 1, got {test_size}")
-    smallest = df[target].value_counts().min()
-    if smallest < 2:
-        raise DataError(f"class {df[target].value_counts().idxmin()} of {target!r} has "
-                        f"{smallest} row; a stratified holdout needs at least 2 per class",
-                        column=target, hint="add rows of that class or drop it")
+    stratify = None
+    if task == "classification":
+        counts = df[target].value_counts()
+        if counts.min() < 2:
+            rare = counts.idxmin()
+            rare = rare.item() if hasattr(rare, "item") else rare  # numpy's repr would read np.int64(1)
+            raise DataError(f"class {rare!r} of {target!r} has {counts.min()} row; a stratified holdout "
+                            "needs at least 2 per class", column=target,
+                            hint="add rows of that class or drop them; if the target is a quantity, pass -p task=regression")
+        stratify = df[target]
     try:
-        train, test = train_test_split(df, test_size=test_size, random_state=seed,
-                                       stratify=df[target])
+        train, test = train_test_split(df, test_size=test_size, random_state=seed, stratify=stratify)
     except ValueError as e:
         raise ParameterError("test_size", f"leaves too few rows: {e}") from e
     return train.reset_index(drop=True), test.reset_index(drop=True)

@@ -27,7 +27,7 @@ class BuildInputs:
     spec: list[str]  # pipeline.yaml, env.yaml, an --env-file
     sources: list[str]  # the tasks' notebooks
     data: list[str]  # data files named by a data_path parameter
-    products: dict[str, list[str]]  # task name -> its product files, in the DAG's order
+    products: dict[str, dict[str, str]]  # task name -> product key -> file, in the DAG's order
 
 # %% ../notebooks/31_freshness.ipynb #1e62606a
 def _metadata_file(product: Path) -> Path:
@@ -50,7 +50,7 @@ def _stat(root: Path, relative: str) -> list[int] | None:
 def fingerprint(root: Path, inputs: BuildInputs, overrides: dict) -> dict:
     "The digests and file states `inputs` stand for, with the parameter `overrides` and the library's code."
     root = Path(root).resolve()
-    products = [p for files in inputs.products.values() for p in files]
+    products = [p for files in inputs.products.values() for p in files.values()]
     return {
         "root": str(root),
         "overrides": json.loads(json.dumps(overrides, sort_keys=True, default=str)),
@@ -80,12 +80,14 @@ def forget_fresh_build(root: Path) -> None:
     (Path(root) / STATE_FILE).unlink(missing_ok=True)
 
 
-def fresh_build(root: Path, overrides: dict) -> dict[str, list[str]] | None:
+def fresh_build(root: Path, overrides: dict) -> dict[str, dict[str, str]] | None:
     "Each task's products when nothing changed since the recorded up-to-date build; None otherwise."
     root = Path(root).resolve()
     try:
         state = json.loads((root / STATE_FILE).read_text())
         inputs = BuildInputs(**state["inputs"])
+        if not all(isinstance(files, dict) for files in inputs.products.values()):
+            return None  # recorded by an older nbs, which kept no product keys
     except (OSError, ValueError, TypeError, KeyError):  # none recorded, or written by another version
         return None
     return inputs.products if fingerprint(root, inputs, overrides) == state["fingerprint"] else None

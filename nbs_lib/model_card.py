@@ -14,22 +14,41 @@ from .errors import ConfigError, DataError
 __all__ = ['bootstrap_intervals', 'slice_metrics', 'model_card', 'card_html']
 
 # %% ../notebooks/26_model_card.ipynb #8bfa5133
+def _predictions(model, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+    "The predictions of `model` for `X` and, for a classifier that gives them, its class probabilities."
+    from nbs_lib.evaluate import model_task
+
+    predicted = model.predict(X)
+    if model_task(model) == "regression" or not hasattr(model, "predict_proba"):
+        return predicted, None
+    return predicted, model.predict_proba(X)
+
+
+def _measured(model, y, predicted, scores) -> dict[str, float]:
+    from nbs_lib.evaluate import model_task, prediction_metrics, regression_metrics
+
+    if model_task(model) == "regression":
+        return regression_metrics(y, predicted)
+    return prediction_metrics(y, predicted, scores, model.classes_)
+
+
 def bootstrap_intervals(model, test: pd.DataFrame, target: str, rounds: int = 200, seed: int = 42,
                         level: float = 0.95) -> dict[str, tuple[float, float]]:
     "A `level` percentile bootstrap interval of each holdout metric of `model` on `test`."
-    from nbs_lib.evaluate import prediction_metrics
+    from nbs_lib.evaluate import model_task
 
     X, y = test.drop(columns=[target]), test[target].to_numpy()
     # Predicted once: a resample's predictions are its rows' own (the model card's cell took 72 s
     # on a 200,000-row holdout predicting each resample, 26 s predicting once)
-    predicted, scores = model.predict(X), model.predict_proba(X)
-    classes = len(np.unique(y))
+    predicted, scores = _predictions(model, X)
+    every_class = model_task(model) == "classification"
+    classes = len(np.unique(y)) if every_class else 0
     rng = np.random.default_rng(seed)
     samples = []
     for _ in range(rounds):
         rows = rng.integers(0, len(y), len(y))
-        if len(np.unique(y[rows])) == classes:  # a metric like ROC AUC needs every class
-            samples.append(prediction_metrics(y[rows], predicted[rows], scores[rows], model.classes_))
+        if not every_class or len(np.unique(y[rows])) == classes:  # a metric like ROC AUC needs every class
+            samples.append(_measured(model, y[rows], predicted[rows], None if scores is None else scores[rows]))
     if not samples:
         raise DataError("no bootstrap resample of the holdout held every class", column=target,
                         hint="a holdout needs more rows of each class")
@@ -38,22 +57,41 @@ def bootstrap_intervals(model, test: pd.DataFrame, target: str, rounds: int = 20
     return {m: (float(table[m].quantile(tail)), float(table[m].quantile(1 - tail))) for m in table.columns}
 
 # %% ../notebooks/26_model_card.ipynb #02fcc6eb
+def _slice_label(column: str, label: object) -> str:
+    "`column` and a slice's label; a numeric bin with its edges to four significant digits."
+    if isinstance(label, pd.Interval):
+        return f"{column} ({label.left:.4g}, {label.right:.4g}]"
+    return f"{column} {label}"
+
+
 def slice_metrics(model, test: pd.DataFrame, target: str, column: str, bins: int = 4) -> pd.DataFrame:
-    "Rows, accuracy and ROC AUC of `model` on each slice of `test` along `column` (quantile bins if numeric)."
-    from sklearn.metrics import accuracy_score, roc_auc_score
+    "Rows and metrics of `model` on each slice of `test` along `column` (quantile bins if numeric): accuracy and ROC AUC, or RMSE, MAE and R²."
+    from sklearn import metrics
+
+    from nbs_lib.evaluate import model_task
 
     if column not in test.columns or column == target:
         raise ConfigError("env.yaml", f"slice_column {column!r} is not a feature of the holdout table",
                           hint=f"features: {', '.join(c for c in test.columns if c != target)}")
     values = test[column]
-    slices = pd.qcut(values, bins, duplicates="drop") if pd.api.types.is_numeric_dtype(values) else values
+    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    slices = pd.qcut(values, bins, duplicates="drop") if numeric else values
+    regression = model_task(model) == "regression"
     rows = []
     for label, part in test.groupby(slices, observed=True):
-        X, y = part.drop(columns=[target]), part[target]
-        row = {"slice": f"{column} {label}", "rows": len(part), "accuracy": accuracy_score(y, model.predict(X)),
-               "roc_auc": np.nan}
-        if y.nunique() == 2:
-            row["roc_auc"] = roc_auc_score(y, model.predict_proba(X)[:, 1])
+        y = part[target]
+        predicted, scores = _predictions(model, part.drop(columns=[target]))
+        row = {"slice": _slice_label(column, label), "rows": len(part)}
+        if regression:
+            row |= {"rmse": metrics.root_mean_squared_error(y, predicted), "mae": metrics.mean_absolute_error(y, predicted),
+                    "r2": metrics.r2_score(y, predicted) if len(part) > 1 else np.nan}
+        else:
+            # ROC AUC needs every class the model knows in the slice: one class alone has no ranking to judge
+            row |= {"accuracy": metrics.accuracy_score(y, predicted), "roc_auc": np.nan}
+            classes = model.classes_
+            if scores is not None and set(y) == set(classes):
+                row["roc_auc"] = (metrics.roc_auc_score(y, scores[:, 1]) if len(classes) == 2
+                                  else metrics.roc_auc_score(y, scores, multi_class="ovr", labels=classes))
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -63,9 +101,11 @@ def _table(frame: pd.DataFrame, digits: int = 4) -> str:
 
 
 def model_card(template: str, chain: dict, features: list[str], params: dict, intervals: dict,
-               slices: pd.DataFrame, slice_column: str, importances: pd.DataFrame, shown: int = 10) -> str:
-    "The Markdown card of a version: the team's `template`, then data, features, parameters, metrics, slices, explanations, gate, lineage."
-    metrics = pd.DataFrame([{"metric": m, "holdout": v, "95% low": intervals[m][0], "95% high": intervals[m][1]}
+               slices: pd.DataFrame, slice_column: str, importances: pd.DataFrame, shown: int = 10,
+               baseline: dict | None = None) -> str:
+    "The Markdown card of a version: the team's `template`, then data, features, parameters, metrics (beside the `baseline`'s), slices, explanations, gate, lineage."
+    metrics = pd.DataFrame([{"metric": m, "holdout": v, "95% low": intervals[m][0], "95% high": intervals[m][1],
+                             **({"baseline": baseline.get(m)} if baseline else {})}
                             for m, v in sorted(chain["metrics"].items()) if m in intervals])
     data = chain["data"]
     gate = chain["gate"]

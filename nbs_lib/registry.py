@@ -35,8 +35,17 @@ def register_model(model, name: str, example: pd.DataFrame, metrics: dict | None
     import mlflow.sklearn
     import skops.io
     from mlflow.models import infer_signature
+    from mlflow.types.schema import ColSpec, Schema
 
-    example = example.head(5)
+    from nbs_lib.features import imputed_columns
+
+    complete = example.dropna()
+    example = (complete if len(complete) else example).head(5)  # rows with every value show each column's type
+    signature = infer_signature(example, model.predict(example))
+    # A column the model fills in itself may be null when scoring: the signature says so
+    optional = imputed_columns(model)
+    signature.inputs = Schema([ColSpec(c.type, c.name, required=c.required and c.name not in optional)
+                               for c in signature.inputs.inputs])
     client = get_client()
     mlflow.set_tracking_uri(client.tracking_uri)
     run_id = active_run_id()
@@ -44,7 +53,7 @@ def register_model(model, name: str, example: pd.DataFrame, metrics: dict | None
     target = {"run_id": run_id} if run_id else {"experiment_id": experiment_id(client, experiment)}
     with mlflow.start_run(**target) as run:
         info = mlflow.sklearn.log_model(
-            model, name="model", signature=infer_signature(example, model.predict(example)),
+            model, name="model", signature=signature,
             input_example=example, pip_requirements=model_requirements(),
             registered_model_name=name, metadata={"holdout_metrics": metrics or {}},
             # skops, not pickle: loading cannot run code. The types are those of the model we
@@ -64,23 +73,41 @@ def register_model(model, name: str, example: pd.DataFrame, metrics: dict | None
     return {"name": name, "version": int(version), "run_id": run.info.run_id, "aliases": [CHALLENGER]}
 
 # %% ../notebooks/09_registry.ipynb #fca3cafa
+def _fails_threshold(name: str, value: float, bound: float) -> str | None:
+    from nbs_lib.evaluate import LOWER_IS_BETTER
+
+    if value != value:  # NaN: a metric this model cannot be measured on, e.g. ROC AUC without probabilities
+        return f"{name} is not measured for this model"
+    if name in LOWER_IS_BETTER:
+        return f"{name} {value:.4f} is above the threshold {bound}" if value > bound else None
+    return f"{name} {value:.4f} is below the threshold {bound}" if value < bound else None
+
+
 def gate(candidate: dict[str, float], champion: dict[str, float] | None, thresholds: dict[str, float],
-         metric: str, margin: float) -> dict:
-    "Whether a version with holdout metrics `candidate` may replace the `champion` (None: there is none), and why."
+         metric: str, margin: float, baseline: dict[str, float] | None = None) -> dict:
+    "Whether a version with holdout metrics `candidate` may replace the `champion` (None: there is none), and why; it must also beat the `baseline`'s metrics when given."
+    from nbs_lib.evaluate import improvement
+
     for name in [*thresholds, metric]:
         if name not in candidate:
             raise ParameterError("promotion_metric" if name == metric else "promotion_thresholds",
                                  f"names {name!r}, which is not a holdout metric", valid=list(candidate))
-    failed = [f"{name} {candidate[name]:.4f} is below the threshold {minimum}"
-              for name, minimum in thresholds.items() if candidate[name] < minimum]
-    if champion is not None and not candidate[metric] - champion[metric] > margin:
-        failed.append(f"{metric} {candidate[metric]:.4f} does not beat the champion's "
-                      f"{champion[metric]:.4f} by more than {margin}")
-    passed = "no champion yet" if champion is None else (
-        f"{metric} {candidate[metric]:.4f} beats the champion's {champion[metric]:.4f} by more than {margin}")
-    return {"promote": not failed, "reason": "; ".join(failed) or f"thresholds met, {passed}",
+    failed = [problem for name, bound in thresholds.items() if (problem := _fails_threshold(name, candidate[name], bound))]
+    passed = ["thresholds met"]
+    for rival, other in [("baseline", baseline), ("champion", champion)]:
+        if other is None:
+            continue
+        compared = f"{metric} {candidate[metric]:.4f} {{}} the {rival}'s {other[metric]:.4f} by more than {margin}"
+        if improvement(metric, candidate[metric], other[metric]) > margin:
+            passed.append(compared.format("beats"))
+        else:
+            failed.append(compared.format("does not beat"))
+    if champion is None:
+        passed.append("no champion yet")
+    return {"promote": not failed, "reason": "; ".join(failed) or ", ".join(passed),
             "metric": metric, "margin": margin, "candidate": candidate[metric],
-            "champion": None if champion is None else champion[metric]}
+            "champion": None if champion is None else champion[metric],
+            "baseline": None if baseline is None else baseline[metric]}
 
 # %% ../notebooks/09_registry.ipynb #7bc04732
 HISTORY_TAG = "nbs.champion_history"
@@ -146,8 +173,8 @@ def rollback(client, name: str, why: str = "rolled back") -> dict:
 
 # %% ../notebooks/09_registry.ipynb #f2c7a7fe
 def apply_gate(name: str, version: int, candidate: dict[str, float], test: pd.DataFrame, target: str,
-               thresholds: dict[str, float], metric: str, margin: float) -> dict:
-    "Score the champion on the same `test` table, decide with `gate`, record it on the version; promote if it passes."
+               thresholds: dict[str, float], metric: str, margin: float, baseline: dict[str, float] | None = None) -> dict:
+    "Score the champion on the same `test` table, decide with `gate` (against `baseline` too), record it on the version; promote if it passes."
     from mlflow.exceptions import MlflowException
 
     from nbs_lib.evaluate import holdout_metrics
@@ -159,11 +186,13 @@ def apply_gate(name: str, version: int, candidate: dict[str, float], test: pd.Da
         current = None
     try:
         champion = None if current is None else holdout_metrics(load_version(name, current.version), test, target)
-        decision = gate(candidate, champion, thresholds, metric, margin)
-    except (ValueError, KeyError) as e:  # the champion expects other columns or classes
+        decision = gate(candidate, champion, thresholds, metric, margin, baseline)
+    except (ValueError, KeyError) as e:  # the champion expects other columns, classes or another task
         decision = {"promote": False, "metric": metric, "margin": margin, "candidate": candidate.get(metric),
-                    "champion": None, "reason": f"the champion cannot be scored on this holdout data ({e}); "
-                                                "promote by hand with nbs promote if this is intended"}
+                    "champion": None, "baseline": None if baseline is None else baseline.get(metric),
+                    "reason": f"the champion, version {current.version}, cannot be scored on this holdout data "
+                              f"({type(e).__name__}: {e}); if this is new data, give it a model of its own "
+                              f"(-p model_name=NAME), or make this version champion with nbs promote {name} {version}"}
     decision["champion_version"] = None if current is None else int(current.version)
     for key, value in decision.items():
         client.set_model_version_tag(name, str(version), f"nbs.gate.{key}", json.dumps(value))

@@ -130,8 +130,12 @@ def frame_from_records(records: object, columns: list[Column]) -> pd.DataFrame:
                          for name, kind, required, _ in checks})
 
 # %% ../notebooks/17_scoring.ipynb #0255d183
+_FILE_VALUES = {"double": "numbers", "float": "numbers", "long": "whole numbers", "integer": "whole numbers",
+                "boolean": "true or false", "string": "text"}
+
+
 def check_frame(frame: pd.DataFrame, columns: list[Column], first_row: int = 0) -> pd.DataFrame:
-    "The model input taken from `frame`; an InputError naming the first column and record that do not fit."
+    "The model input taken from `frame` (a file's chunk, or feature store rows); an InputError naming the first column and record that do not fit."
     names = [c.name for c in columns]
     missing = [n for n in names if n not in frame.columns]
     if missing:
@@ -142,11 +146,14 @@ def check_frame(frame: pd.DataFrame, columns: list[Column], first_row: int = 0) 
         nulls = values.isna().to_numpy()
         if column.required and nulls.any():
             raise InputError(column.name, "is null; the model needs a value", row=first_row + int(nulls.argmax()),
-                             hint=kind.hint)
+                             hint=f"fill in every cell of {column.name!r}: this model does not fill in missing values")
         present = np.flatnonzero(~nulls)
         if values.dtype.kind == "O":
             fits = np.fromiter((kind.accepts(_plain(v)) for v in values.iloc[present]), bool, len(present))
             wrong = present[~fits]
+        elif column.type in ("long", "integer") and values.dtype.kind == "f":
+            # a column of whole numbers with an empty cell reads as floats: the numbers still fit
+            wrong = present[values.to_numpy()[present] % 1 != 0]
         elif values.dtype.kind not in kind.kinds:
             wrong = present
         elif column.type in ("double", "float") and values.dtype.kind in "iu":
@@ -155,8 +162,9 @@ def check_frame(frame: pd.DataFrame, columns: list[Column], first_row: int = 0) 
             wrong = present[:0]
         if wrong.size:
             row = int(wrong[0])
+            empty = "" if column.required else "; an empty cell is fine"
             raise InputError(column.name, f"must be {column.type}, got {_shown(values.iloc[row])}",
-                             row=first_row + row, hint=kind.hint)
+                             row=first_row + row, hint=f"{column.name!r} holds {_FILE_VALUES[column.type]}{empty}")
         checked[column.name] = values.astype(kind.optional_dtype if nulls.any() else kind.dtype)
     return pd.DataFrame(checked, index=frame.index)
 

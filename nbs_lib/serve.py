@@ -286,7 +286,9 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
             return _error(409, "the prediction log is off, so feedback cannot be joined to predictions",
                           hint="start nbs serve without --no-prediction-log")
         body = await _read_body(request, max_body_bytes)
-        labels = parse_feedback(body, service.champion.classes if service.champion else None, max_records)
+        champion = service.champion
+        labels = parse_feedback(body, champion.classes if champion else None, max_records,
+                                numeric=champion is not None and champion.classes is None)
         unknown = log.record_feedback(labels)
         if unknown:
             return _error(404, f"no prediction has id {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
@@ -305,8 +307,8 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
     return app
 
 # %% ../notebooks/19_serve.ipynb #853a9fce
-def parse_feedback(body: bytes, classes: list | None, max_items: int) -> list[tuple[str, object]]:
-    "The (id, label) pairs of a `/feedback` body; an InputError naming what is wrong."
+def parse_feedback(body: bytes, classes: list | None, max_items: int, numeric: bool = False) -> list[tuple[str, object]]:
+    "The (id, label) pairs of a `/feedback` body, each one of `classes` (when given) or a number (when `numeric`); an InputError naming what is wrong."
     payload = _json(body, '{"id": "...", "label": ...}')
     items = payload.get("labels") if type(payload) is dict and "labels" in payload else [payload]
     if type(items) is not list or not items:
@@ -321,6 +323,9 @@ def parse_feedback(body: bytes, classes: list | None, max_items: int) -> list[tu
         if type(item["id"]) is not str:
             raise InputError("id", "must be a string", row=row)
         label = item["label"]
+        if numeric and (type(label) not in (int, float) or label != label):
+            raise InputError("label", f"must be a number, got {json.dumps(label)}: the model predicts quantities", row=row,
+                             hint="send the true value as a JSON number")
         if classes is not None and not any(type(label) is type(c) and label == c for c in classes):
             raise InputError("label", f"{json.dumps(label)} is not one of the model's classes {json.dumps(classes)}", row=row,
                              hint="send the true class exactly as /predict returns predictions")

@@ -14,47 +14,95 @@ from .errors import ParameterError
 from .features import build_preprocessor, feature_spec
 
 # %% auto #0
-__all__ = ['MODEL_NAMES', 'make_estimator', 'train_model', 'save_model', 'load_model']
+__all__ = ['SHORT_NAMES', 'MODEL_NAMES', 'BASELINE', 'estimator_class', 'make_estimator', 'train_model', 'save_model',
+           'load_model']
 
 # %% ../notebooks/05_train.ipynb #f2386f27
-def _estimators() -> dict:
-    from sklearn.ensemble import GradientBoostingClassifier, RandomForestClassifier
-    from sklearn.linear_model import LogisticRegression
+# Short names stand for a classifier and a regressor of one family, so one grid serves both tasks;
+# None: the family has no estimator for that task.
+SHORT_NAMES = {
+    "linear": ("sklearn.linear_model.LogisticRegression", "sklearn.linear_model.Ridge"),
+    "logistic_regression": ("sklearn.linear_model.LogisticRegression", None),
+    "random_forest": ("sklearn.ensemble.RandomForestClassifier", "sklearn.ensemble.RandomForestRegressor"),
+    "gradient_boosting": ("sklearn.ensemble.GradientBoostingClassifier", "sklearn.ensemble.GradientBoostingRegressor"),
+    "hist_gradient_boosting": ("sklearn.ensemble.HistGradientBoostingClassifier",
+                               "sklearn.ensemble.HistGradientBoostingRegressor"),
+    "baseline": ("sklearn.dummy.DummyClassifier", "sklearn.dummy.DummyRegressor"),
+}
+MODEL_NAMES = tuple(SHORT_NAMES)
+BASELINE = "baseline"  # the candidate every build trains: the class priors, or the mean
+_DEFAULTS = {  # over scikit-learn's own defaults, by class name
+    "LogisticRegression": {"max_iter": 1000},
+    "RandomForestClassifier": {"n_estimators": 200}, "RandomForestRegressor": {"n_estimators": 200},
+    "DummyClassifier": {"strategy": "prior"}, "DummyRegressor": {"strategy": "mean"},
+}
 
-    return {
-        "logistic_regression": (LogisticRegression, {"max_iter": 1000}),
-        "random_forest": (RandomForestClassifier, {"n_estimators": 200}),
-        "gradient_boosting": (GradientBoostingClassifier, {}),
-    }
+
+def estimator_class(model: str, task: str = "classification") -> type:
+    "The scikit-learn-compatible class that `model` names for `task`: a short name or an import path such as sklearn.svm.SVC."
+    import importlib
+
+    from sklearn.base import is_classifier, is_regressor
+
+    from nbs_lib.columns import TASKS
+
+    if task not in TASKS:
+        raise ParameterError("task", f"is {task!r}", valid=list(TASKS))
+    if model in SHORT_NAMES:
+        path = SHORT_NAMES[model][TASKS.index(task)]
+        if path is None:
+            others = [n for n, paths in SHORT_NAMES.items() if paths[TASKS.index(task)]]
+            raise ParameterError("model", f"{model!r} has no estimator for {task}", valid=others)
+    else:
+        path = model
+    module, _, name = path.rpartition(".")
+    hint = f"a short name ({', '.join(MODEL_NAMES)}) or an import path such as sklearn.svm.SVC"
+    try:
+        cls = getattr(importlib.import_module(module), name) if module else None
+    except ImportError as e:
+        raise ParameterError("model", f"{model!r} cannot be imported: {e}; give {hint}", valid=list(MODEL_NAMES)) from e
+    except AttributeError:
+        cls = None
+    if not isinstance(cls, type) or not all(hasattr(cls, m) for m in ("fit", "predict", "get_params")):
+        raise ParameterError("model", f"{model!r} names no scikit-learn estimator; give {hint}", valid=list(MODEL_NAMES))
+    fits = is_classifier(cls()) if task == "classification" else is_regressor(cls())
+    if not fits:
+        raise ParameterError("model", f"{model!r} is not a {'classifier' if task == 'classification' else 'regressor'}, "
+                             f"and this data's task is {task}", valid=[n for n, p in SHORT_NAMES.items() if p[TASKS.index(task)]])
+    return cls
 
 
-MODEL_NAMES = ("logistic_regression", "random_forest", "gradient_boosting")
+def make_estimator(model: str, model_params: dict | None = None, seed: int = 42, task: str = "classification"):
+    "An unfitted estimator that `model` names for `task`, with `model_params` (or their entry for `task`) over our defaults."
+    from nbs_lib.columns import for_task
 
-
-def make_estimator(model: str, model_params: dict | None = None, seed: int = 42):
-    "An unfitted scikit-learn classifier named `model`, with `model_params` over our defaults."
-    estimators = _estimators()
-    if model not in estimators:
-        raise ParameterError("model", f"names no known model: {model!r}", valid=list(MODEL_NAMES))
-    cls, defaults = estimators[model]
-    params = {**defaults, **(model_params or {})}
-    if "random_state" in cls().get_params():
+    cls = estimator_class(model, task)
+    given = for_task(model_params or {}, task, "model_params")
+    if not isinstance(given, dict):
+        raise ParameterError("model_params", f"must be a mapping of parameter names to values, got {given!r}")
+    valid = cls().get_params()
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ParameterError("model_params", f"names {', '.join(map(repr, unknown))}, which {cls.__name__} does not take",
+                             valid=list(valid))
+    params = {**_DEFAULTS.get(cls.__name__, {}), **given}
+    if "random_state" in valid:
         params.setdefault("random_state", seed)
     try:
         return cls(**params)
-    except TypeError as e:
-        valid = sorted(cls().get_params())
-        raise ParameterError("model_params", f"does not fit {model}: {e}", valid=valid) from e
+    except (TypeError, ValueError) as e:
+        raise ParameterError("model_params", f"does not fit {cls.__name__}: {e}", valid=list(valid)) from e
 
 # %% ../notebooks/05_train.ipynb #4f05121c
 def train_model(train: pd.DataFrame, target: str, model: str = "logistic_regression",
-                model_params: dict | None = None, seed: int = 42):
-    "A fitted Pipeline (preprocessing, then the classifier) trained on `train`."
+                model_params: dict | None = None, seed: int = 42, task: str = "classification"):
+    "A fitted Pipeline (preprocessing, then the estimator `model` names for `task`) trained on `train`."
     from sklearn.pipeline import Pipeline
 
     spec = feature_spec(train, target)
+    step = "classify" if task == "classification" else "regress"
     pipeline = Pipeline([("preprocess", build_preprocessor(spec)),
-                         ("classify", make_estimator(model, model_params, seed))])
+                         (step, make_estimator(model, model_params, seed, task))])
     return pipeline.fit(train[spec.columns], train[target])
 
 # %% ../notebooks/05_train.ipynb #66ae7cc7

@@ -80,12 +80,13 @@ def trial_recorder(client, parent_run_id: str | None) -> Callable:
 
 
 def run_study(train: pd.DataFrame, target: str, model: str, space: dict, metric: str, trials: int,
-              timeout: float | None, seed: int, cv_folds: int, storage: str, callbacks: list | None = None):
-    "Search `space` for `model` until the study holds `trials` finished trials (or `timeout` seconds pass); the study."
+              timeout: float | None, seed: int, cv_folds: int, storage: str, callbacks: list | None = None,
+              task: str = "classification"):
+    "Search `space` for `model` (as `task` needs it) until the study holds `trials` finished trials (or `timeout` seconds pass); the study, minimizing an error metric and maximizing any other."
     import optuna
 
     from nbs_lib.data import dataset_digest
-    from nbs_lib.evaluate import cross_validated_metrics
+    from nbs_lib.evaluate import LOWER_IS_BETTER, cross_validated_metrics
 
     check_space(space)
     if not isinstance(trials, int) or trials < 1:
@@ -93,12 +94,12 @@ def run_study(train: pd.DataFrame, target: str, model: str, space: dict, metric:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=study_name(model, space, metric, cv_folds, seed, dataset_digest(train)), storage=storage,
-        direction="maximize", load_if_exists=True)
+        direction="minimize" if metric in LOWER_IS_BETTER else "maximize", load_if_exists=True)
     # A resumed study with the sampler seeded as at its start would draw its first trials again.
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
 
     def objective(trial) -> float:
-        scores = cross_validated_metrics(train, target, model, suggest(trial, space), seed, cv_folds)
+        scores = cross_validated_metrics(train, target, model, suggest(trial, space), seed, cv_folds, task)
         trial.set_user_attr("scores", scores)
         return scores[metric]
 

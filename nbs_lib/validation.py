@@ -30,19 +30,26 @@ def _whole_labels(labels: pd.Series) -> pd.Series:
     return pd.Series(True, index=labels.index)
 
 
+def _target_checks(task: str) -> list[pa.Check]:
+    if task == "regression":
+        return [pa.Check(lambda s: pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s),
+                         element_wise=False, name="numeric_target"),
+                pa.Check(lambda s: s.nunique() >= 2, name="at_least_two_values"),
+                pa.Check(lambda s: ~np.isinf(s.astype(float)) if pd.api.types.is_numeric_dtype(s) else s.notna(),
+                         name="finite")]
+    return [pa.Check(lambda s: s.nunique() >= 2, name="at_least_two_classes"),
+            pa.Check(_whole_labels, name="class_label_not_fractional")]
+
+
 def build_schema(df: pd.DataFrame, target: str, max_missing_fraction: float = 0.1,
-                 min_rows: int = 20) -> pa.DataFrameSchema:
-    "A pandera schema for `df` as a classification table with label column `target`."
-    columns = {
-        target: pa.Column(
-            nullable=False,
-            checks=[
-                pa.Check(lambda s: s.nunique() >= 2, name="at_least_two_classes"),
-                pa.Check(_whole_labels, name="class_label_not_fractional"),
-            ],
-        )
-    }
+                 min_rows: int = 20, task: str = "classification", features: list[str] | None = None) -> pa.DataFrameSchema:
+    "A pandera schema for `df` as a table for `task` with label column `target`; only `features` (default: every other column) are checked."
+    columns = {target: pa.Column(nullable=False, checks=_target_checks(task))}
+    checked = set(df.columns.drop(target) if features is None else features)
     for name in df.columns.drop(target):
+        if name not in checked:  # an identifier, a date...: kept, never a model input
+            columns[name] = pa.Column(nullable=True)
+            continue
         checks = [_missing_at_most(max_missing_fraction)]
         if pd.api.types.is_numeric_dtype(df[name]) and not pd.api.types.is_bool_dtype(df[name]):
             checks.append(pa.Check(lambda s: ~np.isinf(s), name="finite", ignore_na=True))
@@ -57,9 +64,9 @@ def build_schema(df: pd.DataFrame, target: str, max_missing_fraction: float = 0.
 
 # %% ../notebooks/03_validation.ipynb #e1812cb1
 def validate(df: pd.DataFrame, target: str, max_missing_fraction: float = 0.1,
-             min_rows: int = 20) -> pd.DataFrame:
+             min_rows: int = 20, task: str = "classification", features: list[str] | None = None) -> pd.DataFrame:
     "`df` if it passes `build_schema`; else a DataValidationError listing every failing column and row."
-    schema = build_schema(df, target, max_missing_fraction, min_rows)
+    schema = build_schema(df, target, max_missing_fraction, min_rows, task, features)
     try:
         return schema.validate(df, lazy=True)
     except pa.errors.SchemaErrors as e:

@@ -56,7 +56,7 @@ def test_task_notebook_opens_with_its_upstream_injected_and_runs(lab, page):
     assert {"10_ingest.ipynb", "60_register.ipynb"} <= {t.split("\n")[0] for t in listing.all_inner_texts()}
     assert "notebooks" in page.locator(".jp-BreadCrumbs").inner_text()
     cells = page.locator(".jp-Notebook .jp-Cell")
-    cells.filter(has_text='upstream = ["features"]').wait_for()  # the notebook's own parameters cell
+    cells.filter(has_text='upstream = ["features", "validate"]').wait_for()  # the notebook's own parameters cell
     injected = cells.filter(has_text=INJECTED)
     if not lab["injection"]:
         # the injection is part of the notebook the server hands the page: once its own cells show,
@@ -70,7 +70,7 @@ def test_task_notebook_opens_with_its_upstream_injected_and_runs(lab, page):
         return
     injected.wait_for()
     text = injected.inner_text()
-    assert 'model_params = {"C": 0.1}' in text  # the grid's first candidate, from pipeline.yaml
+    assert 'model_params = {"classification": {"C": 0.1}' in text  # the grid's first candidate, from pipeline.yaml
     assert f'"train": "{lab["root"]}/products/data/train.parquet"' in text
 
     # run the injected cell, then a new cell below it that reads what it set, in the project's kernel

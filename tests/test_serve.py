@@ -85,7 +85,7 @@ def test_health_ready_and_metadata(server):
     assert (meta["name"], meta["version"], meta["alias"]) == (NAME, 3, "champion")
     assert (meta["canary"]["version"], meta["canary"]["weight"]) == (1, 0.2)
     inputs = meta["signature"]["inputs"]
-    assert len(inputs) == 30 and inputs[0] == {"type": "double", "name": "mean radius", "required": True}
+    assert len(inputs) == 30 and inputs[0] == {"type": "double", "name": "mean radius", "required": False}, "the model imputes it"
     assert meta["classes"] == [0, 1] and meta["prediction_log"]["failed"] == 0
 
 
@@ -136,7 +136,6 @@ BAD_INPUTS = {
     "unknown column": (lambda r: {"records": [{**r, "colour": 1.0}]}, 422, "colour"),
     "string for a number": (lambda r: {"records": [{**r, "mean area": "500"}]}, 422, "mean area"),
     "boolean for a number": (lambda r: {"records": [{**r, "mean area": True}]}, 422, "mean area"),
-    "null": (lambda r: {"records": [{**r, "mean area": None}]}, 422, "mean area"),
     "no records": (lambda r: {"records": []}, 422, "records"),
     "records not a list": (lambda r: {"records": r}, 422, "records"),
     "record not an object": (lambda r: {"records": [list(r.values())]}, 422, "records"),
@@ -144,6 +143,17 @@ BAD_INPUTS = {
     "key not a string": (lambda r: {"records": [r], "key": 7}, 422, "key"),
     "too many records": (lambda r: {"records": [r] * 1001}, 413, "records"),
 }
+
+
+def test_a_null_in_a_column_the_model_fills_in_is_scored(server, registry):
+    record = {**_one(registry), "mean area": None}
+    answer = httpx.post(f"{server}/predict", json={"records": [record], "key": "k-1"})
+    assert answer.status_code == 200, answer.text
+    model = registry["models"][answer.json()["version"]]
+    frame = pd.DataFrame([record]).astype({"mean area": float})
+    assert answer.json()["predictions"] == model.predict(frame).tolist(), "imputed, as in training"
+    wrong = httpx.post(f"{server}/predict", json={"records": [{**record, "mean area": "n/a"}]})
+    assert wrong.status_code == 422 and wrong.json()["field"] == "mean area", "a value of the wrong type is refused"
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

@@ -43,7 +43,7 @@ def test_study_trials_are_nested_runs_and_the_best_parameters_are_registered(sha
     assert sorted(r.info.run_name for r in resumed) == [f"trial-{TRIALS}", f"trial-{TRIALS + 1}"]
     best = json.loads((project / "products/tune/best.json").read_text())
     study = optuna.load_study(study_name=best["study"], storage=f"sqlite:///{project}/products/tune/study.db")
-    assert len(study.trials) == best["trials"] == TRIALS + 2 and best["model"] == "logistic_regression"
+    assert len(study.trials) == best["trials"] == TRIALS + 2 and best["model"] == "linear"
     best_trial = max([*trials, *resumed], key=lambda r: r.data.metrics["cv_roc_auc"])
     assert best["model_params"]["C"] == float(best_trial.data.params["C"])
 
