@@ -54,7 +54,7 @@ def main() -> int:
         figures = [Figure("nbs serve, launch to ready", "with the feature store (Feast opened)", "--feature-repo ''",
                           with_store, without)]
 
-        table = pd.read_parquet(project / "feature_repo" / "data" / "patient_features.parquet")
+        table = pd.read_parquet(project / "feature_repo" / "data" / "nbs-classifier.parquet")
         keys = random.Random(0).choices(table["patient_id"].tolist(), k=args.requests)
         rows = table.set_index("patient_id").drop(columns="event_timestamp")
         by_key = [json.dumps({"entities": [{"patient_id": k}]}).encode() for k in keys]

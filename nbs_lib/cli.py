@@ -91,13 +91,36 @@ def _prepare_environment(root: Path) -> None:
     os.environ.setdefault("PLOOMBER_STATS_ENABLED", "false")
 
 
+def _overrides(args: argparse.Namespace, declared: dict) -> dict:
+    "The values --env-file, --params-json and -p set over env.yaml's `declared` ones, each declared and of its type."
+    from_file = merge_env_file(Path(args.env_file).resolve(), declared) if args.env_file else {}
+    given = json_overrides(args.params_json, declared) if getattr(args, "params_json", None) else {}
+    return {**from_file, **given, **parse_overrides(args.param, declared)}
+
+
 def _parameters(args: argparse.Namespace) -> tuple[Path, dict, dict]:
     "The project root, env.yaml's values, and the values --env-file, --params-json and -p set over them."
     root = find_project_root(args.root)
     declared = read_yaml_mapping(root / ENV_FILE)
-    from_file = merge_env_file(Path(args.env_file).resolve(), declared) if args.env_file else {}
-    given = json_overrides(args.params_json, declared) if getattr(args, "params_json", None) else {}
-    return root, declared, {**from_file, **given, **parse_overrides(args.param, declared)}
+    return root, declared, _overrides(args, declared)
+
+
+def _settings(args: argparse.Namespace, inside: bool = True) -> tuple[Path, dict]:
+    "The project root and its parameters as a build would see them: env.yaml's, with --env-file and -p over them; outside a project (allowed unless `inside`), none."
+    root = find_project_root(args.root) if inside else _root_or_here(args.root)
+    if not (root / ENV_FILE).is_file():
+        if args.param or args.env_file:
+            raise ConfigError(root / ENV_FILE, "not found: -p and --env-file set parameters a project's env.yaml declares",
+                              hint="run inside the project, or pass --root")
+        return root, {}
+    declared = read_yaml_mapping(root / ENV_FILE)
+    return root, {**declared, **_overrides(args, declared)}
+
+
+def _passed_on(args: argparse.Namespace, but: tuple[str, ...] = ()) -> tuple[str, ...]:
+    "The --env-file and -p arguments as given, for an `nbs run` this command starts; -p of the names in `but` left out."
+    kept = [arg for pair in args.param if pair.partition("=")[0].strip() not in but for arg in ("-p", pair)]
+    return (*(("--env-file", str(Path(args.env_file).resolve())) if args.env_file else ()), *kept)
 
 
 def _project_dag(args: argparse.Namespace) -> tuple[Path, dict, object]:
@@ -265,7 +288,8 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         run_scheduler,
     )
 
-    root = _root_or_here(args.root)
+    root, _ = _settings(args, inside=False)  # -p and --env-file are checked here, then passed to the pipeline jobs
+    pipeline_args = _passed_on(args)
     jobs = read_schedules(Path(args.file).resolve() if args.file else root / SCHEDULE_FILE)
     nbs = Path(sys.executable).with_name("nbs")
     if args.action == "list":
@@ -276,11 +300,11 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             print(f"{job.name:16} {job.cron:16} {what:32} {job.overlap:8} {job.retries:<8} {fires}")
         return 0
     if args.action == "crontab":
-        print("\n".join(crontab_lines(jobs, root, nbs)))
+        print("\n".join(crontab_lines(jobs, root, nbs, pipeline_args)))
         return 0
     _use_store_of(root)
     _stop_on_signals()
-    firing = Firing(root, nbs)
+    firing = Firing(root, nbs, pipeline_args=pipeline_args)
     if args.action == "fire":
         if args.job not in jobs:
             raise ConfigError(args.file or SCHEDULE_FILE, f"no job named {args.job!r}", hint=f"jobs: {', '.join(jobs)}")
@@ -511,8 +535,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     )
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    root = _root_or_here(args.root)
-    env = read_yaml_mapping(root / ENV_FILE)
+    root, env = _settings(args, inside=False)
     repo = root / str(env.get("feature_repo", "feature_repo"))
     if not has_registry(repo):
         raise ConfigError(display_path(repo, Path.cwd()), "has no feature registry yet",
@@ -542,15 +565,14 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 # %% ../notebooks/90_cli.ipynb #b0aa75fe
-def _model_uri(args: argparse.Namespace, root: Path) -> str:
-    "--model, else the champion of the model the project's env.yaml names."
+def _model_uri(args: argparse.Namespace, values: dict) -> str:
+    "--model, else the champion of the model the project's parameters name (model_name)."
     if args.model:
         return args.model
-    try:
-        return f"models:/{read_yaml_mapping(root / ENV_FILE)['model_name']}@champion"
-    except (ConfigError, KeyError):
+    if not values.get("model_name"):
         raise ConfigError("--model", "is needed outside a project whose env.yaml names model_name",
-                          hint="e.g. --model models:/nbs-classifier@champion") from None
+                          hint="e.g. --model models:/nbs-classifier@champion")
+    return f"models:/{values['model_name']}@champion"
 
 
 def _log_path(given: str | None, root: Path) -> Path:
@@ -566,16 +588,13 @@ def _existing_log(given: str | None, root: Path) -> Path:
     return log
 
 
-def _feature_repo(given: str | None, root: Path) -> Path | None:
+def _feature_repo(given: str | None, root: Path, values: dict) -> Path | None:
     "--feature-repo ('' for none), else the project's feature repository if it has a feature_store.yaml."
     if given is not None:
         if given and not (Path(given) / "feature_store.yaml").is_file():
             raise ConfigError("--feature-repo", f"{given!r} holds no feature_store.yaml", hint="name a Feast repository, or '' for none")
         return Path(given).resolve() if given else None
-    try:
-        repo = root / str(read_yaml_mapping(root / ENV_FILE).get("feature_repo", "feature_repo"))
-    except ConfigError:
-        return None
+    repo = root / str(values.get("feature_repo", "feature_repo"))
     return repo if (repo / "feature_store.yaml").is_file() else None
 
 
@@ -585,11 +604,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.canary is None and args.canary_weight is not None:
         raise ConfigError("--canary-weight", "needs --canary VERSION", hint="name the version the weight sends requests to")
-    root = _root_or_here(args.root)
+    root, values = _settings(args, inside=False)
     _use_store_of(root)
     log = None if args.no_prediction_log else _log_path(args.prediction_log, root)
-    serve(_model_uri(args, root), args.port, args.canary, 0.1 if args.canary_weight is None else args.canary_weight,
-          log, args.max_body_bytes, args.max_records, _feature_repo(args.feature_repo, root))
+    serve(_model_uri(args, values), args.port, args.canary, 0.1 if args.canary_weight is None else args.canary_weight,
+          log, args.max_body_bytes, args.max_records, _feature_repo(args.feature_repo, root, values))
     return 0
 
 
@@ -598,9 +617,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from nbs_lib.scoring import check_files, load_served, predict_file
 
     check_files(args.input, args.output)  # before the model takes seconds to load
-    root = _root_or_here(args.root)
+    root, values = _settings(args, inside=False)
     _use_store_of(root)
-    served = load_served(_model_uri(args, root))
+    served = load_served(_model_uri(args, values))
     done = predict_file(served, args.input, args.output, args.chunk_rows, progress=not args.quiet)
     print(f"Scored {done['rows']} rows with {served.name} version {served.version}: {display_path(done['output'], Path.cwd())}")
     return 0
@@ -612,26 +631,27 @@ MONITOR_NOTEBOOK = Path("notebooks/monitoring/monitor.ipynb")
 def cmd_monitor(args: argparse.Namespace) -> int:
     "Report on the served model from the prediction log (drift, live performance, volume, data quality) and on feature skew, tracked in MLflow."
     from nbs_lib.execute import execute_notebook
+    from nbs_lib.feature_store import feature_view_name
     from nbs_lib.monitoring import check_window, since_time
 
     if args.since:
         since_time(args.since)  # refused here, before a kernel starts, not in the notebook
     check_window(args.window)
-    root = find_project_root(args.root)
-    declared = read_yaml_mapping(root / ENV_FILE)
+    root, declared = _settings(args)
     log = _existing_log(args.prediction_log, root)
     reference = Path(args.reference).resolve() if args.reference else root / declared.get("products", "products") / "data" / "train.parquet"
     if not reference.is_file():
         raise ConfigError(reference, "does not exist: the reference is the table the model was trained on",
                           hint="make run writes it; --reference names another")
     triggers = declared.get("retrain_triggers") or {}
+    name = declared.get("model_name", "nbs-classifier")
     params = {"prediction_log": str(log), "reference": str(reference), "target": declared.get("target", "target"),
-              "model_name": declared.get("model_name", "nbs-classifier"), "since": args.since, "window": args.window,
+              "model_name": name, "since": args.since, "window": args.window,
               "rollback_margin": float(declared.get("rollback_margin", 0.05)),
               "min_live_labels": int(triggers.get("min_live_labels") or 50),
               "alert_log": str(root / "alerts.jsonl"), "alert_webhook": declared.get("alert_webhook") or "",
               "feature_repo": str(declared.get("feature_repo", "feature_repo")),
-              "feature_view": str(declared.get("feature_view", "patient_features"))}
+              "feature_view": feature_view_name(str(declared.get("feature_view") or ""), name)}
     _use_store_of(root)
     _stop_on_signals()
     output = root / declared.get("products", "products") / "monitoring" / "monitor.ipynb"
@@ -662,7 +682,7 @@ def _retrain_check(root: Path, declared: dict, log: Path, client, run_id: str) -
     features = [c for c in reference.columns if c != declared.get("target", "target")]
     drift = detect_drift(reference[features], inputs_table(served)[features])["share"] if len(served) >= 30 else None
     triggers = check_triggers(declared.get("retrain_triggers") or {}, state["age_days"], scores(served),
-                              state["new_labels"], drift)
+                              state["new_labels"], drift, state["holdout"])
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(f"trigger.{t['trigger']}", float(t["value"]), now, 0) for t in triggers
                                       if t["value"] is not None and t["value"] == t["value"]],
@@ -693,8 +713,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     from nbs_lib.retrain import check_trigger_settings, compare_on_feedback, training_data
     from nbs_lib.tracking import finish_run, get_client, start_pipeline_run
 
-    root = find_project_root(args.root)
-    declared = read_yaml_mapping(root / ENV_FILE)
+    root, declared = _settings(args)
     check_trigger_settings(declared.get("retrain_triggers") or {})
     log = _existing_log(args.prediction_log, root)
     products = root / declared.get("products", "products")
@@ -720,13 +739,17 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                         {t["trigger"]: t["reason"] for t in triggers if t["fired"]}, **alert)
         labelled = predictions[predictions["label"].notna()].sort_values("at")
         kept_out = labelled.tail(int(len(labelled) * AB_SHARE))  # the newest: never trained on, to judge by
-        data = training_data(_read_product(products / "data" / "raw.parquet"), labelled.drop(kept_out.index), target)
+        base = _read_product(products / "data" / "raw.parquet")
+        decided = products / "data" / "columns.json"
+        if decided.is_file():  # the champion's features: IDs, dates and the like have no place in logged inputs
+            base = base[[*json.loads(decided.read_text())["features"], target]]
+        data = training_data(base, labelled.drop(kept_out.index), target)
         data_path = save_table(data, products / "retrain" / "data.parquet")
         client.set_tag(run_id, "nbs.retrain.rows", str(len(data)))
         print(f"Retraining on {len(data)} rows ({display_path(data_path, root)}); "
               f"the newest {len(kept_out)} labels are kept out to compare the models on.", flush=True)
-        build = subprocess.run([str(Path(sys.executable).with_name("nbs")), "run", "-p", f"data_path={data_path}",
-                                "--root", str(root)], cwd=root)
+        build = subprocess.run([str(Path(sys.executable).with_name("nbs")), "run", *_passed_on(args, but=("data_path",)),
+                                "-p", f"data_path={data_path}", "--root", str(root)], cwd=root)
         if build.returncode != 0:
             print("nbs: error: the retraining build failed (its output above; nbs runs shows which task)",
                   file=sys.stderr)
@@ -743,7 +766,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
                 client.set_model_version_tag(name, str(version), f"nbs.ab.{key}", json.dumps(value))
                 client.set_tag(run_id, f"nbs.ab.{key}", json.dumps(value))
             print(f"Against version {state['version']} on the {ab['rows']} newest labels: {ab['verdict']} "
-                  f"(accuracy {ab['challenger_accuracy']:.4f} vs {ab['champion_accuracy']:.4f}, p={ab['p_value']:.3g}).")
+                  f"({ab['metric']} {ab['challenger']:.4f} vs {ab['champion']:.4f}, p={ab['p_value']:.3g}).")
             if gate["promote"] and ab["verdict"] == "challenger worse":
                 entry = rollback(client, name, f"automatic: worse than version {state['version']} on recent feedback "
                                                 f"(p={ab['p_value']:.3g})")
@@ -760,8 +783,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from nbs_lib.data import load_dataset
     from nbs_lib.simulate import simulate
 
-    root = _root_or_here(args.root)
-    declared = read_yaml_mapping(root / ENV_FILE) if (root / ENV_FILE).is_file() else {}
+    root, declared = _settings(args, inside=False)
     target = declared.get("target", "target")
     data = load_dataset(args.data or declared.get("data_path") or None, target)
     summaries = simulate(args.url, data, target, args.batches, args.batch_size, args.request_size, args.drift,
@@ -875,11 +897,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     root_help = "project folder (default: the nearest folder holding pipeline.yaml)"
 
-    def pipeline_options(command: argparse.ArgumentParser) -> None:
+    def parameter_options(command: argparse.ArgumentParser, what: str = "") -> None:
         command.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
-                             help="override a parameter declared in env.yaml (repeatable)")
+                             help=f"override a parameter declared in env.yaml (repeatable){what}")
         command.add_argument("--env-file", metavar="PATH",
-                             help="parameter defaults from this YAML file instead of env.yaml")
+                             help=f"parameter defaults from this YAML file instead of env.yaml{what}")
+
+    def pipeline_options(command: argparse.ArgumentParser) -> None:
+        parameter_options(command)
         command.add_argument("--root", type=Path, help=root_help)
 
     run = sub.add_parser("run", help="run the out-of-date tasks of the pipeline, tracked in MLflow",
@@ -942,6 +967,7 @@ def build_parser() -> argparse.ArgumentParser:
     fire = actions.add_parser("fire", help="fire one job now (what the crontab lines call)")
     fire.add_argument("job", metavar="JOB", help="the job's name in schedules.yaml")
     for action in actions.choices.values():
+        parameter_options(action, ", for the pipeline jobs")
         action.add_argument("--file", metavar="PATH", help="the schedules file (default: ROOT/schedules.yaml)")
         action.add_argument("--root", type=Path, help="the project folder (default: the nearest folder holding "
                             "pipeline.yaml, else the current folder)")
@@ -975,6 +1001,7 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--json", action="store_true", help="print the catalogue as JSON records")
     features.add_argument("--html", type=Path, metavar="PATH", help="also write it as an HTML page")
     features.add_argument("--root", type=Path, help=root_help)
+    parameter_options(features)
     features.set_defaults(handler=cmd_features)
 
     promote = sub.add_parser("promote", help="make a version champion by hand, recording who and why",
@@ -1008,6 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--feature-repo", metavar="PATH", help="feature repository whose online store answers requests "
                        "by entity key (default: the project's, feature_repo in env.yaml; '' for none)")
     serve.add_argument("--root", **registry_root)
+    parameter_options(serve)
     serve.set_defaults(handler=cmd_serve)
 
     predict = sub.add_parser("predict", help="score a CSV or Parquet file with a registered model, in chunks",
@@ -1019,6 +1047,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--chunk-rows", type=int, default=50_000, metavar="N", help="rows scored at a time (default 50000)")
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     predict.add_argument("--root", **registry_root)
+    parameter_options(predict)
     predict.set_defaults(handler=cmd_predict)
 
     monitor = sub.add_parser("monitor", help="drift, live performance, volume and data quality of the served model",
@@ -1030,6 +1059,7 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--reference", metavar="FILE", help="the training table to compare with "
                          "(default: PRODUCTS/data/train.parquet)")
     monitor.add_argument("--root", type=Path, help=root_help)
+    parameter_options(monitor)
     monitor.set_defaults(handler=cmd_monitor)
 
     retrain = sub.add_parser("retrain", help="check the retraining triggers; retrain on new labels when one fires",
@@ -1038,6 +1068,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "retrain_triggers fires (without it: always retrain, still recording the triggers)")
     retrain.add_argument("--prediction-log", **log_option)
     retrain.add_argument("--root", type=Path, help=root_help)
+    parameter_options(retrain)
     retrain.set_defaults(handler=cmd_retrain)
 
     simulate = sub.add_parser("simulate", help="replay the data to a running nbs serve, with feedback and injected drift",
@@ -1059,6 +1090,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--data", metavar="FILE", help="CSV or Parquet to replay (default: env.yaml's data_path, "
                           "else the built-in data)")
     simulate.add_argument("--root", type=Path, help=root_help)
+    parameter_options(simulate)
     simulate.set_defaults(handler=cmd_simulate)
 
     lineage = sub.add_parser("lineage", help="where a registered version came from, in one chain",
@@ -1128,6 +1160,9 @@ def main(argv: list[str] | None = None) -> int:
     except NbsError as e:
         print(f"nbs: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # the reader left (`nbs features | head`): what was left to print has no one to read it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the interpreter's own flush stays quiet
+        return 141  # as a shell reports SIGPIPE
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"nbs: stopped by {signal.Signals(signum).name}; its MLflow runs are marked KILLED",

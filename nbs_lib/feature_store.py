@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,10 +18,11 @@ from .features import feature_spec
 from .tracking import table_artifact
 
 # %% auto #0
-__all__ = ['BUILTIN_START', 'DEFINITION_TAG', 'keyed', 'feature_table', 'label_table', 'feature_stats', 'builtin_descriptions',
-           'definition_site', 'definitions', 'open_feature_store', 'apply_definitions', 'has_registry',
-           'registered_definitions', 'training_set', 'materialize', 'OnlineFeatures', 'skew', 'sample_entities',
-           'catalogue', 'catalogue_html', 'last_feature_stats', 'champion_importance', 'models_using']
+__all__ = ['BUILTIN_START', 'DEFINITION_TAG', 'keyed', 'feature_table', 'label_table', 'feature_stats', 'feature_view_name',
+           'builtin_descriptions', 'definition_site', 'definitions', 'open_feature_store', 'apply_definitions',
+           'has_registry', 'registered_definitions', 'training_set', 'materialize', 'OnlineFeatures', 'skew',
+           'sample_entities', 'catalogue', 'catalogue_html', 'last_feature_stats', 'champion_importance',
+           'models_using']
 
 # %% ../notebooks/36_feature_store.ipynb #44bcd209
 BUILTIN_START = "2025-01-01"
@@ -98,6 +100,11 @@ def feature_stats(table: pd.DataFrame) -> pd.DataFrame:
 
 # %% ../notebooks/36_feature_store.ipynb #01332d7a
 DEFINITION_TAG = "nbs.definition"
+
+
+def feature_view_name(feature_view: str, model_name: str) -> str:
+    "`feature_view`, or when it is empty the view of `model_name`'s data: its name in letters, digits and _, then _features."
+    return feature_view or re.sub(r"[^A-Za-z0-9_]+", "_", model_name).strip("_") + "_features"
 
 _BUILTIN_MEASURES = {
     "radius": "mean distance from the centre to points on the perimeter",
@@ -255,11 +262,17 @@ def _shown_key(row: dict) -> str:
 class OnlineFeatures:
     "A model's input columns for entity keys, read from the online store; unknown keys and stale values refused."
 
-    def __init__(self, store, columns: list[str]):
-        views = {field.name: view for view in store.list_feature_views() for field in view.features}
+    def __init__(self, store, columns: list[str], view: str | None = None):
+        "Lookups of `columns` in `view` (the one the model was trained from), or in whichever view holds each when None."
+        candidates = [v for v in store.list_feature_views() if view is None or v.name == view]
+        if view is not None and not candidates:
+            raise ConfigError("feature store", f"holds no feature view {view!r}, which the model was trained from",
+                              hint="`nbs run` with this model's data defines and materializes it; or serve with records")
+        views = {field.name: v for v in candidates for field in v.features}
         missing = [name for name in columns if name not in views]
         if missing:
-            raise ConfigError("feature store", f"holds no feature {', '.join(map(repr, missing[:5]))} the model takes",
+            where = f"feature view {view!r}" if view else "feature store"
+            raise ConfigError("feature store", f"{where} holds no feature {', '.join(map(repr, missing[:5]))} the model takes",
                               hint="serve a model trained on the feature store's views, or serve it with records")
         self.store, self.columns = store, list(columns)
         self.keys = sorted({key for name in columns for key in views[name].join_keys})

@@ -13,8 +13,8 @@ import pandas as pd
 from .errors import DataError, ParameterError
 
 # %% auto #0
-__all__ = ['since_time', 'recent', 'inputs_table', 'check_window', 'scores', 'live_performance', 'data_quality', 'plot_drift',
-           'plot_distributions', 'plot_performance']
+__all__ = ['LIVE_METRICS', 'since_time', 'recent', 'inputs_table', 'check_window', 'predicts_quantities', 'scores',
+           'live_performance', 'data_quality', 'plot_drift', 'plot_distributions', 'plot_performance']
 
 # %% ../notebooks/21_monitoring.ipynb #b24d8f93
 _UNITS = {"m": "minutes", "h": "hours", "d": "days"}
@@ -55,19 +55,31 @@ def check_window(window: str) -> str:
     return window
 
 
+LIVE_METRICS = ("accuracy", "roc_auc", "rmse", "mae")  # a classifier's first two, a regressor's last two
+
+
+def predicts_quantities(predictions: pd.DataFrame) -> bool:
+    "Whether the logged `predictions` are a regressor's (no classes logged), not a classifier's."
+    return "classes" in predictions and len(predictions) > 0 and bool(predictions["classes"].isna().all())
+
+
 def scores(predictions: pd.DataFrame) -> dict:
-    "How many `predictions` and labels, and on the labelled ones accuracy and ROC AUC (NaN when not computable)."
+    "How many `predictions` and labels, and on the labelled ones accuracy and ROC AUC, or RMSE and MAE for a regressor (NaN when not computable)."
     from sklearn.metrics import roc_auc_score
 
     labelled = predictions[predictions["label"].notna()]
-    row = {"predictions": len(predictions), "labelled": len(labelled), "accuracy": np.nan, "roc_auc": np.nan}
-    if len(labelled):
-        row["accuracy"] = float((labelled["prediction"] == labelled["label"]).mean())
-        classes = set(labelled["label"])
-        probabilities = labelled["probabilities"].dropna()
-        if len(classes) == 2 and len(probabilities) == len(labelled):
-            positive = max(classes)
-            row["roc_auc"] = float(roc_auc_score(labelled["label"] == positive, [p[str(positive)] for p in probabilities]))
+    row = {"predictions": len(predictions), "labelled": len(labelled), **dict.fromkeys(LIVE_METRICS, np.nan)}
+    if not len(labelled):
+        return row
+    if predicts_quantities(labelled):
+        errors = labelled["prediction"].astype(float) - labelled["label"].astype(float)
+        return {**row, "rmse": float(np.sqrt((errors**2).mean())), "mae": float(errors.abs().mean())}
+    row["accuracy"] = float((labelled["prediction"] == labelled["label"]).mean())
+    classes = set(labelled["label"])
+    probabilities = labelled["probabilities"].dropna()
+    if len(classes) == 2 and len(probabilities) == len(labelled):
+        positive = max(classes)
+        row["roc_auc"] = float(roc_auc_score(labelled["label"] == positive, [p[str(positive)] for p in probabilities]))
     return row
 
 
@@ -75,7 +87,7 @@ def live_performance(predictions: pd.DataFrame, window: str = "1h") -> pd.DataFr
     "`scores` per time window of `window`, from `recent(...)` predictions."
     groups = predictions.groupby(pd.Grouper(key="at", freq=check_window(window)))
     return pd.DataFrame([{"window": start, **scores(part)} for start, part in groups],
-                        columns=["window", "predictions", "labelled", "accuracy", "roc_auc"])
+                        columns=["window", "predictions", "labelled", *LIVE_METRICS])
 
 # %% ../notebooks/21_monitoring.ipynb #8ac0c768
 def data_quality(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -127,11 +139,11 @@ def plot_distributions(reference: pd.DataFrame, current: pd.DataFrame, features:
 
 
 def plot_performance(performance: pd.DataFrame):
-    "Accuracy and ROC AUC per window over labelled predictions, and the number of predictions per window."
+    "The live metrics per window over labelled predictions (accuracy and ROC AUC, or RMSE and MAE), and the number of predictions per window."
     import matplotlib.pyplot as plt
 
     fig, (quality, volume) = plt.subplots(2, 1, figsize=(7, 4.5), sharex=True)
-    for metric in ("accuracy", "roc_auc"):
+    for metric in [m for m in LIVE_METRICS if performance[m].notna().any()] or ["accuracy"]:
         quality.plot(performance["window"], performance[metric], marker="o", label=metric)
     quality.set_ylabel("on labelled predictions")
     quality.legend()

@@ -149,7 +149,7 @@ def _known(prediction_id: str, sizes: dict[str, int]) -> bool:
 
 # %% ../notebooks/18_predictions.ipynb #d73bf261
 def read_predictions(path: str | Path, labelled_only: bool = False) -> pd.DataFrame:
-    "Every logged prediction with its fed-back `label` (None until one came), oldest first."
+    "Every logged prediction with its fed-back `label` (None until one came), oldest first; `classes` is None for a regressor's."
     path = Path(path)
     if not path.is_file():
         raise ConfigError(path, "holds no prediction log", hint="nbs serve writes it; --prediction-log says where")
@@ -171,10 +171,10 @@ def read_predictions(path: str | Path, labelled_only: bool = False) -> pd.DataFr
                 continue
             rows.append({"id": prediction_id, "request_id": request_id, "at": at, "model": model, "version": version,
                          "role": role, "inputs": inputs, "prediction": prediction,
-                         "probabilities": proba and dict(zip(map(str, classes), proba, strict=True)),
+                         "probabilities": proba and dict(zip(map(str, classes), proba, strict=True)), "classes": classes,
                          "latency_ms": latency, "label": label, "labelled_at": labelled_at})
     columns = ["id", "request_id", "at", "model", "version", "role", "inputs", "prediction", "probabilities",
-               "latency_ms", "label", "labelled_at"]
+               "classes", "latency_ms", "label", "labelled_at"]
     kept_as_is = {"prediction", "label"}  # a label may be missing: None, not a float NaN that changes its type
     return pd.DataFrame({c: pd.Series([r[c] for r in rows], dtype=object if c in kept_as_is else None)
                          for c in columns})

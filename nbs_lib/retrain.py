@@ -11,15 +11,15 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError
-from .monitoring import inputs_table, scores
+from .monitoring import inputs_table, predicts_quantities, scores
 
 # %% auto #0
 __all__ = ['TRIGGER_SETTINGS', 'check_trigger_settings', 'check_triggers', 'champion_in_service', 'training_data',
            'compare_on_feedback', 'rollback_if_worse']
 
 # %% ../notebooks/23_retrain.ipynb #90db1118
-TRIGGER_SETTINGS = {"max_model_age_days": float, "min_live_accuracy": float, "min_live_labels": int,
-                     "min_new_labels": int, "max_drift_share": float}
+TRIGGER_SETTINGS = {"max_model_age_days": float, "min_live_accuracy": float, "max_live_rmse_ratio": float,
+                    "min_live_labels": int, "min_new_labels": int, "max_drift_share": float}
 
 
 def check_trigger_settings(settings: dict) -> dict:
@@ -35,8 +35,9 @@ def check_trigger_settings(settings: dict) -> dict:
     return settings
 
 
-def check_triggers(settings: dict, age_days: float, live: dict, new_labels: int, drift_share: float | None) -> list[dict]:
-    "Each trigger: whether it fired, its value and threshold, and why; `live` is `scores` of the champion in service."
+def check_triggers(settings: dict, age_days: float, live: dict, new_labels: int, drift_share: float | None,
+                   holdout: dict | None = None) -> list[dict]:
+    "Each trigger: whether it fired, its value and threshold, and why; `live` is `scores` of the champion in service, `holdout` its holdout metrics."
     settings = check_trigger_settings(settings)
     results = []
 
@@ -47,15 +48,30 @@ def check_triggers(settings: dict, age_days: float, live: dict, new_labels: int,
     limit = settings.get("max_model_age_days")
     report("model_age", "max_model_age_days", round(age_days, 2), limit is not None and age_days > limit,
            "off" if limit is None else f"trained {age_days:.1f} days ago ({'more' if age_days > limit else 'not more'} than {limit})")
-    floor, needed = settings.get("min_live_accuracy"), settings.get("min_live_labels") or 1
-    accuracy, labels = live.get("accuracy", np.nan), live.get("labelled", 0)
-    if floor is None:
-        report("live_accuracy", "min_live_accuracy", accuracy, False, "off")
-    elif labels < needed:
-        report("live_accuracy", "min_live_accuracy", accuracy, False, f"{labels} labels, fewer than the {needed} to judge by")
+    needed, labels = settings.get("min_live_labels") or 1, live.get("labelled", 0)
+    rmse = live.get("rmse", np.nan)
+    if rmse == rmse:  # a regressor's: its live RMSE against the RMSE it had on its holdout
+        ceiling, measured = settings.get("max_live_rmse_ratio"), (holdout or {}).get("rmse")
+        ratio = rmse / measured if measured else np.nan
+        if ceiling is None:
+            report("live_rmse", "max_live_rmse_ratio", ratio, False, "off")
+        elif not measured:
+            report("live_rmse", "max_live_rmse_ratio", ratio, False, "the champion's holdout RMSE is not recorded")
+        elif labels < needed:
+            report("live_rmse", "max_live_rmse_ratio", ratio, False, f"{labels} labels, fewer than the {needed} to judge by")
+        else:
+            report("live_rmse", "max_live_rmse_ratio", round(ratio, 4), ratio > ceiling,
+                   f"RMSE {rmse:.4f} on {labels} labels is {ratio:.2f} times the holdout's {measured:.4f} "
+                   f"({'above' if ratio > ceiling else 'not above'} {ceiling})")
     else:
-        report("live_accuracy", "min_live_accuracy", accuracy, accuracy < floor,
-               f"accuracy {accuracy:.4f} on {labels} labels is {'below' if accuracy < floor else 'not below'} {floor}")
+        floor, accuracy = settings.get("min_live_accuracy"), live.get("accuracy", np.nan)
+        if floor is None:
+            report("live_accuracy", "min_live_accuracy", accuracy, False, "off")
+        elif labels < needed:
+            report("live_accuracy", "min_live_accuracy", accuracy, False, f"{labels} labels, fewer than the {needed} to judge by")
+        else:
+            report("live_accuracy", "min_live_accuracy", accuracy, accuracy < floor,
+                   f"accuracy {accuracy:.4f} on {labels} labels is {'below' if accuracy < floor else 'not below'} {floor}")
     least = settings.get("min_new_labels")
     report("new_labels", "min_new_labels", new_labels, least is not None and new_labels >= least,
            "off" if least is None else f"{new_labels} new labels ({'at least' if new_labels >= (least or 0) else 'fewer than'} {least})")
@@ -69,7 +85,7 @@ def check_triggers(settings: dict, age_days: float, live: dict, new_labels: int,
 
 # %% ../notebooks/23_retrain.ipynb #20de8969
 def champion_in_service(client, name: str, predictions: pd.DataFrame) -> dict:
-    "The champion's version, when it was trained and promoted, its predictions since, and the labels it never saw."
+    "The champion's version, when it was trained and promoted, its holdout metrics, its predictions since, and the labels it never saw."
     from mlflow.exceptions import MlflowException
 
     from nbs_lib.registry import CHAMPION, champion_history
@@ -85,8 +101,9 @@ def champion_in_service(client, name: str, predictions: pd.DataFrame) -> dict:
     promoted = pd.Timestamp(made[-1]["at"]) if made else trained
     served = predictions[(predictions["version"] == version) & (predictions["at"] >= promoted)]
     unseen = predictions[(predictions["at"] >= trained) & predictions["label"].notna()]
+    holdout = {key.removeprefix("metric."): float(value) for key, value in champion.tags.items() if key.startswith("metric.")}
     return {"version": version, "trained": trained, "promoted": promoted, "served": served, "new_labels": len(unseen),
-            "age_days": (pd.Timestamp(datetime.now(UTC)) - trained).total_seconds() / 86400}
+            "age_days": (pd.Timestamp(datetime.now(UTC)) - trained).total_seconds() / 86400, "holdout": holdout}
 
 # %% ../notebooks/23_retrain.ipynb #a884d194
 def training_data(base: pd.DataFrame, predictions: pd.DataFrame, target: str) -> pd.DataFrame:
@@ -100,24 +117,32 @@ def training_data(base: pd.DataFrame, predictions: pd.DataFrame, target: str) ->
 
 # %% ../notebooks/23_retrain.ipynb #45ab9762
 def compare_on_feedback(challenger, champion, labelled: pd.DataFrame, features: list[str], alpha: float = 0.05) -> dict:
-    "Accuracy of both models on the same labelled predictions, the exact McNemar p-value, and a verdict."
-    from scipy.stats import binomtest
+    "Both models on the same labelled predictions: accuracy and the exact McNemar p-value, or for regressors the mean absolute error and the Wilcoxon signed-rank p-value; and a verdict."
+    from scipy.stats import binomtest, wilcoxon
 
     X = inputs_table(labelled)[features]
     truth = labelled["label"].to_numpy()
-    new_right, old_right = challenger.predict(X) == truth, champion.predict(X) == truth
-    only_new, only_old = int((new_right & ~old_right).sum()), int((~new_right & old_right).sum())
-    p_value = binomtest(only_new, only_new + only_old, 0.5).pvalue if only_new + only_old else 1.0
-    better = new_right.mean() - old_right.mean()
+    if predicts_quantities(labelled):
+        truth = truth.astype(float)
+        new_error, old_error = np.abs(challenger.predict(X) - truth), np.abs(champion.predict(X) - truth)
+        differs = new_error != old_error
+        p_value = float(wilcoxon(new_error[differs], old_error[differs]).pvalue) if differs.sum() >= 2 else 1.0
+        outcome = {"metric": "mae", "challenger": float(new_error.mean()), "champion": float(old_error.mean())}
+        better = outcome["champion"] - outcome["challenger"]
+    else:
+        new_right, old_right = challenger.predict(X) == truth, champion.predict(X) == truth
+        only_new, only_old = int((new_right & ~old_right).sum()), int((~new_right & old_right).sum())
+        p_value = binomtest(only_new, only_new + only_old, 0.5).pvalue if only_new + only_old else 1.0
+        outcome = {"metric": "accuracy", "challenger": float(new_right.mean()), "champion": float(old_right.mean()),
+                   "only_challenger_right": only_new, "only_champion_right": only_old}
+        better = outcome["challenger"] - outcome["champion"]
     verdict = ("no significant difference" if p_value >= alpha or better == 0
                else "challenger better" if better > 0 else "challenger worse")
-    return {"rows": len(labelled), "challenger_accuracy": float(new_right.mean()), "champion_accuracy": float(old_right.mean()),
-            "only_challenger_right": only_new, "only_champion_right": only_old, "p_value": float(p_value),
-            "alpha": alpha, "verdict": verdict}
+    return {"rows": len(labelled), **outcome, "p_value": float(p_value), "alpha": alpha, "verdict": verdict}
 
 # %% ../notebooks/23_retrain.ipynb #79a562bc
 def rollback_if_worse(client, name: str, predictions: pd.DataFrame, margin: float = 0.05, min_labels: int = 50) -> dict:
-    "Roll `name`'s champion back if its live accuracy since promotion trails the previous champion's by more than `margin`."
+    "Roll `name`'s champion back if its live accuracy since promotion trails the previous champion's by more than `margin` (a regressor: if its live RMSE is more than `margin` times higher)."
     from nbs_lib.registry import champion_history, champion_versions, rollback
 
     history = champion_history(client, name)
@@ -129,16 +154,21 @@ def rollback_if_worse(client, name: str, predictions: pd.DataFrame, margin: floa
     labelled = predictions[predictions["label"].notna()]
     after = labelled[(labelled["version"] == current) & (labelled["at"] >= promoted)]
     before = labelled[(labelled["version"] == previous) & (labelled["at"] < promoted)].tail(max(len(after), min_labels))
+    metric = "rmse" if predicts_quantities(labelled) else "accuracy"
     outcome = {"champion": current, "previous": previous, "margin": margin, "labels_after": len(after),
-               "labels_before": len(before), "accuracy_after": scores(after)["accuracy"],
-               "accuracy_before": scores(before)["accuracy"]}
+               "labels_before": len(before), "metric": metric, "after": scores(after)[metric],
+               "before": scores(before)[metric]}
     if len(after) < min_labels or len(before) < min_labels:
         return {**outcome, "decision": "wait", "reason": f"fewer than {min_labels} labels on one side"}
-    drop = outcome["accuracy_before"] - outcome["accuracy_after"]
-    if drop <= margin:
-        return {**outcome, "decision": "keep", "reason": f"live accuracy {outcome['accuracy_after']:.4f} is within "
-                f"{margin} of the previous champion's {outcome['accuracy_before']:.4f}"}
-    why = (f"automatic: live accuracy {outcome['accuracy_after']:.4f} of version {current} on {len(after)} labels is "
-           f"{drop:.4f} below version {previous}'s {outcome['accuracy_before']:.4f} (margin {margin})")
+    after_value, before_value = outcome["after"], outcome["before"]
+    if metric == "rmse":
+        worse, allowed = after_value > before_value * (1 + margin), f"{margin:.0%} above"
+    else:
+        worse, allowed = before_value - after_value > margin, f"{margin} below"
+    if not worse:
+        return {**outcome, "decision": "keep", "reason": f"live {metric} {after_value:.4f} is not more than {allowed} "
+                f"the previous champion's {before_value:.4f}"}
+    why = (f"automatic: live {metric} {after_value:.4f} of version {current} on {len(after)} labels is more than "
+           f"{allowed} version {previous}'s {before_value:.4f}")
     rollback(client, name, why)
     return {**outcome, "decision": "rolled back", "reason": why}

@@ -95,12 +95,12 @@ class Job:
     overlap: str = "skip"
     experiment: str = "nbs"
 
-    def command(self, nbs: str | Path, root: Path) -> list[str]:
-        "The `nbs` command line one attempt of this job runs."
+    def command(self, nbs: str | Path, root: Path, pipeline_args: tuple[str, ...] = ()) -> list[str]:
+        "The `nbs` command line one attempt of this job runs; a pipeline job's gets `pipeline_args` (-p, --env-file) too."
         params = [arg for name, value in self.params.items() for arg in ("-p", f"{name}={value}")]
         if self.pipeline:
             timeout = ["-p", f"cell_timeout={self.timeout:g}"] if self.timeout else []
-            return [str(nbs), "run", "--root", str(root), *params, *timeout]
+            return [str(nbs), "run", "--root", str(root), *pipeline_args, *params, *timeout]
         command = [str(nbs), "execute", str(root / self.notebook), "--root", str(root),
                    "--experiment", self.experiment, "--retries", str(self.retries),
                    "--backoff", str(self.backoff), *params]
@@ -157,15 +157,18 @@ def next_fires(job: Job, count: int = 1, after: datetime | None = None) -> list[
     return fires
 
 
-def crontab_lines(jobs: dict[str, Job], root: Path, nbs: str | Path) -> list[str]:
-    "Crontab lines that fire `jobs` through `nbs schedule fire` (same locks and records as the scheduler)."
+def crontab_lines(jobs: dict[str, Job], root: Path, nbs: str | Path, pipeline_args: tuple[str, ...] = ()) -> list[str]:
+    "Crontab lines that fire `jobs` through `nbs schedule fire` (same locks and records as the scheduler), passing on `pipeline_args`."
+    import shlex
+
+    passed = "".join(f" {shlex.quote(arg)}" for arg in pipeline_args)
     lines = [f"# nbs jobs of {root / SCHEDULE_FILE}; cron runs them in UTC only if the machine's time zone is UTC"]
     for job in jobs.values():
         fields = job.cron.split()
         if len(fields) == 6:
             lines.append(f"# {job.name}: '{job.cron}' fires on seconds, which crontab cannot; use nbs schedule run")
             continue
-        lines.append(f"{job.cron} cd {root} && mkdir -p {LOG_FOLDER} && {nbs} schedule fire {job.name} "
+        lines.append(f"{job.cron} cd {root} && mkdir -p {LOG_FOLDER} && {nbs} schedule fire {job.name}{passed} "
                      f">> {LOG_FOLDER}/{job.name}.log 2>&1")
     return lines
 
@@ -173,8 +176,8 @@ def crontab_lines(jobs: dict[str, Job], root: Path, nbs: str | Path) -> list[str
 class Firing:
     "Fires jobs: one lock per job across processes, a child process per attempt, every fire and skip recorded."
 
-    def __init__(self, root: Path, nbs: str | Path, show: bool = True):
-        self.root, self.nbs, self.show = Path(root), nbs, show
+    def __init__(self, root: Path, nbs: str | Path, show: bool = True, pipeline_args: tuple[str, ...] = ()):
+        self.root, self.nbs, self.show, self.pipeline_args = Path(root), nbs, show, tuple(pipeline_args)
         self.stopping = threading.Event()
         self._children: set[subprocess.Popen] = set()
         self._guard = threading.Lock()
@@ -217,7 +220,7 @@ class Firing:
 
     def _run(self, job: Job) -> int:
         client = get_client()
-        command = job.command(self.nbs, self.root)
+        command = job.command(self.nbs, self.root, self.pipeline_args)
         fire = client.create_run(experiment_id(client, job.experiment), run_name=f"schedule {job.name}", tags={
             "nbs.kind": "schedule", "nbs.schedule.job": job.name, "nbs.schedule.cron": job.cron,
             "nbs.schedule.outcome": "running", "nbs.schedule.command": " ".join(command),

@@ -191,6 +191,7 @@ class ServedModel:
     signature: dict
     model: object = field(repr=False)
     loaded_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    feature_view: str | None = None  # the feature store's view it was trained from (tag nbs.feature_view)
 
     @property
     def classes(self) -> list | None:
@@ -233,7 +234,7 @@ class ServedModel:
         explained = f"linear contributions to the log-odds of class {self.classes[-1]}" if self.explainable else None
         return {"name": self.name, "version": self.version, "alias": self.alias, "run_id": self.run_id,
                 "loaded_at": self.loaded_at, "classes": self.classes, "signature": self.signature,
-                "explanations": explained}
+                "explanations": explained, "feature_view": self.feature_view}
 
 
 def resolve_version(uri: str, client=None) -> tuple[str, int, str | None]:
@@ -269,7 +270,9 @@ def load_served(uri: str, client=None) -> ServedModel:
         raise ConfigError(pinned, f"cannot be loaded: {type(e).__name__}: {e}",
                           hint="nbs serve and nbs predict load scikit-learn models registered by the pipeline") from e
     signature = {part: json.loads(spec) if isinstance(spec, str) else spec for part, spec in info.signature.to_dict().items()}
-    return ServedModel(name, version, alias, info.run_id, input_columns(info.signature), signature, model)
+    view = client.get_model_version(name, str(version)).tags.get("nbs.feature_view")
+    return ServedModel(name, version, alias, info.run_id, input_columns(info.signature), signature, model,
+                       feature_view=view)
 
 # %% ../notebooks/17_scoring.ipynb #d55ddca1
 FORMATS = (".csv", ".parquet", ".pq")

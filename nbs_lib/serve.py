@@ -132,21 +132,21 @@ class Service:
                 changed = (champion is not self.champion) or (canary is not self.canary)
                 # ready means ready for requests by key too: the feature store opens before the swap
                 features, features_error = ((self.features, self.features_error) if not changed and self.features
-                                            else self._features_for(champion.columns))
+                                            else self._features_for(champion))
                 self.champion, self.canary, self.error = champion, canary, None
                 self.features, self.features_error = features, features_error
                 return {"loaded": True, "changed": changed, **self.versions()}
             return {"loaded": False, "error": self.error, **self.versions()}
 
-    def _features_for(self, columns: list) -> tuple[OnlineFeatures | None, str | None]:
-        "The online lookups of the served model's columns, or why there are none (kept for requests by entity key)."
+    def _features_for(self, served: ServedModel) -> tuple[OnlineFeatures | None, str | None]:
+        "The online lookups of the served model's columns in its own feature view, or why there are none (kept for requests by entity key)."
         if self.feature_repo is None:
             return None, "this server reads no feature store"
         if self._feature_store is None and not has_registry(self.feature_repo):
             return None, f"the feature repository {self.feature_repo} has no registry yet"
         try:
             self._feature_store = self._feature_store or open_feature_store(self.feature_repo)
-            return OnlineFeatures(self._feature_store, [c.name for c in columns]), None
+            return OnlineFeatures(self._feature_store, [c.name for c in served.columns], served.feature_view), None
         except Exception as e:  # the model still serves records; requests by key get the reason
             error = str(e) if isinstance(e, NbsError) else f"{type(e).__name__}: {e}"
             print(f"nbs serve: no lookups by entity key: {error}", file=sys.stderr, flush=True)

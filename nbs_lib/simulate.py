@@ -5,10 +5,12 @@
 # %% ../notebooks/24_simulate.ipynb #276d75d2
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 
-from .errors import ParameterError
+from .errors import DataError, ParameterError
 
 # %% auto #0
 __all__ = ['DRIFTS', 'drifted', 'simulate']
@@ -18,8 +20,8 @@ DRIFTS = ("none", "shift", "scale", "flip")
 
 
 def drifted(batch: pd.DataFrame, target: str, drift: str, strength: float, features: list[str], spread: pd.Series,
-            rng: np.random.Generator) -> pd.DataFrame:
-    "`batch` with `drift` of `strength` applied to `features` (or, for flip, to the labels)."
+            rng: np.random.Generator, classes: list | None = None) -> pd.DataFrame:
+    "`batch` with `drift` of `strength` applied to `features` (or, for flip, to the labels: each flipped one becomes the next of `classes`)."
     if drift not in DRIFTS:
         raise ParameterError("drift", f"must be one of {', '.join(DRIFTS)}, got {drift!r}")
     batch = batch.copy()
@@ -28,11 +30,32 @@ def drifted(batch: pd.DataFrame, target: str, drift: str, strength: float, featu
     elif drift == "scale":
         batch[features] = batch[features] * (1 + strength)
     elif drift == "flip":
+        if not classes:
+            raise ParameterError("drift", "flip changes labels to other classes, and a model of quantities has none; "
+                                 "use shift or scale")
         flip = rng.random(len(batch)) < strength
-        batch.loc[flip, target] = 1 - batch.loc[flip, target]
+        following = {c: classes[(i + 1) % len(classes)] for i, c in enumerate(classes)}
+        batch.loc[flip, target] = batch.loc[flip, target].map(lambda label: following.get(label, label))
     return batch
 
 # %% ../notebooks/24_simulate.ipynb #585f52b4
+def _records(frame: pd.DataFrame) -> list[dict]:
+    "`frame`'s rows as JSON-ready records: plain Python values, missing ones null (JSON has no NaN)."
+    return json.loads(frame.to_json(orient="records", date_format="iso"))
+
+
+def _answered(response, url: str) -> dict:
+    "The JSON body of a successful answer; a DataError with the server's own message otherwise."
+    if response.status_code < 400:
+        return response.json()
+    try:
+        said = response.json().get("error") or response.text
+    except ValueError:
+        said = response.text
+    raise DataError(f"nbs serve at {url} refused {response.request.url.path} with {response.status_code}: {said[:300]}",
+                    hint="replay data with the columns and types the served model takes (its /metadata lists them)")
+
+
 def simulate(url: str, data: pd.DataFrame, target: str, batches: int = 6, batch_size: int = 100,
              request_size: int = 10, drift: str = "none", drift_from: int = 3, strength: float = 1.0,
              features: list[str] | None = None, feedback: float = 1.0, seed: int = 0, show: bool = True) -> list[dict]:
@@ -44,35 +67,46 @@ def simulate(url: str, data: pd.DataFrame, target: str, batches: int = 6, batch_
         if value < low or (high is not None and value > high):
             raise ParameterError(name, f"must be at least {low}" + (f" and at most {high}" if high else "") + f", got {value}")
     rng = np.random.default_rng(seed)
-    numeric = [c for c in data.columns if c != target and pd.api.types.is_numeric_dtype(data[c])]
-    features = features or numeric[:5]
-    summaries = []
     with httpx.Client(base_url=url, timeout=60) as client:
+        served = _answered(client.get("/metadata"), url)
+        inputs = [column["name"] for column in served["signature"]["inputs"]]
+        classes = served["classes"]
+        missing = [name for name in inputs if name not in data.columns]
+        if missing:
+            raise DataError(f"the data has no column {missing[0]!r}, an input of {served['name']} version {served['version']}",
+                            column=missing[0], hint="replay the data the model was trained on (--data)")
+        numeric = [c for c in inputs if pd.api.types.is_numeric_dtype(data[c]) and not pd.api.types.is_bool_dtype(data[c])]
+        features = features or numeric[:5]
+        if drift == "flip" and not classes:
+            drifted(data.head(1), target, drift, strength, features, data[numeric].std(), rng)  # refused: says why
+        summaries = []
         for number in range(batches):
             batch = data.sample(batch_size, replace=True, random_state=int(rng.integers(2**31)))
             if number >= drift_from:
-                batch = drifted(batch, target, drift, strength, features, data[numeric].std(), rng)
-            records = batch.drop(columns=[target]).to_dict(orient="records")
-            truth = batch[target].tolist()
-            right, versions, labels = 0, {}, []
+                batch = drifted(batch, target, drift, strength, features, data[numeric].std(), rng, classes)
+            records = _records(batch[inputs])
+            truth = json.loads(batch[target].to_json(orient="values"))
+            predicted, versions, labels = [], {}, []
             for start in range(0, len(records), request_size):
-                answer = client.post("/predict", json={"records": records[start:start + request_size],
-                                                       "key": f"sim-{seed}-{number}-{start}"})
-                answer.raise_for_status()
-                body = answer.json()
+                body = _answered(client.post("/predict", json={"records": records[start:start + request_size],
+                                                               "key": f"sim-{seed}-{number}-{start}"}), url)
                 versions[body["version"]] = versions.get(body["version"], 0) + len(body["ids"])
-                for prediction_id, prediction, label in zip(body["ids"], body["predictions"],
-                                                            truth[start:start + request_size], strict=True):
-                    right += prediction == label
+                predicted += body["predictions"]
+                for prediction_id, label in zip(body["ids"], truth[start:start + request_size], strict=True):
                     if rng.random() < feedback:
-                        labels.append({"id": prediction_id, "label": int(label)})
+                        labels.append({"id": prediction_id, "label": label})
             if labels:
-                client.post("/feedback", json={"labels": labels}).raise_for_status()
+                _answered(client.post("/feedback", json={"labels": labels}), url)
             summary = {"batch": number, "drift": drift if number >= drift_from else "none", "predictions": len(records),
-                       "labels": len(labels), "versions": versions, "accuracy": right / len(records)}
+                       "labels": len(labels), "versions": versions}
+            if classes:
+                summary["accuracy"] = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
+            else:
+                summary["rmse"] = float(np.sqrt(np.mean((np.array(predicted) - np.array(truth, dtype=float)) ** 2)))
             summaries.append(summary)
             if show:
+                measured = (f"accuracy {summary['accuracy']:.3f}" if classes else f"RMSE {summary['rmse']:.3f}")
                 print(f"batch {number}: {summary['predictions']} predictions by versions {versions}, "
-                      f"{summary['labels']} labels fed back, accuracy {summary['accuracy']:.3f}"
+                      f"{summary['labels']} labels fed back, {measured}"
                       f"{'' if summary['drift'] == 'none' else f' ({drift} drift)'}", flush=True)
     return summaries

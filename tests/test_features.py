@@ -76,7 +76,7 @@ def test_training_sets_are_point_in_time_correct(tmp_path):
 def test_the_pipeline_builds_trains_from_and_materializes_the_feature_store(built):
     runs = {r.data.tags.get("nbs.task"): r for r in runs_of(built)}
     tables, features, materialized = runs["feature_tables"], runs["features"], runs["materialize"]
-    assert tables.data.tags["nbs.feature_view"] == "patient_features" and tables.data.tags["nbs.feature_view.version"] == "0"
+    assert tables.data.tags["nbs.feature_view"] == "nbs_classifier_features" and tables.data.tags["nbs.feature_view.version"] == "0"
     assert tables.data.metrics["rows"] == tables.data.metrics["entities"] == 569 and tables.data.metrics["features"] == 30
     assert len(tables.data.tags["nbs.data.feature_table_digest"]) == 16
     assert features.data.metrics["labels"] == 569 and features.data.metrics["labels_without_features"] == 0
@@ -85,7 +85,7 @@ def test_the_pipeline_builds_trains_from_and_materializes_the_feature_store(buil
     assert materialized.data.metrics["skew_mismatched"] == 0 and materialized.data.metrics["skew_entities"] == 200
     # the training set holds the feature view's values, the keys gone
     train = pd.read_parquet(built / "products" / "data" / "train.parquet")
-    table = pd.read_parquet(built / "feature_repo" / "data" / "patient_features.parquet")
+    table = pd.read_parquet(built / "feature_repo" / "data" / "nbs-classifier.parquet")
     assert list(train.columns) == [*table.columns[2:], "target"]
     assert pd.merge(train.drop(columns="target"), table.drop(columns=["patient_id", "event_timestamp"])).shape[0] == len(train)
     # the same definition applied again keeps its version
@@ -100,7 +100,7 @@ def _post(url: str, body: dict) -> httpx.Response:
 
 
 def test_serving_by_entity_key_answers_as_by_raw_features_and_refuses_bad_keys(built):
-    table = pd.read_parquet(built / "feature_repo" / "data" / "patient_features.parquet")
+    table = pd.read_parquet(built / "feature_repo" / "data" / "nbs-classifier.parquet")
     keys = [3, 50, 120, 568]
     raw = table.set_index("patient_id").loc[keys].drop(columns="event_timestamp").to_dict(orient="records")
     process, url = start_server(cwd=built)
@@ -127,10 +127,10 @@ def test_serving_by_entity_key_answers_as_by_raw_features_and_refuses_bad_keys(b
         # a value recorded more than its TTL ago is refused, not served
         feature_store = open_feature_store(built / "feature_repo")
         old = table[table["patient_id"] == 50].assign(event_timestamp=datetime.now(UTC) - timedelta(days=TTL_DAYS + 1))
-        feature_store.write_to_online_store("patient_features", old)
+        feature_store.write_to_online_store("nbs_classifier_features", old)
         stale = _post(url, {"entities": [{"patient_id": 50}]})
         assert stale.status_code == 409 and "older than its time to live of 3650 days" in stale.json()["error"], stale.text
-        feature_store.write_to_online_store("patient_features", table[table["patient_id"] == 50])
+        feature_store.write_to_online_store("nbs_classifier_features", table[table["patient_id"] == 50])
         assert _post(url, {"entities": [{"patient_id": 50}]}).status_code == 200
     finally:
         stop_server(process)
@@ -186,9 +186,9 @@ def test_monitoring_measures_skew_between_the_online_and_offline_stores(built):
     assert clean.data.metrics["skew.mismatched"] == 0 and clean.data.metrics["skew.entities"] == 200
 
     # the online store told something the offline store never held (same key and time, another value)
-    table = pd.read_parquet(built / "feature_repo" / "data" / "patient_features.parquet")
+    table = pd.read_parquet(built / "feature_repo" / "data" / "nbs-classifier.parquet")
     open_feature_store(built / "feature_repo").write_to_online_store(
-        "patient_features", table.assign(**{"mean radius": table["mean radius"] + 1}))
+        "nbs_classifier_features", table.assign(**{"mean radius": table["mean radius"] + 1}))
     monitored = run_nbs("monitor", "--since", "", cwd=built)
     assert monitored.returncode == 0, monitored.stdout + monitored.stderr
     skewed = runs_of(built, "nbs-monitoring")[-1]

@@ -87,7 +87,7 @@ def test_new_labels_trigger_a_retrain_that_the_gate_promotes(project):
     assert int(client.get_model_version_by_alias(NAME, "champion").version) == 2
     ab = {k.removeprefix("nbs.ab."): json.loads(v) for k, v in client.get_model_version(NAME, "2").tags.items()
           if k.startswith("nbs.ab.")}
-    assert ab["rows"] == int(len(data) * 0.2) and ab["challenger_accuracy"] >= ab["champion_accuracy"], ab
+    assert ab["rows"] == int(len(data) * 0.2) and ab["metric"] == "accuracy" and ab["challenger"] >= ab["champion"], ab
     alerts = [json.loads(line) for line in (root / "alerts.jsonl").read_text().splitlines()]
     assert [a["kind"] for a in alerts] == ["retrain"] and "new_labels" in alerts[0]["message"]
 

@@ -305,7 +305,7 @@ def test_a_task_on_another_checkout_takes_its_inputs_from_the_product_store(tmp_
     # features reads the feature store: the table and Feast's registry come over with the labels
     features = run_nbs("task", "run", "features", "--pipeline-run", run_id, cwd=second, env=env)
     assert features.returncode == 0, features.stderr[-3000:]
-    for fetched in ("products/data/labels.parquet", "feature_repo/data/patient_features.parquet",
+    for fetched in ("products/data/labels.parquet", "feature_repo/data/nbs-classifier.parquet",
                     "feature_repo/data/registry.db"):
         assert f"fetched {fetched} from the product store" in features.stderr, features.stderr[-3000:]
     assert (store / "products" / "data" / "train.parquet").is_file()  # for the next worker
