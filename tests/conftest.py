@@ -19,7 +19,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = Path(sys.executable).with_name("nbs")
-PROJECT_FILES = ["notebooks", "nbs_lib", "templates", "feature_repo", "pipeline.yaml", "env.yaml", "env.yml", "settings.ini",
+PROJECT_FILES = ["notebooks", "nbs_lib", "templates", "feature_repo", "pipeline.yaml", "env.yaml", "schedules.yaml", "env.yml", "settings.ini",
                  "requirements.in", "requirements.lock", "setup.py", "pyproject.toml"]
 
 

@@ -8,6 +8,7 @@ Each data set gets one build of the 7-task chain (trim_pipeline): ingest to regi
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import numpy as np
@@ -15,10 +16,13 @@ import pandas as pd
 import pytest
 from conftest import (
     commit,
+    copy_build,
     copy_project,
     run_nbs,
+    runs_of,
     start_server,
     stop_server,
+    store,
     trim_pipeline,
     wait_ready,
 )
@@ -174,5 +178,44 @@ def test_serving_takes_nulls_and_feedback_of_the_task(built):
         assert accepted.status_code == 200, accepted.text
         refused = httpx.post(f"{url}/feedback", json={"id": body["ids"][0], "label": wrong})
         assert refused.status_code == 422 and refused.json()["field"] == "label", refused.text
+        # the replay sends the model's inputs only (no ID or date columns) and the labels as they are
+        from nbs_lib.simulate import simulate
+
+        replayed = simulate(url, table, target, batches=1, batch_size=20, request_size=20, show=False)
+        assert replayed[0]["labels"] == 20 and ("rmse" if task == "regression" else "accuracy") in replayed[0]
     finally:
         stop_server(process)
+
+
+@pytest.mark.parametrize("built", ["diabetes"], indirect=True)
+def test_a_regressor_is_monitored_and_retrained_on_its_feedback(built, tmp_path):
+    """Live RMSE in the monitoring report, and a retrain on the fed-back values that the A/B test judges by
+    absolute error. The classifier's path is tests/test_monitor.py's and tests/test_retrain.py's."""
+    from nbs_lib.simulate import simulate
+
+    root = copy_build(built["root"], tmp_path / "project")  # the module's build stays as it is
+    table, target = built["table"], built["target"]
+    process, url = start_server("--model", "models:/diabetes@champion", "--root", str(root), cwd=root)
+    try:
+        wait_ready(url)
+        simulate(url, table, target, batches=2, batch_size=40, request_size=20, drift="shift", drift_from=1,
+                 show=False)
+        flipped = run_nbs("simulate", "--url", url, "--drift", "flip", "--batches", "1", "-p", "data_path=data/diabetes.csv",
+                          cwd=root)
+        assert flipped.returncode == 2 and "use shift or scale" in flipped.stderr and "Traceback" not in flipped.stderr
+    finally:
+        stop_server(process)
+    passed = ("-p", "data_path=data/diabetes.csv", "-p", "target=target", "-p", "model_name=diabetes")
+    watched = run_nbs("monitor", "--since", "", *passed, cwd=root)
+    assert watched.returncode == 0, watched.stderr[-3000:]
+    report = [r for r in runs_of(root, "nbs-monitoring") if r.data.tags.get("nbs.kind") == "task"][-1]  # the attempt
+    assert report.data.metrics["live.rmse"] > 0 and "live.accuracy" not in report.data.metrics
+    assert report.data.tags["nbs.monitor.model"] == "diabetes/1"
+    again = run_nbs("retrain", *passed, cwd=root, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "live_rmse" in again.stdout
+    rows = int(re.search(r"Retraining on (\d+) rows", again.stdout).group(1))
+    assert rows > len(table), "the shifted batch's labelled inputs join the data"
+    assert re.search(r"Against version 1 on the \d+ newest labels: .* \(mae \d", again.stdout), again.stdout[-1500:]
+    retrained = store(root).get_model_version("diabetes", "2")
+    assert retrained.tags["nbs.task_type"] == "regression" and json.loads(retrained.tags["nbs.ab.metric"]) == "mae"

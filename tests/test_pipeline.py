@@ -73,7 +73,7 @@ def test_one_parent_run_with_a_finished_child_per_task(built):
     assert by_task["ingest"].data.metrics == {"rows": 569.0, "columns": 31.0}
     assert by_task["train-0"].data.params["model"] == "linear"
     assert by_task["train-0"].data.params["model_params"] == "{'classification': {'C': 0.1}, 'regression': {'alpha': 10.0}}"
-    assert by_task["validate"].data.tags["nbs.task"] == "classification"
+    assert by_task["validate"].data.tags["nbs.task_type"] == "classification"
     assert by_task["evaluate"].data.metrics["accuracy"] > 0.9
     assert parents[0].data.params["seed"] == "42"
     assert "model" not in parents[0].data.params, "candidates differ: their own runs hold it"

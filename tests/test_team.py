@@ -309,7 +309,8 @@ def test_a_task_on_another_checkout_takes_its_inputs_from_the_product_store(tmp_
                     "feature_repo/data/registry.db"):
         assert f"fetched {fetched} from the product store" in features.stderr, features.stderr[-3000:]
     assert (store / "products" / "data" / "train.parquet").is_file()  # for the next worker
-    assert not (second / "products" / "data" / "validated.parquet").exists()  # only what features reads came over
+    assert (second / "products" / "data" / "columns.json").is_file()  # validate's decisions, which features reads
+    assert not (second / "products" / "data" / "raw.parquet").exists()  # only its upstream tasks' products came over
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
