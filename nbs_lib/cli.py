@@ -148,9 +148,32 @@ def _print_products(products: dict[str, dict[str, str]]) -> None:
     print(f"\nTracked in {uri}. To browse the runs: {browse}")
 
 
+def _check_candidates(dag, values: dict) -> None:
+    "Refuse a grid candidate or a tuned model that cannot be trained (unknown estimator, parameters it does not take), before any kernel starts."
+    from nbs_lib.columns import TASKS
+    from nbs_lib.train import check_candidate
+
+    task = values.get("task", "auto")
+    if task not in ("auto", *TASKS):
+        raise ParameterError("task", f"is {task!r}", valid=["auto", *TASKS])
+    for name, node in dag.items():
+        params = node.params.to_dict()
+        if "model" not in params or not ({"model_params", "space"} & set(params)):
+            continue
+        given = params.get("model_params")
+        if "space" in params:  # tune: the searched parameters must be the estimator's
+            space = params["space"] or {}
+            given = ({t: dict.fromkeys(space[t]) for t in space} if space and set(space) <= set(TASKS)
+                     else dict.fromkeys(space))
+        try:
+            check_candidate(params["model"], given, task)
+        except ParameterError as e:
+            raise ParameterError(e.name, f"{e.problem} (task {name!r})", valid=e.valid) from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     "Build the pipeline: run the tasks that are out of date, each tracked in MLflow."
-    root, _, overrides = _parameters(args)
+    root, declared, overrides = _parameters(args)
     env_file = Path(args.env_file).resolve() if args.env_file else None
     _prepare_environment(root)
     if not (args.force or args.only):
@@ -159,6 +182,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return _report_build(unchanged, f"All {len(unchanged)} tasks are up to date; nothing ran (--force re-runs them).",
                                  args.json)
     dag = load_dag(root, overrides)
+    _check_candidates(dag, {**declared, **overrides})
     # Ploomber takes a name with a * as an fnmatch pattern, and any other as a task's name
     if args.only and not (fnmatch.filter(dag, args.only) if "*" in args.only else args.only in dag):
         raise ConfigError(root / PIPELINE_FILE, f"no task named {args.only!r}"
@@ -630,6 +654,8 @@ MONITOR_NOTEBOOK = Path("notebooks/monitoring/monitor.ipynb")
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     "Report on the served model from the prediction log (drift, live performance, volume, data quality) and on feature skew, tracked in MLflow."
+    import json
+
     from nbs_lib.execute import execute_notebook
     from nbs_lib.feature_store import feature_view_name
     from nbs_lib.monitoring import check_window, since_time
@@ -652,14 +678,35 @@ def cmd_monitor(args: argparse.Namespace) -> int:
               "alert_log": str(root / "alerts.jsonl"), "alert_webhook": declared.get("alert_webhook") or "",
               "feature_repo": str(declared.get("feature_repo", "feature_repo")),
               "feature_view": feature_view_name(str(declared.get("feature_view") or ""), name)}
+    summary_file = root / declared.get("products", "products") / "monitoring" / "summary.json"
+    params["summary_path"] = str(summary_file)
     _use_store_of(root)
     _stop_on_signals()
     output = root / declared.get("products", "products") / "monitoring" / "monitor.ipynb"
     experiment = f"{declared.get('experiment', 'nbs')}-monitoring"
-    done = execute_notebook(root / MONITOR_NOTEBOOK, output, params, experiment=experiment, root=root)
-    print(f"Monitoring report: {display_path(done['output'], root)} (and its HTML in MLflow run {done['run_id']}, "
-          f"experiment {experiment!r})")
+    summary_file.unlink(missing_ok=True)  # what is printed below is this report's, or nothing
+    done = execute_notebook(root / MONITOR_NOTEBOOK, output, params, experiment=experiment, root=root, show=not args.json)
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    report = display_path(done["output"], root)
+    if args.json:
+        print(json.dumps({"report": report, "run_id": done["run_id"], "summary": summary}, indent=2))
+        return 0
+    print(f"Monitoring report: {report} (and its HTML in MLflow run {done['run_id']}, experiment {experiment!r})")
+    if summary is not None:
+        print(_monitor_lines(summary))
     return 0
+
+
+def _monitor_lines(summary: dict) -> str:
+    "The few lines `nbs monitor` ends with: the model, drifted features, live metrics, alerts, rollback."
+    live = ", ".join(f"{metric} {value:.4f}" for metric, value in summary["live"].items()) or "no labels yet"
+    drifted = summary["drifted"]
+    return "\n".join([
+        f"Model: {summary['model']}; {summary['predictions']} predictions, {summary['labelled']} with a label",
+        f"Drifted: {', '.join(drifted)} ({len(drifted)} of {summary['features']} features)" if drifted else "Drifted: none",
+        f"Live: {live}",
+        f"Alerts: {', '.join(summary['alerts']) or 'none'}",
+        f"Rollback: {summary['rollback']['decision']} ({summary['rollback']['reason']})"])
 
 # %% ../notebooks/90_cli.ipynb #f5bc436d
 AB_SHARE = 0.2  # newest share of labelled predictions kept out of retraining, to compare the models on
@@ -1058,6 +1105,7 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("--prediction-log", **log_option)
     monitor.add_argument("--reference", metavar="FILE", help="the training table to compare with "
                          "(default: PRODUCTS/data/train.parquet)")
+    monitor.add_argument("--json", action="store_true", help="print the report's path and summary as one JSON object")
     monitor.add_argument("--root", type=Path, help=root_help)
     parameter_options(monitor)
     monitor.set_defaults(handler=cmd_monitor)

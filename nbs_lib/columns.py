@@ -14,7 +14,8 @@ import pandas as pd
 from .errors import DataError, ParameterError
 
 # %% auto #0
-__all__ = ['TASKS', 'MAX_CLASSES', 'NEARLY_UNIQUE', 'MIN_ROWS_FOR_IDS', 'infer_task', 'for_task', 'column_roles']
+__all__ = ['TASKS', 'MAX_CLASSES', 'NEARLY_UNIQUE', 'MIN_ROWS_FOR_IDS', 'infer_task', 'for_task', 'column_roles',
+           'decide_columns', 'not_features']
 
 # %% ../notebooks/37_columns.ipynb #16d21016
 TASKS = ("classification", "regression")
@@ -171,3 +172,18 @@ def column_roles(df: pd.DataFrame, target: str, task: str, keys: tuple[str, ...]
                         + ", ".join(f"{r.column} is {r.role}" for r in roles.head(8).itertuples()) + ")",
                         hint="name the features with -p feature_columns='[a, b]', or fix the data")
     return roles
+
+# %% ../notebooks/37_columns.ipynb #8df1150c
+def decide_columns(df: pd.DataFrame, target: str, task: str = "auto", keys: tuple[str, ...] = (),
+                   id_columns: list | None = None, feature_columns: list | None = None,
+                   drop_columns: list | None = None) -> dict:
+    "The task of `df` and every column's role, as validate records them (and eda shows them): task, task_reason, features, roles."
+    task, reason = infer_task(df[target], task)
+    roles = column_roles(df, target, task, keys, id_columns, feature_columns, drop_columns)
+    return {"task": task, "task_reason": reason, "target": target,
+            "features": roles.loc[roles["role"] == "feature", "column"].tolist(), "roles": roles.to_dict(orient="records")}
+
+
+def not_features(decided: dict) -> list[str]:
+    "One line per column of `decide_columns` that is no feature (keys aside): the column, its role and why."
+    return [f"{r['column']!r} ({r['role']}: {r['reason']})" for r in decided["roles"] if r["role"] not in ("feature", "key")]

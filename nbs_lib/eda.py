@@ -12,7 +12,7 @@ import pandas as pd
 from .data import write_atomic
 
 # %% auto #0
-__all__ = ['column_summary', 'target_balance', 'target_correlations', 'plot_distributions', 'plot_correlations']
+__all__ = ['column_summary', 'target_groups', 'target_balance', 'target_correlations', 'plot_distributions', 'plot_correlations']
 
 # %% ../notebooks/29_eda.ipynb #66f6bad9
 def _finite(numeric: pd.DataFrame) -> pd.DataFrame:
@@ -31,9 +31,21 @@ def column_summary(frame: pd.DataFrame) -> pd.DataFrame:
     return summary.join(stats).rename_axis("column")
 
 
+def target_groups(frame: pd.DataFrame, target: str) -> pd.Series:
+    "What to group rows by to compare them along `target`: its classes, or the quartiles of a quantity (more than MAX_CLASSES numbers)."
+    from nbs_lib.columns import MAX_CLASSES
+
+    values = frame[target]
+    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    if not numeric or values.nunique() <= MAX_CLASSES:
+        return values
+    bins = pd.qcut(values, 4, duplicates="drop")
+    return bins.map(lambda b: f"({b.left:.4g}, {b.right:.4g}]").astype(object).rename(target)
+
+
 def target_balance(frame: pd.DataFrame, target: str) -> pd.DataFrame:
-    "Rows and share of each class of `target`, largest first."
-    counts = frame[target].value_counts(dropna=False)
+    "Rows and share of each class of `target` (of each quartile, for a quantity), largest first."
+    counts = target_groups(frame, target).value_counts(dropna=False)
     return pd.DataFrame({"rows": counts, "share": counts / len(frame)}).rename_axis(target)
 
 
@@ -56,14 +68,14 @@ def _pyplot():
 
 
 def plot_distributions(frame: pd.DataFrame, target: str, path: str | Path, shown: int = 12) -> Path:
-    "Histograms by class of the `shown` numeric features most correlated with `target`, written as PNG to `path`."
+    "Histograms by class (by quartile of a quantity) of the `shown` numeric features most correlated with `target`, written as PNG to `path`."
     plt = _pyplot()
     columns = list(target_correlations(frame, target).index[:shown]) or list(
         frame.select_dtypes("number").columns.drop(target, errors="ignore")[:shown])
     rows = max(1, -(-len(columns) // 4))
     figure, axes = plt.subplots(rows, 4, figsize=(16, 3 * rows), squeeze=False)
     for ax, column in zip(axes.flat, columns, strict=False):
-        for label, group in frame.groupby(target)[column]:
+        for label, group in frame.groupby(target_groups(frame, target))[column]:
             ax.hist(_finite(group.to_frame()).iloc[:, 0].dropna(), bins=30, alpha=0.5, label=str(label))
         ax.set_title(column, fontsize=9)
     for ax in axes.flat[len(columns):]:

@@ -91,19 +91,21 @@ def live_performance(predictions: pd.DataFrame, window: str = "1h") -> pd.DataFr
 
 # %% ../notebooks/21_monitoring.ipynb #8ac0c768
 def data_quality(reference: pd.DataFrame, current: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    "Per feature: missing share now and in the reference, and share of current values outside the reference's range."
+    "Per feature: missing share now and in the reference; the share of current values outside the reference's range (numbers) or never seen in it (categories, which the model scores as it would a missing one)."
     rows = []
     for column in columns:
         if column not in current.columns:
             raise DataError(f"the current batch has no column {column!r}", column=column)
         ref, cur = reference[column], current[column]
         row = {"feature": column, "missing": float(cur.isna().mean()), "missing_in_reference": float(ref.isna().mean()),
-               "out_of_range": np.nan}
+               "out_of_range": np.nan, "unseen": np.nan}
+        present = cur.dropna()
         if pd.api.types.is_numeric_dtype(ref) and pd.api.types.is_numeric_dtype(cur):
-            present = cur.dropna()
             row["out_of_range"] = float(((present < ref.min()) | (present > ref.max())).mean()) if len(present) else 0.0
+        else:
+            row["unseen"] = float((~present.isin(set(ref.dropna()))).mean()) if len(present) else 0.0
         rows.append(row)
-    return pd.DataFrame(rows).sort_values(["out_of_range", "missing"], ascending=False, ignore_index=True)
+    return pd.DataFrame(rows).sort_values(["out_of_range", "unseen", "missing"], ascending=False, ignore_index=True)
 
 # %% ../notebooks/21_monitoring.ipynb #ea7c3e1e
 def plot_drift(drift: dict, shown: int = 15):

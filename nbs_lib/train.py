@@ -14,8 +14,8 @@ from .errors import ParameterError
 from .features import build_preprocessor, feature_spec
 
 # %% auto #0
-__all__ = ['SHORT_NAMES', 'MODEL_NAMES', 'BASELINE', 'estimator_class', 'make_estimator', 'train_model', 'save_model',
-           'load_model']
+__all__ = ['SHORT_NAMES', 'MODEL_NAMES', 'BASELINE', 'estimator_class', 'make_estimator', 'check_candidate', 'train_model',
+           'save_model', 'load_model']
 
 # %% ../notebooks/05_train.ipynb #f2386f27
 # Short names stand for a classifier and a regressor of one family, so one grid serves both tasks;
@@ -92,6 +92,25 @@ def make_estimator(model: str, model_params: dict | None = None, seed: int = 42,
         return cls(**params)
     except (TypeError, ValueError) as e:
         raise ParameterError("model_params", f"does not fit {cls.__name__}: {e}", valid=list(valid)) from e
+
+# %% ../notebooks/05_train.ipynb #533dc8c3
+def check_candidate(model: str, model_params: dict | None = None, task: str = "auto") -> None:
+    "Refuse, before anything runs, a candidate that cannot train: an unknown `model`, or `model_params` it does not take (for `task`; when auto, for some task, and a per-task entry for its own task)."
+    from nbs_lib.columns import TASKS
+
+    params = model_params or {}
+    per_task = isinstance(params, dict) and bool(params) and set(params) <= set(TASKS)
+    tasks = TASKS if task == "auto" else (task,)
+    if per_task and task == "auto":
+        tasks = tuple(t for t in TASKS if t in params)
+    refusals = []
+    for each in tasks:
+        try:
+            make_estimator(model, params, task=each)
+        except ParameterError as e:
+            refusals.append(e)
+    if refusals and (per_task or len(refusals) == len(tasks)):
+        raise refusals[0]
 
 # %% ../notebooks/05_train.ipynb #4f05121c
 def train_model(train: pd.DataFrame, target: str, model: str = "logistic_regression",

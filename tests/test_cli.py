@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import run_nbs
 
 
@@ -77,3 +78,15 @@ def test_env_file_is_checked_like_parameters(project):
     (project / "env.prod.yaml").write_text("seed: 7\n")
     done = run_nbs("status", "--env-file", "env.prod.yaml", cwd=project)
     assert done.returncode == 0 and "a product is missing" in done.stdout
+
+
+@pytest.mark.parametrize("given,says", [
+    ("tune_model=sklearn.svm.SVQ", "'sklearn.svm.SVQ' names no scikit-learn estimator"),
+    ("tune_space={gamma: {low: 1, high: 2}}", "names 'gamma', which LogisticRegression does not take (task 'tune')"),
+    ("task=clustering", "parameter 'task' is 'clustering'"),
+])
+def test_a_candidate_that_cannot_train_is_refused_before_any_kernel_starts(project, given, says):
+    done = run_nbs("run", "-p", given, cwd=project)
+    assert done.returncode == 2 and says in done.stderr, done.stderr[-2000:]
+    assert "hint: valid parameters:" in done.stderr
+    assert not (project / "mlflow.db").exists() and not (project / "products").exists(), "nothing ran"

@@ -61,6 +61,7 @@ def test_no_drift_on_a_holdout_of_the_same_distribution(project):
     done = run_nbs("monitor", "--since", "", "--window", "2h", cwd=root)
     assert done.returncode == 0, done.stderr
     assert "products/monitoring/monitor.ipynb" in done.stdout
+    assert "\nDrifted: none\nLive: accuracy " in done.stdout and "\nAlerts: none\n" in done.stdout, done.stdout
     run = monitor_run(root)
     metrics, tags = run.data.metrics, run.data.tags
     assert metrics["drift.features_drifted"] == 0 and metrics["drift.dataset_drift"] == 0

@@ -206,8 +206,11 @@ def test_a_regressor_is_monitored_and_retrained_on_its_feedback(built, tmp_path)
     finally:
         stop_server(process)
     passed = ("-p", "data_path=data/diabetes.csv", "-p", "target=target", "-p", "model_name=diabetes")
-    watched = run_nbs("monitor", "--since", "", *passed, cwd=root)
+    watched = run_nbs("monitor", "--since", "", "--json", *passed, cwd=root)
     assert watched.returncode == 0, watched.stderr[-3000:]
+    summary = json.loads(watched.stdout)["summary"]
+    assert set(summary["live"]) == {"rmse", "mae"} and summary["model"] == "diabetes/1", summary
+    assert summary["drifted"], "the second batch was shifted"
     report = [r for r in runs_of(root, "nbs-monitoring") if r.data.tags.get("nbs.kind") == "task"][-1]  # the attempt
     assert report.data.metrics["live.rmse"] > 0 and "live.accuracy" not in report.data.metrics
     assert report.data.tags["nbs.monitor.model"] == "diabetes/1"
