@@ -75,19 +75,19 @@ def write_dataset(path: Path, rows: int, seed: int = 0) -> Path:
     return path
 
 
-LARGE_GRID = """    grid:
-      - model: [logistic_regression]
-        model_params: [{C: 1.0}]
-"""
+LARGE_GRID = [{"model": ["logistic_regression"], "model_params": [{"C": 1.0}]}]
 
 
 def use_light_grid(project: Path) -> None:
     "One candidate (logistic regression) instead of the default grid: forests on 1,000,000 rows take hours."
+    import yaml
+
     spec = project / "pipeline.yaml"
-    text = spec.read_text()
-    start = text.index("    grid:\n")
-    end = text.index("\n\n", start) + 1
-    spec.write_text(text[:start] + LARGE_GRID + text[end:])
+    pipeline = yaml.safe_load(spec.read_text())
+    for task in pipeline["tasks"]:
+        if "grid" in task:
+            task["grid"] = LARGE_GRID
+    spec.write_text(yaml.safe_dump(pipeline, sort_keys=False))
 
 
 def large_data(project: Path, env: dict, sizes: list[int]) -> Figure:

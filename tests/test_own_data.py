@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -64,12 +65,10 @@ DATASETS = {  # name: (table, target, task)
 }
 
 
-@pytest.fixture(scope="module", params=list(DATASETS))
-def built(request, tmp_path_factory) -> dict:
-    "One data set written to CSV in a fresh project and built under a model name of its own."
-    name = request.param
+def build(name: str, folder: Path) -> dict:
+    "Data set `name` written to CSV in a fresh project at `folder` and built under a model name of its own."
     make, target, task = DATASETS[name]
-    root = copy_project(tmp_path_factory.mktemp(name) / "project")
+    root = copy_project(folder / "project")
     trim_pipeline(root)
     commit(root, "the chain to a registered version")
     table = make()
@@ -80,6 +79,25 @@ def built(request, tmp_path_factory) -> dict:
                    cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return {"name": name, "root": root, "data": data, "table": table, "target": target, "task": task, "done": done}
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    "Each data set's build, made the first time a test asks for it and kept for the module (in whatever order tests run)."
+    made: dict[str, dict] = {}
+
+    def built_once(name: str) -> dict:
+        if name not in made:
+            made[name] = build(name, tmp_path_factory.mktemp(name))
+        return made[name]
+
+    return built_once
+
+
+@pytest.fixture(params=list(DATASETS))
+def built(request, builds) -> dict:
+    "One data set's build (tests must not change it: copy_build a copy to change)."
+    return builds(request.param)
 
 
 def test_the_build_decides_the_task_and_says_what_came_out(built):
@@ -187,38 +205,47 @@ def test_serving_takes_nulls_and_feedback_of_the_task(built):
         stop_server(process)
 
 
-@pytest.mark.parametrize("built", ["diabetes"], indirect=True)
-def test_a_regressor_is_monitored_and_retrained_on_its_feedback(built, tmp_path):
-    """Live RMSE in the monitoring report, and a retrain on the fed-back values that the A/B test judges by
-    absolute error. The classifier's path is tests/test_monitor.py's and tests/test_retrain.py's."""
+@pytest.mark.parametrize("built", ["diabetes", "customers"], indirect=True)
+def test_monitored_and_retrained_on_its_feedback(built, tmp_path):
+    """Live metrics of the task in the monitoring report, and a retrain on the fed-back labels that the A/B test
+    judges by the task's measure: a regressor's absolute errors, a classifier's right answers (with text classes, and
+    inputs that carry an ID and a date the model never sees). The built-in data's path is tests/test_monitor.py's
+    and tests/test_retrain.py's."""
     from nbs_lib.simulate import simulate
 
     root = copy_build(built["root"], tmp_path / "project")  # the module's build stays as it is
-    table, target = built["table"], built["target"]
-    process, url = start_server("--model", "models:/diabetes@champion", "--root", str(root), cwd=root)
+    name, table, target, task = built["name"], built["table"], built["target"], built["task"]
+    process, url = start_server("--model", f"models:/{name}@champion", "--root", str(root), cwd=root)
     try:
         wait_ready(url)
         simulate(url, table, target, batches=2, batch_size=40, request_size=20, drift="shift", drift_from=1,
                  show=False)
-        flipped = run_nbs("simulate", "--url", url, "--drift", "flip", "--batches", "1", "-p", "data_path=data/diabetes.csv",
-                          cwd=root)
-        assert flipped.returncode == 2 and "use shift or scale" in flipped.stderr and "Traceback" not in flipped.stderr
+        if task == "regression":
+            flipped = run_nbs("simulate", "--url", url, "--drift", "flip", "--batches", "1",
+                              "-p", f"data_path=data/{name}.csv", cwd=root)
+            assert flipped.returncode == 2 and "use shift or scale" in flipped.stderr and "Traceback" not in flipped.stderr
+        else:
+            record = json.loads(table.head(1).drop(columns=[target]).to_json(orient="records"))[0]
+            answer = httpx.post(f"{url}/predict", json={"records": [
+                {k: v for k, v in {**record, "plan": "enterprise"}.items() if k in ("age", "income", "plan")}]})
+            assert answer.status_code == 200, answer.text  # a plan training never saw
     finally:
         stop_server(process)
-    passed = ("-p", "data_path=data/diabetes.csv", "-p", "target=target", "-p", "model_name=diabetes")
+    passed = ("-p", f"data_path=data/{name}.csv", "-p", f"target={target}", "-p", f"model_name={name}")
     watched = run_nbs("monitor", "--since", "", "--json", *passed, cwd=root)
     assert watched.returncode == 0, watched.stderr[-3000:]
     summary = json.loads(watched.stdout)["summary"]
-    assert set(summary["live"]) == {"rmse", "mae"} and summary["model"] == "diabetes/1", summary
-    assert summary["drifted"], "the second batch was shifted"
+    assert summary["model"] == f"{name}/1" and summary["drifted"], summary
+    assert set(summary["live"]) == ({"rmse", "mae"} if task == "regression" else {"accuracy", "roc_auc"}), summary
     report = [r for r in runs_of(root, "nbs-monitoring") if r.data.tags.get("nbs.kind") == "task"][-1]  # the attempt
-    assert report.data.metrics["live.rmse"] > 0 and "live.accuracy" not in report.data.metrics
-    assert report.data.tags["nbs.monitor.model"] == "diabetes/1"
+    if task == "classification":
+        assert report.data.metrics["quality.unseen"] > 0, "the unseen plan is counted"
     again = run_nbs("retrain", *passed, cwd=root, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "live_rmse" in again.stdout
+    assert ("live_rmse" if task == "regression" else "live_accuracy") in again.stdout
     rows = int(re.search(r"Retraining on (\d+) rows", again.stdout).group(1))
     assert rows > len(table), "the shifted batch's labelled inputs join the data"
-    assert re.search(r"Against version 1 on the \d+ newest labels: .* \(mae \d", again.stdout), again.stdout[-1500:]
-    retrained = store(root).get_model_version("diabetes", "2")
-    assert retrained.tags["nbs.task_type"] == "regression" and json.loads(retrained.tags["nbs.ab.metric"]) == "mae"
+    measure = "mae" if task == "regression" else "accuracy"
+    assert re.search(rf"Against version 1 on the \d+ newest labels: .* \({measure} \d", again.stdout), again.stdout[-1500:]
+    retrained = store(root).get_model_version(name, "2")
+    assert retrained.tags["nbs.task_type"] == task and json.loads(retrained.tags["nbs.ab.metric"]) == measure

@@ -196,8 +196,8 @@ def test_lineage_of_every_task_run(built, tmp_path):
     assert [(i.dataset.name, i.dataset.source) for i in inputs] == [("ingest.data", "products/data/raw.parquet")]
     assert {t.key: t.value for t in inputs[0].tags}["sha256"] == file_digest(raw)
     evaluate_inputs = sorted(i.dataset.name for i in children["evaluate"].inputs.dataset_inputs)
-    assert evaluate_inputs == ["features.test", "features.train",
-                               *[f"{name}.{key}" for name in CANDIDATES for key in ("model", "scores")]]
+    assert evaluate_inputs == sorted(["features.test", "features.train", "validate.columns", "validate.data",
+                                      *[f"{name}.{key}" for name in CANDIDATES for key in ("model", "scores")]])
 
 
 def test_mlflow_ui_shows_the_build_and_renders_a_task_notebook(built, page, tmp_path):
