@@ -28,7 +28,7 @@ from conftest import (
     wait_ready,
 )
 
-pytestmark = [pytest.mark.build, pytest.mark.xdist_group("own_data")]  # a module's builds, made once on one worker
+pytestmark = [pytest.mark.build, pytest.mark.xdist_group("own_data")]  # the builds, made once on one worker
 
 
 def wine() -> pd.DataFrame:
@@ -81,9 +81,10 @@ def build(name: str, folder: Path) -> dict:
     return {"name": name, "root": root, "data": data, "table": table, "target": target, "task": task, "done": done}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def builds(tmp_path_factory):
-    "Each data set's build, made the first time a test asks for it and kept for the module (in whatever order tests run)."
+    """Each data set's build, made the first time a test asks for it and kept for the session: a module-scoped
+    fixture is torn down whenever the worker runs another module's test in between, and built again after it."""
     made: dict[str, dict] = {}
 
     def built_once(name: str) -> dict:
