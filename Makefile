@@ -64,9 +64,11 @@ airflow: $(AIRFLOW_STAMP) ## Apache Airflow in .venv-airflow, to run the DAG `nb
 server: $(STAMP) postgresql ## the team's MLflow server (PostgreSQL, basic auth) on 127.0.0.1:5001; needs MLFLOW_AUTH_ADMIN_PASSWORD
 	$(BIN)/nbs server
 
-# pytest on both cores; --dist loadgroup keeps each module whose fixtures are made once (the team server,
-# the serving registry) on one worker, and the session's shared build is made once for both workers
-PYTEST_PARALLEL := -n 2 --dist loadgroup
+# pytest on both cores; --dist loadfile keeps each module on one worker, so a module's fixtures (the team
+# server, the serving registry, the own-data builds) are made once, and the session's shared build is made
+# once for both workers. (Not loadgroup: pytest 9 ignores the nodeid suffix that xdist 3.8 groups by, so
+# xdist_group marks group nothing; checked with -v, where grouped tests ran on both workers.)
+PYTEST_PARALLEL := -n 2 --dist loadfile
 
 test: $(STAMP) $(CHROMIUM) postgresql $(AIRFLOW_STAMP) ## everything CI checks: hygiene, lint, nbdev_test, pytest (browser, PostgreSQL, MLflow server and Airflow included)
 	$(BIN)/nbs check

@@ -22,7 +22,7 @@ from conftest import (
 TARGET, NAME = "target", "nbs-classifier"
 SHIFTED = ["mean radius", "worst area", "mean texture"]
 START = datetime(2026, 11, 29, 0, 0, tzinfo=UTC)
-pytestmark = pytest.mark.xdist_group("monitor")  # the module's fixtures are made once, on one worker
+
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from conftest import (
     wait_ready,
 )
 
-pytestmark = [pytest.mark.build, pytest.mark.xdist_group("own_data")]  # the builds, made once on one worker
+pytestmark = pytest.mark.build
 
 
 def wine() -> pd.DataFrame:

@@ -14,7 +14,7 @@ from sklearn.datasets import load_breast_cancer
 from nbs_lib.lineage import file_digest
 
 URI = "models:/nbs-classifier/1"
-pytestmark = [pytest.mark.build, pytest.mark.xdist_group("reproduce")]  # one worker builds its project once
+pytestmark = pytest.mark.build
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from nbs_lib.predictions import read_predictions
 
 NAME = "serving-test"
 TARGET = "target"
-pytestmark = pytest.mark.xdist_group("serve")  # the module's fixtures are made once, on one worker
+
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,6 @@ from nbs_lib.tracking import process_alive
 AIRFLOW = ROOT / ".venv-airflow" / "bin" / "airflow"
 ADMIN = "admin"
 pytestmark = pytest.mark.build
-ON_THE_SERVER = pytest.mark.xdist_group("team")  # the tests of the team fixture: it starts once, on one worker
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +83,6 @@ def test_server_refuses_a_weak_or_missing_admin_password_and_starts_nothing(tmp_
     assert not (project / ".nbs-server").exists()
 
 
-@ON_THE_SERVER
 def test_status_names_the_running_server(team):
     status = run_nbs("server", "status", cwd=team["project"])
     assert status.returncode == 0 and team["url"] in status.stdout and "MLFLOW_TRACKING_USERNAME" in status.stdout
@@ -93,7 +91,6 @@ def test_status_names_the_running_server(team):
 API = "/api/2.0/mlflow/experiments/search?max_results=1"
 
 
-@ON_THE_SERVER
 def test_requests_without_or_with_wrong_credentials_are_refused(team):
     url = team["url"]
     assert httpx.get(url + API).status_code == 401
@@ -104,7 +101,6 @@ def test_requests_without_or_with_wrong_credentials_are_refused(team):
     assert httpx.get(url + API, auth=(ADMIN, team["password"] + "x")).status_code == 401
 
 
-@ON_THE_SERVER
 def test_a_foreign_host_header_is_refused(team):
     answer = httpx.get(team["url"] + API, auth=(ADMIN, team["password"]), headers={"Host": "evil.example"})
     assert answer.status_code == 403 and "Host" in answer.text
@@ -113,7 +109,6 @@ def test_a_foreign_host_header_is_refused(team):
     assert answer.status_code == 200
 
 
-@ON_THE_SERVER
 def test_a_foreign_origin_gets_no_cors_permission(team):
     auth = (ADMIN, team["password"])
     answer = httpx.get(team["url"] + API, auth=auth, headers={"Origin": "http://evil.example"})
@@ -125,7 +120,6 @@ def test_a_foreign_origin_gets_no_cors_permission(team):
     assert own.headers.get("access-control-allow-origin") == team["url"]
 
 
-@ON_THE_SERVER
 def test_artifact_paths_out_of_the_artifact_store_are_refused(team):
     auth = (ADMIN, team["password"])
     store = team["project"] / ".nbs-server" / "artifacts"
@@ -141,7 +135,6 @@ def test_artifact_paths_out_of_the_artifact_store_are_refused(team):
     assert store.is_dir()
 
 
-@ON_THE_SERVER
 def test_bad_credentials_give_a_clear_error_before_anything_runs(team):
     env = {**team["client_env"], "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
     done = run_nbs("runs", cwd=team["project"], env=env, timeout=60)
@@ -186,7 +179,6 @@ def _shape(client, run_id: str) -> tuple[dict, dict]:
     return held(parent), {run.data.tags["nbs.task"]: held(run) for run in tasks}
 
 
-@ON_THE_SERVER
 def test_the_pipeline_runs_against_the_server_with_artifacts_proxied(team, local_build):
     client = _client(team)
     parent, tasks = _shape(client, local_build)
@@ -200,7 +192,6 @@ def test_the_pipeline_runs_against_the_server_with_artifacts_proxied(team, local
     assert not (team["project"] / "mlflow.db").exists() and not (team["project"] / "mlartifacts").exists()
 
 
-@ON_THE_SERVER
 def test_a_task_run_needs_a_running_pipeline_run_and_end_fails_a_run_with_tasks_missing(team, local_build):
     env = team["client_env"]
     begun = run_nbs("task", "begin", "-p", "experiment=nbs-steps", cwd=team["project"], env=env, timeout=120)
@@ -216,7 +207,6 @@ def test_a_task_run_needs_a_running_pipeline_run_and_end_fails_a_run_with_tasks_
     assert missing.returncode == 2 and "--pipeline-run" in missing.stderr
 
 
-@ON_THE_SERVER
 def test_the_exported_dag_runs_under_airflow_and_records_what_a_local_run_does(team, local_build, tmp_path):
     assert AIRFLOW.is_file(), f"{AIRFLOW} is missing: `make test` (or `make airflow`) installs it"
     project, home = team["project"], tmp_path / "airflow"
@@ -248,7 +238,6 @@ def test_the_exported_dag_runs_under_airflow_and_records_what_a_local_run_does(t
     assert client.get_registered_model("nbs-airflow").latest_versions
 
 
-@ON_THE_SERVER
 def test_runs_and_models_of_the_embedded_store_move_to_the_server(team, shared_build, tmp_path):
     solo = copy_build(shared_build, tmp_path / "solo")  # one person's project: the embedded store ./mlflow.db
     from mlflow import MlflowClient
