@@ -150,7 +150,7 @@ def _print_products(products: dict[str, dict[str, str]]) -> None:
 
 def _check_candidates(dag, values: dict) -> None:
     "Refuse a grid candidate or a tuned model that cannot be trained (unknown estimator, parameters it does not take), before any kernel starts."
-    from nbs_lib.columns import TASKS
+    from nbs_lib.columns import TASKS, is_per_task
     from nbs_lib.train import check_candidate
 
     task = values.get("task", "auto")
@@ -163,8 +163,7 @@ def _check_candidates(dag, values: dict) -> None:
         given = params.get("model_params")
         if "space" in params:  # tune: the searched parameters must be the estimator's
             space = params["space"] or {}
-            given = ({t: dict.fromkeys(space[t]) for t in space} if space and set(space) <= set(TASKS)
-                     else dict.fromkeys(space))
+            given = {t: dict.fromkeys(space[t]) for t in space} if is_per_task(space) else dict.fromkeys(space)
         try:
             check_candidate(params["model"], given, task)
         except ParameterError as e:
@@ -788,8 +787,13 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         kept_out = labelled.tail(int(len(labelled) * AB_SHARE))  # the newest: never trained on, to judge by
         base = _read_product(products / "data" / "raw.parquet")
         decided = products / "data" / "columns.json"
+        wanted = [*json.loads(decided.read_text())["features"], target] if decided.is_file() else [target]
+        missing = [column for column in wanted if column not in base.columns]
+        if missing:  # the last build was of other data than this model's
+            raise ConfigError(products / "data" / "raw.parquet", f"has no column {missing[0]!r}, which {name} needs",
+                              hint="pass the -p data_path, target and model_name the model was built with")
         if decided.is_file():  # the champion's features: IDs, dates and the like have no place in logged inputs
-            base = base[[*json.loads(decided.read_text())["features"], target]]
+            base = base[wanted]
         data = training_data(base, labelled.drop(kept_out.index), target)
         data_path = save_table(data, products / "retrain" / "data.parquet")
         client.set_tag(run_id, "nbs.retrain.rows", str(len(data)))

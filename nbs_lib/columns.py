@@ -14,7 +14,7 @@ import pandas as pd
 from .errors import DataError, ParameterError
 
 # %% auto #0
-__all__ = ['TASKS', 'MAX_CLASSES', 'NEARLY_UNIQUE', 'MIN_ROWS_FOR_IDS', 'infer_task', 'for_task', 'column_roles',
+__all__ = ['TASKS', 'MAX_CLASSES', 'NEARLY_UNIQUE', 'MIN_ROWS_FOR_IDS', 'infer_task', 'is_per_task', 'for_task', 'column_roles',
            'decide_columns', 'not_features']
 
 # %% ../notebooks/37_columns.ipynb #16d21016
@@ -51,9 +51,14 @@ def infer_task(y: pd.Series, task: str = "auto") -> tuple[str, str]:
     return "regression", f"{name} holds fractional numbers ({distinct} distinct values)"
 
 # %% ../notebooks/37_columns.ipynb #9e4b1740
+def is_per_task(value: object) -> bool:
+    "Whether `value` is a per-task setting: a non-empty mapping keyed by task names only."
+    return isinstance(value, dict) and bool(value) and set(value) <= set(TASKS)
+
+
 def for_task(value: object, task: str, name: str) -> object:
     "`value`, or its entry for `task` when it is a mapping keyed by task names (a per-task setting)."
-    if isinstance(value, dict) and value and set(value) <= set(TASKS):
+    if is_per_task(value):
         if task not in value:
             raise ParameterError(name, f"has entries for {', '.join(value)} but none for {task}, the task of this data",
                                  valid=list(TASKS))

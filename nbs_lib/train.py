@@ -96,10 +96,10 @@ def make_estimator(model: str, model_params: dict | None = None, seed: int = 42,
 # %% ../notebooks/05_train.ipynb #533dc8c3
 def check_candidate(model: str, model_params: dict | None = None, task: str = "auto") -> None:
     "Refuse, before anything runs, a candidate that cannot train: an unknown `model`, or `model_params` it does not take (for `task`; when auto, for some task, and a per-task entry for its own task)."
-    from nbs_lib.columns import TASKS
+    from nbs_lib.columns import TASKS, is_per_task
 
     params = model_params or {}
-    per_task = isinstance(params, dict) and bool(params) and set(params) <= set(TASKS)
+    per_task = is_per_task(params)
     tasks = TASKS if task == "auto" else (task,)
     if per_task and task == "auto":
         tasks = tuple(t for t in TASKS if t in params)
