@@ -170,11 +170,24 @@ def _check_candidates(dag, values: dict) -> None:
             raise ParameterError(e.name, f"{e.problem} (task {name!r})", valid=e.valid) from None
 
 
+def _build_lock(root: Path, args: argparse.Namespace, shared: bool = False):
+    "The project's build lock for this command, waiting as --wait says (see nbs_lib.lock)."
+    from nbs_lib.lock import build_lock
+
+    return build_lock(root, args.command_line, wait=getattr(args, "wait", None), shared=shared)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     "Build the pipeline: run the tasks that are out of date, each tracked in MLflow."
     root, declared, overrides = _parameters(args)
     env_file = Path(args.env_file).resolve() if args.env_file else None
     _prepare_environment(root)
+    with _build_lock(root, args):  # from the up-to-date check on: another build would change what it reads
+        return _build(args, root, declared, overrides, env_file)
+
+
+def _build(args: argparse.Namespace, root: Path, declared: dict, overrides: dict, env_file: Path | None) -> int:
+    "`nbs run` under the project's build lock."
     if not (args.force or args.only):
         unchanged = fresh_build(root, overrides)
         if unchanged is not None:
@@ -434,17 +447,20 @@ def cmd_task(args: argparse.Namespace) -> int:
         return 0
     dag = _tracked_dag(root, overrides)
     if args.action == "begin":
-        run_id, _ = dag.executor.open_build_run(dag, list(dag.values()), get_client(), root)
+        with _build_lock(root, args):  # no orchestrated run opens while a local build runs
+            run_id, _ = dag.executor.open_build_run(dag, list(dag.values()), get_client(), root)
         print(run_id)  # the last line of stdout: what Airflow hands the other tasks (XCom)
         return 0
     if args.name not in dag:
         raise ConfigError(root / PIPELINE_FILE, f"no task named {args.name!r}", hint=f"tasks: {', '.join(dag)}")
-    for path in fetch_upstream_products(dag[args.name], root):
-        print(f"fetched {display_path(path, root)} from the product store", file=sys.stderr)
-    os.environ[PIPELINE_RUN_ENV] = args.pipeline_run
-    _stop_on_signals()
-    forget_fresh_build(root)
-    dag.build_partially(args.name, force=True, skip_upstream=True)
+    # shared: the steps of one orchestrated run go side by side, and keep a local build out
+    with _build_lock(root, args, shared=True):
+        for path in fetch_upstream_products(dag[args.name], root):
+            print(f"fetched {display_path(path, root)} from the product store", file=sys.stderr)
+        os.environ[PIPELINE_RUN_ENV] = args.pipeline_run
+        _stop_on_signals()
+        forget_fresh_build(root)
+        dag.build_partially(args.name, force=True, skip_upstream=True)
     print(f"Ran {args.name} in pipeline run {args.pipeline_run}. Products:")
     _print_products({args.name: {key: display_path(p, root) for key, p in product_files(dag[args.name].product).items()}})
     return 0
@@ -750,14 +766,7 @@ def _read_product(path: Path):
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     "Check the retraining triggers and record why; retrain (the pipeline on its data plus new labels) if one fires."
-    import json
-    import subprocess
-
-    from nbs_lib.alerts import raise_alert
-    from nbs_lib.data import save_table
-    from nbs_lib.registry import load_version, rollback
-    from nbs_lib.retrain import check_trigger_settings, compare_on_feedback, training_data
-    from nbs_lib.tracking import finish_run, get_client, start_pipeline_run
+    from nbs_lib.retrain import check_trigger_settings
 
     root, declared = _settings(args)
     check_trigger_settings(declared.get("retrain_triggers") or {})
@@ -766,6 +775,23 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     target, name = declared.get("target", "target"), declared.get("model_name", "nbs-classifier")
     _prepare_environment(root)
     _stop_on_signals()
+    with _build_lock(root, args) as lock:  # it reads the last build's products, then builds
+        return _retrain(args, root, declared, log, products, target, name, lock)
+
+
+def _retrain(args: argparse.Namespace, root: Path, declared: dict, log: Path, products: Path, target: str, name: str,
+             lock: int | None) -> int:
+    "`nbs retrain` under the project's build lock; the `lock` descriptor is handed to the build it starts."
+    import json
+    import subprocess
+
+    from nbs_lib.alerts import raise_alert
+    from nbs_lib.data import save_table
+    from nbs_lib.lock import LOCK_FD_ENV
+    from nbs_lib.registry import load_version, rollback
+    from nbs_lib.retrain import compare_on_feedback, training_data
+    from nbs_lib.tracking import finish_run, get_client, start_pipeline_run
+
     client = get_client()
     experiment = f"{declared.get('experiment', 'nbs')}-monitoring"
     run_id = start_pipeline_run(client, experiment, [], {}, root=root, kind="retrain", name="retrain check")
@@ -799,8 +825,9 @@ def cmd_retrain(args: argparse.Namespace) -> int:
         client.set_tag(run_id, "nbs.retrain.rows", str(len(data)))
         print(f"Retraining on {len(data)} rows ({display_path(data_path, root)}); "
               f"the newest {len(kept_out)} labels are kept out to compare the models on.", flush=True)
+        handed = {} if lock is None else {"pass_fds": (lock,), "env": {**os.environ, LOCK_FD_ENV: str(lock)}}
         build = subprocess.run([str(Path(sys.executable).with_name("nbs")), "run", *_passed_on(args, but=("data_path",)),
-                                "-p", f"data_path={data_path}", "--root", str(root)], cwd=root)
+                                "-p", f"data_path={data_path}", "--root", str(root)], cwd=root, **handed)
         if build.returncode != 0:
             print("nbs: error: the retraining build failed (its output above; nbs runs shows which task)",
                   file=sys.stderr)
@@ -940,6 +967,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if any(checks.values()) else 0
 
 # %% ../notebooks/90_cli.ipynb #12db45ad
+def _seconds(text: str) -> float:
+    "A number of seconds, 0 or more (an argparse type)."
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `nbs` and its subcommands."
     parser = argparse.ArgumentParser(prog="nbs", description=(
@@ -958,9 +996,15 @@ def build_parser() -> argparse.ArgumentParser:
         parameter_options(command)
         command.add_argument("--root", type=Path, help=root_help)
 
+    def wait_option(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--wait", nargs="?", type=_seconds, const=math.inf, metavar="SECONDS",
+                             help="when another build holds the project, queue behind it (for at most SECONDS; "
+                                  "default: refuse at once, exit 75)")
+
     run = sub.add_parser("run", help="run the out-of-date tasks of the pipeline, tracked in MLflow",
                          description=cmd_run.__doc__)
     pipeline_options(run)
+    wait_option(run)
     run.add_argument("--force", action="store_true", help="run every task, even if up to date")
     run.add_argument("--json", action="store_true", help="print the products and the results as one JSON object")
     run.add_argument("--only", metavar="TASK",
@@ -1121,6 +1165,7 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--prediction-log", **log_option)
     retrain.add_argument("--root", type=Path, help=root_help)
     parameter_options(retrain)
+    wait_option(retrain)
     retrain.set_defaults(handler=cmd_retrain)
 
     simulate = sub.add_parser("simulate", help="replay the data to a running nbs serve, with feedback and injected drift",
@@ -1171,6 +1216,7 @@ def build_parser() -> argparse.ArgumentParser:
     task.add_argument("name", nargs="?", metavar="NAME", help="the task to run (with `run`)")
     task.add_argument("--pipeline-run", metavar="RUN_ID", help="the MLflow run `begin` printed (with run and end)")
     task.add_argument("--params-json", metavar="JSON", help="parameter values as one JSON object (as Airflow passes them)")
+    wait_option(task)
     task.set_defaults(handler=cmd_task)
 
     export = sub.add_parser("export", help="write the pipeline as an Apache Airflow DAG", description=cmd_export.__doc__)
@@ -1206,7 +1252,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     "Run `nbs` with `argv` (default: the command line) and return its exit code."
+    import logging
+    import shlex
+
     args = build_parser().parse_args(argv)
+    shown = shlex.join(["nbs", *(sys.argv[1:] if argv is None else argv)])
+    args.command_line = shown if len(shown) <= 200 else shown[:199] + "…"  # who holds the build lock
+    library = logging.getLogger("nbs_lib")  # its warnings (a lock taken over, a kernel restarted) are the user's to see
+    if not any(getattr(h, "nbs_cli", False) for h in library.handlers):  # once, though tests call main many times
+        said = logging.StreamHandler()
+        said.setFormatter(logging.Formatter("nbs: %(message)s"))
+        said.nbs_cli = True
+        library.addHandler(said)
     try:
         return args.handler(args)
     except NbsError as e:

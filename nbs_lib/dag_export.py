@@ -68,7 +68,8 @@ PIPELINE_RUN = "{{{{ ti.xcom_pull(task_ids='begin') }}}}"  # the MLflow run id `
 
 def nbs_task(task_id: str, command: str, **settings) -> BashOperator:
     """An Airflow task running `nbs COMMAND` in the project, with the DAG run's params."""
-    return BashOperator(task_id=task_id, bash_command=f'"$NBS" {{command}} --params-json "$NBS_PARAMS"',
+    # --wait: a task that finds a local build running in the project queues behind it rather than fail
+    return BashOperator(task_id=task_id, bash_command=f'"$NBS" {{command}} --wait --params-json "$NBS_PARAMS"',
                         env={{"NBS": NBS, "NBS_PARAMS": "{{{{ params | tojson }}}}"}}, append_env=True,
                         cwd=PROJECT, **settings)
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 # %% auto #0
 __all__ = ['STUCK_ERRORS', 'NbsError', 'ConfigError', 'ParameterError', 'DataError', 'DataValidationError', 'TaskFailure',
-           'PipelineError', 'ExecutionError', 'InputError', 'ReproductionError', 'ServerError', 'Interrupted']
+           'PipelineError', 'ExecutionError', 'InputError', 'ReproductionError', 'ServerError', 'BuildLocked',
+           'Interrupted']
 
 # %% ../notebooks/00_errors.ipynb #b4ea7153
 class NbsError(Exception):
@@ -138,6 +139,19 @@ class ServerError(NbsError):
         self.component, self.problem, self.log = component, problem, str(log)
         where = f" (log: {self.log})" if self.log else ""
         super().__init__(f"{component}: {problem}{where}", hint)
+
+# %% ../notebooks/00_errors.ipynb #b23bbdc8
+class BuildLocked(NbsError):
+    "Another build holds the project's build lock; `holders` describes each (pid, host, command, since). Exit code 75: try again later."
+
+    exit_code = 75  # EX_TEMPFAIL (sysexits.h): nothing was wrong with the command, the moment was
+
+    def __init__(self, path: str, holders: list[dict], waited: float | None = None):
+        self.path, self.holders, self.waited = str(path), holders, waited
+        held = "; ".join(f"process {h['pid']} on {h['host']} ({h['command']}, since {h['since']})" for h in holders)
+        after = f" after waiting {waited:g} s" if waited else ""
+        super().__init__(f"another build is running in this project{after}: {held or 'a process that did not say who it is'}",
+                         hint="wait for it to finish, or pass --wait [SECONDS] to queue behind it")
 
 # %% ../notebooks/00_errors.ipynb #ff4f1900
 class Interrupted(KeyboardInterrupt):

@@ -100,7 +100,8 @@ class Job:
         params = [arg for name, value in self.params.items() for arg in ("-p", f"{name}={value}")]
         if self.pipeline:
             timeout = ["-p", f"cell_timeout={self.timeout:g}"] if self.timeout else []
-            return [str(nbs), "run", "--root", str(root), *pipeline_args, *params, *timeout]
+            # --wait: a fire that finds a build running in the project queues behind it rather than fail
+            return [str(nbs), "run", "--wait", "--root", str(root), *pipeline_args, *params, *timeout]
         command = [str(nbs), "execute", str(root / self.notebook), "--root", str(root),
                    "--experiment", self.experiment, "--retries", str(self.retries),
                    "--backoff", str(self.backoff), *params]

@@ -263,3 +263,33 @@ def test_a_secret_never_reaches_a_notebook_param_tag_or_artifact(tiny):
     assert refused.returncode == 2
     assert "holds the value of secret NBS_TEST_TOKEN" in refused.stderr
     assert token not in refused.stderr
+
+
+def test_one_build_at_a_time_a_second_is_refused_or_queues_and_takes_over_from_a_killed_holder(tiny):
+    build, kernels = _start_sleeping_build(tiny, "--force", "-p", "mode=sleep")
+    try:
+        refused = run_nbs("run", "--force", cwd=tiny)
+        assert refused.returncode == 75, refused.stderr
+        assert f"another build is running in this project: process {build.pid} on " in refused.stderr
+        assert "(nbs run --force -p mode=sleep, since " in refused.stderr and "--wait" in refused.stderr
+        impatient = run_nbs("run", "--force", "--wait", "0.5", cwd=tiny)
+        assert impatient.returncode == 75 and "after waiting 0.5 s" in impatient.stderr, impatient.stderr
+        assert "Traceback" not in refused.stderr + impatient.stderr
+        queued = subprocess.Popen([str(NBS), "run", "--force", "--wait"], cwd=tiny, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                  env={**os.environ, "PLOOMBER_STATS_ENABLED": "false"})
+        try:
+            said = queued.stderr.readline()
+            assert f"nbs: waiting for the build lock: process {build.pid} (nbs run --force -p mode=sleep)" in said, said
+            _stop(build, kernels)  # SIGKILL: the holder cleans nothing up
+            out, err = queued.communicate(timeout=300)
+        finally:
+            if queued.poll() is None:
+                os.killpg(queued.pid, signal.SIGKILL)
+    finally:
+        _stop(build, kernels)
+    assert queued.returncode == 0, err
+    assert f"nbs: took over the build lock of process {build.pid} on " in err and "it is no longer running" in err
+    assert "Ran 2 of 2 tasks" in out
+    assert (tiny / "products/first.txt").read_text() == "ok"
+    assert list((tiny / ".nbs/locks/build.holders").glob("*.json")) == [], "a finished build still names itself holder"
