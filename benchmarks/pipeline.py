@@ -76,17 +76,19 @@ def write_dataset(path: Path, rows: int, seed: int = 0) -> Path:
 
 
 LARGE_GRID = [{"model": ["logistic_regression"], "model_params": [{"C": 1.0}]}]
+# --smoke's grid: two quick candidates, so that the grid benchmark still runs two tasks side by side
+SMOKE_GRID = [{"model": ["logistic_regression"], "model_params": [{"C": 1.0}, {"C": 0.1}]}]
 
 
-def use_light_grid(project: Path) -> None:
-    "One candidate (logistic regression) instead of the default grid: forests on 1,000,000 rows take hours."
+def use_light_grid(project: Path, grid: list[dict] = LARGE_GRID) -> None:
+    "`grid` (one logistic regression) instead of the default grid: forests on 1,000,000 rows take hours."
     import yaml
 
     spec = project / "pipeline.yaml"
     pipeline = yaml.safe_load(spec.read_text())
     for task in pipeline["tasks"]:
         if "grid" in task:
-            task["grid"] = LARGE_GRID
+            task["grid"] = grid
     spec.write_text(yaml.safe_dump(pipeline, sort_keys=False))
 
 

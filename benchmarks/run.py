@@ -61,6 +61,7 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
     if smoke:
         set_env_values(project, SMOKE_ENV)
         leave_out_tasks(project, SMOKE_LEFT_OUT)
+        pipeline.use_light_grid(project, pipeline.SMOKE_GRID)  # every build of the smoke trains 2 quick candidates
         subprocess.run(["git", "commit", "-qam", "smoke"], cwd=project, check=True,
                        env={**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
                             "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"})

@@ -17,9 +17,11 @@ import warnings
 from pathlib import Path
 
 from nbs_lib.config import (
+    DECLARED_ENV,
     DEFAULT_TRACKING_URI,
     ENV_FILE,
     PIPELINE_FILE,
+    check_env_placeholders,
     display_path,
     find_project_root,
     json_overrides,
@@ -28,7 +30,14 @@ from nbs_lib.config import (
     read_yaml_mapping,
     tracking_uri,
 )
-from .errors import ConfigError, Interrupted, NbsError, ParameterError, ServerError
+from nbs_lib.errors import (
+    ConfigError,
+    Interrupted,
+    NbsError,
+    ParameterError,
+    ServerError,
+    as_nbs_error,
+)
 from .freshness import BuildInputs, forget_fresh_build, fresh_build, record_fresh_build
 from nbs_lib.lineage import (
     DATA_DIGEST_PARAM,
@@ -55,7 +64,12 @@ def load_dag(root: Path, overrides: dict | None = None):
 
     read_yaml_mapping(root / PIPELINE_FILE)  # syntax errors, with their line, before Ploomber's
     try:
-        dag = DAGSpec(str(root / PIPELINE_FILE), env=overrides or {}).to_dag()
+        with warnings.catch_warnings():
+            # env.yaml also holds settings of nbs's own commands (retrain_triggers, alert_webhook, ...), which no
+            # task uses; a name nobody declares is refused by parse_overrides, so this warning tells nothing
+            warnings.filterwarnings("ignore", message="The following placeholders are declared in the environment "
+                                    "but unused in the spec")
+            dag = DAGSpec(str(root / PIPELINE_FILE), env=overrides or {}).to_dag()
         pin_library_code(dag)
         pin_data_files(dag, root)
         if isinstance(dag.executor, TrackedExecutor):
@@ -98,11 +112,21 @@ def _overrides(args: argparse.Namespace, declared: dict) -> dict:
     return {**from_file, **given, **parse_overrides(args.param, declared)}
 
 
+def _check_environment_reads(root: Path, values: dict) -> None:
+    "Refuse parameter values that read an environment variable env.yaml does not declare, or a secret (check_env_placeholders)."
+    spec = read_yaml_mapping(root / PIPELINE_FILE) if (root / PIPELINE_FILE).is_file() else {}
+    executor = spec.get("executor")
+    secrets = executor.get("secrets") if isinstance(executor, dict) else None
+    check_env_placeholders(values, values.get(DECLARED_ENV), secrets if isinstance(secrets, list) else None)
+
+
 def _parameters(args: argparse.Namespace) -> tuple[Path, dict, dict]:
     "The project root, env.yaml's values, and the values --env-file, --params-json and -p set over them."
     root = find_project_root(args.root)
     declared = read_yaml_mapping(root / ENV_FILE)
-    return root, declared, _overrides(args, declared)
+    overrides = _overrides(args, declared)
+    _check_environment_reads(root, {**declared, **overrides})
+    return root, declared, overrides
 
 
 def _settings(args: argparse.Namespace, inside: bool = True) -> tuple[Path, dict]:
@@ -114,7 +138,9 @@ def _settings(args: argparse.Namespace, inside: bool = True) -> tuple[Path, dict
                               hint="run inside the project, or pass --root")
         return root, {}
     declared = read_yaml_mapping(root / ENV_FILE)
-    return root, {**declared, **_overrides(args, declared)}
+    values = {**declared, **_overrides(args, declared)}
+    _check_environment_reads(root, values)
+    return root, values
 
 
 def _passed_on(args: argparse.Namespace, but: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -269,10 +295,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     "Draw the pipeline as a PNG: tasks in dependency order, coloured by whether they would run."
+    from nbs_lib.data import writable_file
     from nbs_lib.report import plot_dag
 
     root, values, dag = _project_dag(args)
-    output = Path(args.output) if args.output else root / values.get("products", "products") / "pipeline.png"
+    output = (writable_file(args.output, "pipeline.png") if args.output  # a folder takes it by this name
+              else root / values.get("products", "products") / "pipeline.png")
     print(f"DAG drawn at {display_path(plot_dag(dag, output), root)}")
     return 0
 
@@ -475,6 +503,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         spec_placeholders,
         write_dag_file,
     )
+    from nbs_lib.data import writable_file
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,250}", args.dag_id):
         raise ParameterError("--dag-id", f"{args.dag_id!r}: Airflow takes letters, digits, '_', '-' and '.' only")
@@ -489,7 +518,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         nbs=args.nbs or Path(sys.executable).with_name("nbs"), dag_id=args.dag_id,
         descriptions=env_descriptions((root / ENV_FILE).read_text(encoding="utf-8")),
         retries=executor.retries, retry_delay=executor.retry_delay, task_timeout=executor.task_timeout)
-    path = write_dag_file(Path(args.output) if args.output else root / "dags" / f"{args.dag_id}.py", source)
+    file = f"{args.dag_id}.py"
+    path = write_dag_file(writable_file(args.output, file) if args.output else root / "dags" / file, source)
     print(f"Wrote {display_path(path, root)}: DAG {args.dag_id!r}, {len(tasks)} pipeline tasks between "
           f"begin and end, {len(params)} params.")
     print("Copy it into Airflow's dags folder; the workers need the project at PROJECT (or $NBS_PROJECT) "
@@ -530,6 +560,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     client = _registry_client(args)
     names = [args.name] if args.name else sorted(m.name for m in client.search_registered_models())
+    if not names:
+        print(f"No registered models in {client.tracking_uri}: nbs run registers one.")
     for name in names:
         versions = client.search_model_versions(f"name = '{name}'", max_results=args.limit,
                                                 order_by=["version_number DESC"])
@@ -659,6 +691,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     root, values = _settings(args, inside=False)
     _use_store_of(root)
     served = load_served(_model_uri(args, values))
+    _stop_on_signals()  # SIGTERM as Ctrl-C: the partial output is removed either way
     done = predict_file(served, args.input, args.output, args.chunk_rows, progress=not args.quiet)
     print(f"Scored {done['rows']} rows with {served.name} version {served.version}: {display_path(done['output'], Path.cwd())}")
     return 0
@@ -978,9 +1011,30 @@ def _seconds(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    "argparse, its refusals said as every nbs error is: one line starting `nbs: error:`, a hint, exit 2."
+
+    def error(self, message: str):
+        self.exit(2, f"nbs: error: {message}\n  hint: {self.prog} --help lists its arguments\n")
+
+
+def _positive(text: str) -> int:
+    "A whole number, 1 or more (an argparse type)."
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    "A TCP port, 0 (any free one) to 65535 (an argparse type)."
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (0 to 65535)")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     "The argument parser of `nbs` and its subcommands."
-    parser = argparse.ArgumentParser(prog="nbs", description=(
+    parser = _Parser(prog="nbs", description=(
         "Notebooks as a tracked pipeline: nbs runs pipeline.yaml with Ploomber and papermill "
         "and records every task execution in MLflow."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -1025,7 +1079,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = sub.add_parser("runs", help="recent pipeline runs: status, commit, key metrics",
                           description=cmd_runs.__doc__)
-    runs.add_argument("-n", "--limit", type=int, default=10, help="how many runs (default 10)")
+    runs.add_argument("-n", "--limit", type=_positive, default=10, help="how many runs (default 10)")
     runs.add_argument("-m", "--metric", action="append", metavar="NAME",
                       help="a metric column, e.g. evaluate.accuracy (repeatable; default: "
                            "every *.accuracy, *.f1 and *.roc_auc)")
@@ -1085,7 +1139,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="registered models: versions, aliases, gate decisions, champion history",
                             description=cmd_models.__doc__)
     models.add_argument("name", nargs="?", metavar="NAME", help="one registered model (default: all)")
-    models.add_argument("-n", "--limit", type=int, default=10, help="versions shown per model (default 10)")
+    models.add_argument("-n", "--limit", type=_positive, default=10, help="versions shown per model (default 10)")
     models.add_argument("--root", **registry_root)
     models.set_defaults(handler=cmd_models)
 
@@ -1122,11 +1176,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", **model_option)
     serve.add_argument("--canary", type=int, metavar="VERSION", help="a version of the same model that answers a share of requests")
     serve.add_argument("--canary-weight", type=float, metavar="W", help="the canary's share, between 0 and 1 (default 0.1)")
-    serve.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default 8000; 0: any free port)")
+    serve.add_argument("--port", type=_port, default=8000, help="port on 127.0.0.1 (default 8000; 0: any free port)")
     serve.add_argument("--prediction-log", metavar="PATH", help="SQLite file of predictions and feedback (default: ROOT/predictions.db)")
     serve.add_argument("--no-prediction-log", action="store_true", help="log nothing (and refuse feedback)")
-    serve.add_argument("--max-body-bytes", type=int, default=1_000_000, metavar="N", help="largest request body (default 1000000)")
-    serve.add_argument("--max-records", type=int, default=10_000, metavar="N", help="most records per request (default 10000)")
+    serve.add_argument("--max-body-bytes", type=_positive, default=1_000_000, metavar="N", help="largest request body (default 1000000)")
+    serve.add_argument("--max-records", type=_positive, default=10_000, metavar="N", help="most records per request (default 10000)")
     serve.add_argument("--feature-repo", metavar="PATH", help="feature repository whose online store answers requests "
                        "by entity key (default: the project's, feature_repo in env.yaml; '' for none)")
     serve.add_argument("--root", **registry_root)
@@ -1139,7 +1193,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", required=True, metavar="FILE", help="CSV or Parquet file to write: the input's "
                          "columns, prediction, proba_<class>, model_name, model_version")
     predict.add_argument("--model", **model_option)
-    predict.add_argument("--chunk-rows", type=int, default=50_000, metavar="N", help="rows scored at a time (default 50000)")
+    predict.add_argument("--chunk-rows", type=_positive, default=50_000, metavar="N", help="rows scored at a time (default 50000)")
     predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     predict.add_argument("--root", **registry_root)
     parameter_options(predict)
@@ -1172,9 +1226,9 @@ def build_parser() -> argparse.ArgumentParser:
                               description=cmd_simulate.__doc__)
     simulate.add_argument("--url", default="http://127.0.0.1:8000", help="the nbs serve to send to (default: "
                           "http://127.0.0.1:8000)")
-    simulate.add_argument("--batches", type=int, default=6, help="how many batches (default 6)")
-    simulate.add_argument("--batch-size", type=int, default=100, help="rows per batch, drawn from the data (default 100)")
-    simulate.add_argument("--request-size", type=int, default=10, help="records per request (default 10)")
+    simulate.add_argument("--batches", type=_positive, default=6, help="how many batches (default 6)")
+    simulate.add_argument("--batch-size", type=_positive, default=100, help="rows per batch, drawn from the data (default 100)")
+    simulate.add_argument("--request-size", type=_positive, default=10, help="records per request (default 10)")
     simulate.add_argument("--drift", choices=["none", "shift", "scale", "flip"], default="none",
                           help="shift or scale features, or flip fed-back labels (default none)")
     simulate.add_argument("--drift-from", type=int, default=3, help="the first batch that drifts (default 3)")
@@ -1236,9 +1290,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "migrate: copy the runs and models of ./mlflow.db to $MLFLOW_TRACKING_URI")
     server.add_argument("--from", dest="source", metavar="URI",
                         help="with migrate: the store to copy (default: sqlite:///PROJECT/mlflow.db)")
-    server.add_argument("--port", type=int, default=DEFAULT_PORT,
+    server.add_argument("--port", type=_port, default=DEFAULT_PORT,
                         help=f"the MLflow server's port on 127.0.0.1 (default {DEFAULT_PORT})")
-    server.add_argument("--db-port", type=int, default=DEFAULT_DB_PORT,
+    server.add_argument("--db-port", type=_port, default=DEFAULT_DB_PORT,
                         help=f"PostgreSQL's port on 127.0.0.1 (default {DEFAULT_DB_PORT})")
     server.add_argument("--root", type=Path, help=root_help)
     server.set_defaults(handler=cmd_server)
@@ -1258,6 +1312,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     shown = shlex.join(["nbs", *(sys.argv[1:] if argv is None else argv)])
     args.command_line = shown if len(shown) <= 200 else shown[:199] + "…"  # who holds the build lock
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # not "Creating initial MLflow database tables"
     library = logging.getLogger("nbs_lib")  # its warnings (a lock taken over, a kernel restarted) are the user's to see
     if not any(getattr(h, "nbs_cli", False) for h in library.handlers):  # once, though tests call main many times
         said = logging.StreamHandler()
@@ -1274,6 +1329,12 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # as a shell reports SIGPIPE
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"nbs: stopped by {signal.Signals(signum).name}; its MLflow runs are marked KILLED",
-              file=sys.stderr)
+        # what it was writing is removed, and a build's MLflow runs end KILLED (README: exit codes)
+        print(f"nbs: stopped by {signal.Signals(signum).name}", file=sys.stderr)
         return 128 + signum
+    except Exception as e:  # no traceback reaches a user: a file, the store, or else a bug, in one line
+        if os.environ.get("NBS_DEBUG") == "1":
+            raise
+        said = as_nbs_error(e)
+        print(f"nbs: error: {said}", file=sys.stderr)
+        return said.exit_code

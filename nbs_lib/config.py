@@ -5,7 +5,9 @@
 # %% ../notebooks/01_config.ipynb #3fe2010a
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -13,9 +15,9 @@ import yaml
 from .errors import ConfigError, ParameterError
 
 # %% auto #0
-__all__ = ['PIPELINE_FILE', 'ENV_FILE', 'DEFAULT_TRACKING_URI', 'find_project_root', 'read_yaml_mapping', 'parse_overrides',
-           'coerce_value', 'check_type', 'json_overrides', 'display_path', 'artifact_location', 'merge_env_file',
-           'tracking_uri']
+__all__ = ['PIPELINE_FILE', 'ENV_FILE', 'DEFAULT_TRACKING_URI', 'DECLARED_ENV', 'find_project_root', 'read_yaml_mapping',
+           'parse_overrides', 'coerce_value', 'check_type', 'json_overrides', 'display_path', 'artifact_location',
+           'merge_env_file', 'check_env_placeholders', 'tracking_uri']
 
 # %% ../notebooks/01_config.ipynb #775068e2
 PIPELINE_FILE = "pipeline.yaml"
@@ -127,6 +129,28 @@ def merge_env_file(path: Path, declared: dict) -> dict:
             raise ParameterError(name, f"in {path} is not declared in env.yaml", valid=list(declared))
         check_type(name, value, declared[name])
     return values
+
+# %% ../notebooks/01_config.ipynb #fef297d0
+DECLARED_ENV = "environment_variables"  # the env.yaml list of variables a parameter may read as {{env.NAME}}
+_ENV_PLACEHOLDER = re.compile(r"\{\{\s*env\.(\w+)\s*\}\}")
+
+
+def check_env_placeholders(values: dict, declared: list[str] | None, secrets: list[str] | None = None,
+                           where: str = "") -> None:
+    """Refuse a parameter whose value reads an environment variable (Ploomber's `{{env.NAME}}`) that `declared` does not list, or that holds a secret.
+
+    Ploomber expands any variable into parameters, which are stored in clear: so only those the
+    project names in env.yaml's `environment_variables` are let through, and never a secret."""
+    for name, value in values.items():
+        for variable in _ENV_PLACEHOLDER.findall(value if isinstance(value, str) else json.dumps(value, default=str)):
+            if variable in (secrets or []):
+                problem = f"reads the secret {variable} ({{{{env.{variable}}}}}): parameters are stored in clear"
+            elif variable not in (declared or []):
+                problem = (f"reads the environment variable {variable} ({{{{env.{variable}}}}}), which the project "
+                           f"does not declare: list it in env.yaml's {DECLARED_ENV} to allow it")
+            else:
+                continue
+            raise ParameterError(f"{where}{name}", problem)
 
 # %% ../notebooks/01_config.ipynb #06b4b57a
 def tracking_uri() -> str:

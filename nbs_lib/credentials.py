@@ -12,12 +12,13 @@ from pathlib import Path
 from .errors import ConfigError, ParameterError
 
 # %% auto #0
-__all__ = ['DOTENV', 'REDACTED', 'secret', 'handed_out', 'declared_secrets', 'refuse_secret_values', 'redact', 'redact_notebook',
-           'redacted_copy']
+__all__ = ['DOTENV', 'REDACTED', 'REDACTED_NAME', 'secret', 'handed_out', 'declared_secrets', 'refuse_secret_values', 'redact',
+           'redact_notebook', 'redacted_copy']
 
 # %% ../notebooks/07_credentials.ipynb #369e40fc
 DOTENV = ".env"
 REDACTED = "[secret]"
+REDACTED_NAME = "_secret_"  # in the name of a metric, param or tag, where MLflow refuses brackets
 _handed_out: set[str] = set()  # values given to this process's code, so they can be scrubbed
 
 # %% ../notebooks/07_credentials.ipynb #f2e79d64
@@ -59,11 +60,11 @@ def refuse_secret_values(params: dict, secret_values: dict[str, str], owner: str
                                  f"nbs_lib.credentials.secret({leaked[0]!r})")
 
 # %% ../notebooks/07_credentials.ipynb #e568526b
-def redact(text: str, values: set[str] | list[str]) -> str:
-    "`text` with every one of `values` replaced by `[secret]`."
+def redact(text: str, values: set[str] | list[str], marker: str = REDACTED) -> str:
+    "`text` with every one of `values` replaced by `marker` (`[secret]`)."
     for value in sorted(values, key=len, reverse=True):
         if value:
-            text = text.replace(value, REDACTED)
+            text = text.replace(value, marker)
     return text
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from .errors import DataError
+from .errors import DataError, PathError
 
 # %% auto #0
-__all__ = ['READERS', 'load_builtin', 'load_dataset', 'dataset_digest', 'write_atomic', 'save_table', 'save_json']
+__all__ = ['READERS', 'load_builtin', 'load_dataset', 'dataset_digest', 'write_atomic', 'save_table', 'save_json',
+           'writable_file']
 
 # %% ../notebooks/02_data.ipynb #c4b7dfb9
 READERS = {".csv": pd.read_csv, ".parquet": pd.read_parquet, ".pq": pd.read_parquet}
@@ -81,3 +82,29 @@ def save_table(df: pd.DataFrame, path: str | Path) -> Path:
 def save_json(obj: object, path: str | Path) -> Path:
     "Write `obj` as indented JSON to `path`, atomically."
     return write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+# %% ../notebooks/02_data.ipynb #bbf53f02
+def writable_file(path: str | Path, name_in_folder: str | None = None) -> Path:
+    """`path` as a file that can be written now (its folder made if missing), or `path`/`name_in_folder` when `path` is a folder.
+
+    Checked by writing a scratch file beside it, which also holds for root and read-only mounts; a
+    PathError naming what is in the way otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        if name_in_folder is None:
+            raise PathError(path, "is a folder", hint="name a file in it")
+        path = path / name_in_folder
+    in_the_way = next(folder for folder in path.parents if folder.exists())
+    if not in_the_way.is_dir():
+        raise PathError(path, f"cannot be written: {in_the_way} is a file, not a folder",
+                        hint="name a path in a folder you may write to")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):
+            pass
+    except OSError as e:
+        raise PathError(path, f"cannot be written in {path.parent}: {e.strerror or type(e).__name__}",
+                        hint="name a path in a folder you may write to") from None
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PathError(path, "cannot be written: it is read-only", hint="name another path")
+    return path

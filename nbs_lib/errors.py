@@ -8,7 +8,7 @@ from __future__ import annotations
 # %% auto #0
 __all__ = ['STUCK_ERRORS', 'NbsError', 'ConfigError', 'ParameterError', 'DataError', 'DataValidationError', 'TaskFailure',
            'PipelineError', 'ExecutionError', 'InputError', 'ReproductionError', 'ServerError', 'BuildLocked',
-           'Interrupted']
+           'PathError', 'TrackingError', 'UnexpectedError', 'as_nbs_error', 'Interrupted']
 
 # %% ../notebooks/00_errors.ipynb #b4ea7153
 class NbsError(Exception):
@@ -152,6 +152,55 @@ class BuildLocked(NbsError):
         after = f" after waiting {waited:g} s" if waited else ""
         super().__init__(f"another build is running in this project{after}: {held or 'a process that did not say who it is'}",
                          hint="wait for it to finish, or pass --wait [SECONDS] to queue behind it")
+
+# %% ../notebooks/00_errors.ipynb #f5ceedd8
+class PathError(NbsError):
+    "A file or folder nbs was given, or must write, that cannot be used: missing, a folder where a file belongs, not writable."
+
+    def __init__(self, path: str, problem: str, hint: str = ""):
+        self.path, self.problem = str(path), problem
+        super().__init__(f"{path}: {problem}", hint)
+
+
+class TrackingError(NbsError):
+    "The MLflow tracking store or server refused or failed a request; `code` is MLflow's error code. Exit 77 when it refused permission."
+
+    def __init__(self, code: str, problem: str, hint: str = ""):
+        self.code, self.problem = code, problem
+        super().__init__(f"the tracking store refused: {problem}" if code == "PERMISSION_DENIED"
+                         else f"the tracking store failed: {problem}", hint)
+
+    @property
+    def exit_code(self) -> int:
+        # EX_NOPERM (sysexits.h) for a refusal, 2 for what does not exist, 1 for a store that failed
+        return 77 if self.code == "PERMISSION_DENIED" else 2 if self.code == "RESOURCE_DOES_NOT_EXIST" else 1
+
+
+class UnexpectedError(NbsError):
+    "An error nbs did not foresee: a bug in nbs, said in one line (NBS_DEBUG=1 shows its traceback)."
+
+    exit_code = 1
+
+    def __init__(self, error: BaseException):
+        self.error = error
+        first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+        super().__init__(f"unexpected {type(error).__name__}" + (f": {first[:300]}" if first else ""),
+                         hint="this is a bug in nbs: please report it with the command; NBS_DEBUG=1 shows where it happened")
+
+
+def as_nbs_error(error: BaseException) -> NbsError:
+    "`error` as the NbsError a user is shown: a file's OSError names the file, MLflow's errors say what the store said, anything else is unexpected."
+    if isinstance(error, NbsError):
+        return error
+    if isinstance(error, OSError) and error.filename is not None:
+        return PathError(error.filename, error.strerror or type(error).__name__,
+                         hint="check the path: that it exists, is a file or a folder as asked, and may be written")
+    code = getattr(error, "error_code", None)
+    if type(error).__module__.startswith("mlflow") and isinstance(code, str):
+        said = next((line.strip() for line in str(error).splitlines() if line.strip()), code)
+        return TrackingError(code, said[:300], hint="check MLFLOW_TRACKING_URI and your credentials for it"
+                             if code == "PERMISSION_DENIED" else "")
+    return UnexpectedError(error)
 
 # %% ../notebooks/00_errors.ipynb #ff4f1900
 class Interrupted(KeyboardInterrupt):

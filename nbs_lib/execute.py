@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import check_type, display_path
 from .credentials import declared_secrets, redact_notebook, refuse_secret_values
+from .data import writable_file
 from .errors import ConfigError, ExecutionError, ParameterError, TaskFailure
 from .executor import copy_metrics_to_parent, describe_failure, log_notebook, say_progress
 from .lineage import file_digest, run_lineage
@@ -25,7 +26,7 @@ from nbs_lib.tracking import (
 )
 
 # %% auto #0
-__all__ = ['read_notebook', 'notebook_parameters', 'check_parameters', 'execute_notebook']
+__all__ = ['PROJECT_SOURCES', 'read_notebook', 'notebook_parameters', 'check_parameters', 'output_notebook', 'execute_notebook']
 
 # %% ../notebooks/15_execute.ipynb #242a574c
 def read_notebook(path: str | Path):
@@ -78,6 +79,42 @@ def check_parameters(params: dict, declared: dict | None, notebook: str) -> dict
         checked[name] = check_type(name, value, declared[name])
     return checked
 
+# %% ../notebooks/15_execute.ipynb #f2fed06a
+PROJECT_SOURCES = ("pipeline.yaml", "env.yaml", "notebooks")  # what an executed notebook must never be written over
+
+
+def _holds_notebook(path: Path) -> bool:
+    import json
+
+    try:
+        return isinstance(json.loads(path.read_text(encoding="utf-8")).get("cells"), list)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def output_notebook(output: str | Path | None, notebook: Path, root: Path) -> Path:
+    """Where the executed `notebook` goes: `output`, or into it (named as the notebook) when it is a folder; else ROOT/products/executed/.
+
+    Refused before anything runs when it would replace the notebook itself, a source of the project
+    at `root` (pipeline.yaml, env.yaml, anything under notebooks/) or a file that is not a notebook,
+    or when it cannot be written."""
+    root, notebook = Path(root).resolve(), Path(notebook).resolve()
+    path = Path(output).resolve() if output else root / "products" / "executed" / notebook.name
+    if path.is_dir():
+        path = path / notebook.name
+    if path == notebook:
+        raise ConfigError(path, "is the notebook itself: executing it there would overwrite it",
+                          hint="pass --output with another path")
+    sources = [root / name for name in PROJECT_SOURCES] if (root / "pipeline.yaml").is_file() else []
+    if any(path == source or source in path.parents for source in sources):
+        raise ConfigError(path, "is a source of the project: the executed notebook would replace it",
+                          hint="pass --output a path outside pipeline.yaml, env.yaml and notebooks/, e.g. "
+                               f"products/executed/{notebook.name}")
+    if path.exists() and not _holds_notebook(path):
+        raise ConfigError(path, "exists and is not a notebook: the executed notebook would replace it",
+                          hint="pass --output a new path, a folder, or an executed notebook to replace")
+    return writable_file(path)
+
 # %% ../notebooks/15_execute.ipynb #deff1265
 def execute_notebook(notebook: str | Path, output: str | Path | None = None, params: dict | None = None, *,
                      experiment: str = "nbs", timeout: float | None = None, retries: int = 0,
@@ -88,10 +125,7 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
     nb = read_notebook(notebook)
     shown = display_path(notebook, root)
     params = check_parameters(dict(params or {}), notebook_parameters(nb), shown)
-    output = Path(output).resolve() if output else root / "products" / "executed" / notebook.name
-    if output == notebook:
-        raise ConfigError(output, "is the notebook itself: executing it there would overwrite it",
-                          hint="pass --output with another path")
+    output = output_notebook(output, notebook, root)  # before any run: a refused output leaves nothing RUNNING
     for name, value in (("retries", retries), ("backoff", backoff)):
         if value < 0:
             raise ParameterError(name, f"is {value}; it must be 0 or more")
@@ -166,7 +200,7 @@ class _Attempt:
         self.output.unlink(missing_ok=True)  # an earlier attempt's notebook must not pass for this one's
         say_progress(f"  running  {self.shown} (attempt {number}) ...", self.show)
         started, status, failure = time.monotonic(), "KILLED", None
-        journal = RunJournal(run_id)
+        journal = RunJournal(run_id, self.secret_values)
         try:
             try:
                 papermill.execute_notebook(
@@ -179,7 +213,7 @@ class _Attempt:
             refused = journal.close(self.client)
             kept = display_path(self.output, self.root) if self.output.is_file() else ""
             if error is not None:
-                failure, status = describe_failure(name, error, self.shown, kept), "FAILED"
+                failure, status = describe_failure(name, error, self.shown, kept, self.secret_values), "FAILED"
             elif refused:
                 failure, status = TaskFailure(name, self.shown, refused, executed=kept), "FAILED"
             else:

@@ -19,7 +19,7 @@ from ploomber.constants import TaskStatus
 from ploomber.executors.abc import Executor
 
 from .config import display_path
-from .credentials import declared_secrets, redact_notebook, refuse_secret_values
+from .credentials import declared_secrets, redact, redact_notebook, refuse_secret_values
 from .engine import kill_kernels
 from .errors import ConfigError, PipelineError, TaskFailure
 from nbs_lib.lineage import (
@@ -74,19 +74,21 @@ def executed_notebook(task) -> Path | None:
     return files.get("nb") or next((p for p in files.values() if p.suffix == ".ipynb"), None)
 
 
-def describe_failure(task: str, exc: BaseException, notebook: str, executed: str = "") -> TaskFailure:
-    "A TaskFailure for the task named `task` from the chain of `exc` (papermill's cell error when there is one)."
+def describe_failure(task: str, exc: BaseException, notebook: str, executed: str = "",
+                     secrets: set[str] | None = None) -> TaskFailure:
+    "A TaskFailure for the task named `task` from the chain of `exc` (papermill's cell error when there is one), `secrets` scrubbed from what it says."
+    secrets = secrets or set()
     seen, cause = set(), exc
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
         if hasattr(cause, "ename") and hasattr(cause, "cell_index"):
-            return TaskFailure(task, notebook, str(cause), cause.cell_index,
-                               cause.ename, cause.evalue, executed, getattr(cause, "source", ""))
+            return TaskFailure(task, notebook, redact(str(cause), secrets), cause.cell_index, cause.ename,
+                               redact(str(cause.evalue), secrets), executed, redact(getattr(cause, "source", ""), secrets))
         cause = cause.__cause__ or cause.__context__
     root = exc
     while root.__cause__ is not None:
         root = root.__cause__
-    return TaskFailure(task, notebook, f"{type(root).__name__}: {root}", executed=executed)
+    return TaskFailure(task, notebook, redact(f"{type(root).__name__}: {root}", secrets), executed=executed)
 
 # %% ../notebooks/12_executor.ipynb #ea74a00a
 def say_progress(message: str, show: bool = True) -> None:
@@ -395,7 +397,7 @@ class _Build:
         # Forget the last success before running: if this run dies mid-write, no stale metadata
         # vouches for a half-written product, and the next build runs the task again.
         task.product.metadata.delete()
-        journal = RunJournal(run_id)
+        journal = RunJournal(run_id, self.secret_values)
         _use_nbs_engine(task, self.cell_timeout, {**self.kernel_threads, **journal.env})
         say_progress(f"  running  {task.name} ({notebook}) ...", self.show)
         return journal
@@ -415,7 +417,7 @@ class _Build:
                 status = "FINISHED"
             else:
                 kept = display_path(executed, self.root) if executed is not None and executed.is_file() else ""
-                self.failures.append(describe_failure(task.name, error, self.notebook(task), kept))
+                self.failures.append(describe_failure(task.name, error, self.notebook(task), kept, self.secret_values))
         except KeyboardInterrupt:
             status = "KILLED"
             raise

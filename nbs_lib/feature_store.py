@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import re
 from datetime import UTC, datetime, timedelta
@@ -259,6 +260,25 @@ def _shown_key(row: dict) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in row.items())
 
 
+_KEY_BITS = {"Int64": 64, "Int32": 32}  # Feast's whole-number key types, by their width
+
+
+def _key_problem(value: object, kind: str) -> str | None:
+    "What makes `value` unusable as an entity key of Feast type `kind` (None: nothing)."
+    if kind in _KEY_BITS:
+        bound = 2 ** (_KEY_BITS[kind] - 1)
+        if type(value) is not int:
+            return f"must be a whole number ({kind}), got {json.dumps(value)}"
+        return None if -bound <= value < bound else f"is out of the range of an {kind} key"
+    if type(value) is not str:
+        return f"must be a string, got {json.dumps(value)}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid Unicode (it holds a lone surrogate)"
+    return None
+
+
 class OnlineFeatures:
     "A model's input columns for entity keys, read from the online store; unknown keys and stale values refused."
 
@@ -276,6 +296,7 @@ class OnlineFeatures:
                               hint="serve a model trained on the feature store's views, or serve it with records")
         self.store, self.columns = store, list(columns)
         self.keys = sorted({key for name in columns for key in views[name].join_keys})
+        self.key_types = {field.name: str(field.dtype) for name in columns for field in views[name].entity_columns}
         self.refs = [f"{views[name].name}:{name}" for name in columns]
         self.ttl = {name: views[name].ttl for name in columns}
 
@@ -287,9 +308,10 @@ class OnlineFeatures:
         for row, item in enumerate(entities):
             if type(item) is not dict or sorted(item) != self.keys:
                 raise InputError("entities", f"must each hold exactly the keys {self.keys}", row=row, hint=hint)
-            bad = [name for name, value in item.items() if type(value) not in (int, str)]
-            if bad:
-                raise InputError(bad[0], "must be a whole number or a string", row=row, hint=hint)
+            for name, value in item.items():
+                problem = _key_problem(value, self.key_types.get(name, "String" if type(value) is str else "Int64"))
+                if problem:
+                    raise InputError(name, problem, row=row, hint=hint)
         return entities
 
     def read(self, entities: list[dict], now: datetime | None = None) -> list[dict]:

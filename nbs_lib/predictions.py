@@ -123,19 +123,29 @@ class PredictionLog:
             self._queue.put(_STOP)
             self._thread.join()
 
-    def record_feedback(self, labels: list[tuple[str, object]]) -> list[str]:
-        "Store true labels for prediction ids; the ids no prediction has (then nothing is stored)."
+    def record_feedback(self, labels: list[tuple[str, object]], replace: bool = False) -> dict:
+        """Store true labels for prediction ids, each once: how many were `recorded`, `unchanged` (the same label
+        again) and `replaced`. Nothing is stored when an id is `unknown`, or has another label already (`conflicts`:
+        id, recorded, sent) unless `replace`."""
         self.flush()  # a label may follow its prediction before the writer has caught up
+        ids = [prediction_id for prediction_id, _ in labels]
+        marks = ", ".join("?" * len(labels))
         with closing(connect(self.path)) as db, db:
-            sizes = dict(db.execute(
-                f"SELECT request_id, size FROM requests WHERE request_id IN ({', '.join('?' * len(labels))})",
-                [prediction_id.rpartition("-")[0] for prediction_id, _ in labels]))
-            unknown = [i for i, _ in labels if not _known(i, sizes)]
-            if not unknown:
-                at = now()
-                db.executemany("INSERT OR REPLACE INTO feedback VALUES (?, ?, ?)",
-                               [(i, json.dumps(label), at) for i, label in labels])
-        return unknown
+            db.execute("BEGIN IMMEDIATE")  # read and write as one: two requests for one id are never both new
+            sizes = dict(db.execute(f"SELECT request_id, size FROM requests WHERE request_id IN ({marks})",
+                                    [prediction_id.rpartition("-")[0] for prediction_id in ids]))
+            held = {i: json.loads(label) for i, label in db.execute(f"SELECT id, label FROM feedback WHERE id IN ({marks})", ids)}
+            outcome = {"unknown": [i for i in ids if not _known(i, sizes)], "recorded": 0, "replaced": 0,
+                       "conflicts": [(i, held[i], label) for i, label in labels if i in held and held[i] != label],
+                       "unchanged": sum(i in held and held[i] == label for i, label in labels)}
+            if outcome["unknown"] or (outcome["conflicts"] and not replace):
+                return {**outcome, "unchanged": 0}
+            at = now()
+            new = [(i, json.dumps(label), at) for i, label in labels if i not in held]
+            changed = [(json.dumps(label), at, i) for i, label in labels if i in held and held[i] != label]
+            db.executemany("INSERT INTO feedback VALUES (?, ?, ?)", new)
+            db.executemany("UPDATE feedback SET label = ?, at = ? WHERE id = ?", changed)
+        return {**outcome, "conflicts": [], "recorded": len(new), "replaced": len(changed)}
 
     def status(self) -> dict:
         "Where the log is, and how many predictions were written, failed, and how many requests wait."

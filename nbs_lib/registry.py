@@ -5,7 +5,9 @@
 # %% ../notebooks/09_registry.ipynb #547b951f
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 from datetime import UTC, datetime
 
 import pandas as pd
@@ -13,9 +15,12 @@ import pandas as pd
 from .errors import ConfigError, ParameterError
 from .tracking import active_run_id, experiment_id, get_client, who
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['CHALLENGER', 'CHAMPION', 'HISTORY_TAG', 'HISTORY_KEPT', 'model_requirements', 'register_model', 'gate',
-           'champion_history', 'champion_versions', 'promote', 'rollback', 'apply_gate', 'load_version']
+__all__ = ['log', 'CHALLENGER', 'CHAMPION', 'REGISTRATION_KEY_TAG', 'HISTORY_TAG', 'HISTORY_KEPT', 'model_requirements',
+           'registration_key', 'unfinished_registration', 'register_model', 'gate', 'champion_history',
+           'champion_versions', 'promote', 'rollback', 'apply_gate', 'load_version', 'recorded_gate']
 
 # %% ../notebooks/09_registry.ipynb #98cd859c
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -28,9 +33,31 @@ def model_requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in ("scikit-learn", "pandas", "numpy", "skops")]
 
 # %% ../notebooks/09_registry.ipynb #2e51420e
+REGISTRATION_KEY_TAG = "nbs.registration_key"  # the name and the inputs' digests a version was registered from
+
+
+def registration_key(name: str, metrics: dict | None, tags: dict | None) -> str:
+    "What makes two registrations the same: the model name, its holdout metrics and the tags that describe its inputs (model file, data digests, settings)."
+    described = {"name": name, "metrics": {k: str(v) for k, v in (metrics or {}).items()},
+                 "tags": {k: str(v) for k, v in (tags or {}).items()}}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def unfinished_registration(client, name: str, key: str):
+    "The version of `name` registered with `key` by a pipeline run that did not finish (killed, failed, still open), if any: what a resumed build registers again."
+    for version in client.search_model_versions(f"tags.`{REGISTRATION_KEY_TAG}` = '{key}'"):
+        build = version.tags.get("nbs.pipeline_run")
+        if version.name == name and build and client.get_run(build).info.status != "FINISHED":
+            return version
+    return None
+
+
 def register_model(model, name: str, example: pd.DataFrame, metrics: dict | None = None,
                    experiment: str = "nbs", tags: dict[str, str] | None = None) -> dict:
-    "Log `model` to this task's run and register it as `name` with alias challenger (`gate` decides on champion)."
+    """Log `model` to this task's run and register it as `name` with alias challenger (`gate` decides on champion).
+
+    Idempotent for a resumed build: a version an unfinished pipeline run registered from the same
+    inputs (`registration_key`) is returned (`reused`: True) instead of registering a second one."""
     import mlflow
     import mlflow.sklearn
     import skops.io
@@ -39,6 +66,21 @@ def register_model(model, name: str, example: pd.DataFrame, metrics: dict | None
 
     from nbs_lib.features import imputed_columns
 
+    client = get_client()
+    run_id = active_run_id()
+    parent = client.get_run(run_id).data.tags.get("mlflow.parentRunId") if run_id else None
+    key = registration_key(name, metrics, tags)
+    earlier = unfinished_registration(client, name, key)
+    if earlier is not None:
+        log.warning("version %s of %s was registered from these inputs by pipeline run %s, which did not finish: "
+                    "kept, not registered again", earlier.version, name, earlier.tags["nbs.pipeline_run"])
+        if parent:  # this build finishes what that one began: the version is this build's now
+            client.set_model_version_tag(name, earlier.version, "nbs.resumed_from", earlier.tags["nbs.pipeline_run"])
+            client.set_model_version_tag(name, earlier.version, "nbs.pipeline_run", parent)
+        client.set_registered_model_alias(name, CHALLENGER, earlier.version)
+        aliases = sorted({*client.get_model_version(name, earlier.version).aliases, CHALLENGER})
+        return {"name": name, "version": int(earlier.version), "run_id": earlier.run_id, "aliases": aliases,
+                "reused": True}
     complete = example.dropna()
     example = (complete if len(complete) else example).head(5)  # rows with every value show each column's type
     signature = infer_signature(example, model.predict(example))
@@ -46,31 +88,27 @@ def register_model(model, name: str, example: pd.DataFrame, metrics: dict | None
     optional = imputed_columns(model)
     signature.inputs = Schema([ColSpec(c.type, c.name, required=c.required and c.name not in optional)
                                for c in signature.inputs.inputs])
-    client = get_client()
     mlflow.set_tracking_uri(client.tracking_uri)
-    run_id = active_run_id()
     # Resumes the task's run, or by hand opens one in `experiment`; the pipeline sets the final status.
     target = {"run_id": run_id} if run_id else {"experiment_id": experiment_id(client, experiment)}
     with mlflow.start_run(**target) as run:
         info = mlflow.sklearn.log_model(
             model, name="model", signature=signature,
             input_example=example, pip_requirements=model_requirements(),
-            registered_model_name=name, metadata={"holdout_metrics": metrics or {}},
+            metadata={"holdout_metrics": metrics or {}},
             # skops, not pickle: loading cannot run code. The types are those of the model we
             # just trained; MLflow records them and refuses any other type at load time.
             serialization_format="skops",
             skops_trusted_types=skops.io.get_untrusted_types(data=skops.io.dumps(model)),
         )
-    version = str(info.registered_model_version)
+    # Every tag comes with the version, at once: a build killed a moment later leaves a version a resumed
+    # build can recognise (by key and pipeline run), never one without them
+    described = {**({"nbs.pipeline_run": parent} if parent else {}),  # registered by a pipeline task: its build
+                 **{f"metric.{metric}": str(value) for metric, value in (metrics or {}).items()},
+                 **{tag: str(value) for tag, value in (tags or {}).items()}, REGISTRATION_KEY_TAG: key}
+    version = mlflow.register_model(info.model_uri, name, tags=described).version
     client.set_registered_model_alias(name, CHALLENGER, version)
-    parent = client.get_run(run.info.run_id).data.tags.get("mlflow.parentRunId")
-    if parent:  # registered by a pipeline task: the build it belongs to
-        client.set_model_version_tag(name, version, "nbs.pipeline_run", parent)
-    for metric, value in (metrics or {}).items():
-        client.set_model_version_tag(name, version, f"metric.{metric}", str(value))
-    for key, value in (tags or {}).items():
-        client.set_model_version_tag(name, version, key, str(value))
-    return {"name": name, "version": int(version), "run_id": run.info.run_id, "aliases": [CHALLENGER]}
+    return {"name": name, "version": int(version), "run_id": run.info.run_id, "aliases": [CHALLENGER], "reused": False}
 
 # %% ../notebooks/09_registry.ipynb #fca3cafa
 def _fails_threshold(name: str, value: float, bound: float) -> str | None:
@@ -207,3 +245,16 @@ def load_version(name: str, version: int | str, client=None):
 
     mlflow.set_tracking_uri((client or get_client()).tracking_uri)
     return mlflow.sklearn.load_model(f"models:/{name}/{version}")
+
+# %% ../notebooks/09_registry.ipynb #9ed8bd26
+def recorded_gate(name: str, version: int | str) -> dict | None:
+    "The gate's decision recorded on `version` of `name`, its promotion completed if a killed build left it undone; None if the gate has not decided on it."
+    client = get_client()
+    tags = client.get_model_version(name, str(version)).tags
+    decision = {key.removeprefix("nbs.gate."): json.loads(value) for key, value in tags.items() if key.startswith("nbs.gate.")}
+    if "champion_version" not in decision:  # apply_gate writes it last: the gate never decided, or was cut short
+        return None
+    promoted = [e["version"] for e in champion_history(client, name) if e["action"] == "promote"]
+    if decision["promote"] and int(version) not in promoted:
+        promote(client, name, version, f"gate: {decision['reason']}")
+    return decision

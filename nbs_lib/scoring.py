@@ -9,6 +9,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, DataError, InputError
+from .data import writable_file
+from .errors import ConfigError, DataError, InputError, PathError
 
 # %% auto #0
 __all__ = ['COLUMN_TYPES', 'FORMATS', 'ColumnType', 'Column', 'input_columns', 'frame_from_records', 'check_frame',
@@ -166,6 +168,13 @@ def check_frame(frame: pd.DataFrame, columns: list[Column], first_row: int = 0) 
             raise InputError(column.name, f"must be {column.type}, got {_shown(values.iloc[row])}",
                              row=first_row + row, hint=f"{column.name!r} holds {_FILE_VALUES[column.type]}{empty}")
         checked[column.name] = values.astype(kind.optional_dtype if nulls.any() else kind.dtype)
+        if column.type in ("double", "float"):  # "inf" in a file, 1e400 in JSON: a number no model can use
+            infinite = np.flatnonzero(np.isinf(checked[column.name].to_numpy(dtype=float, na_value=np.nan)))
+            if infinite.size:
+                raise InputError(column.name, f"must be a finite number, got {_shown(values.iloc[int(infinite[0])])}",
+                                 row=first_row + int(infinite[0]),
+                                 hint=f"{column.name!r} holds finite numbers; leave the cell empty for a missing one"
+                                 if not column.required else f"{column.name!r} holds finite numbers")
     return pd.DataFrame(checked, index=frame.index)
 
 # %% ../notebooks/17_scoring.ipynb #49e909ae
@@ -295,19 +304,37 @@ def check_files(source: str | Path, output: str | Path) -> tuple[Path, Path]:
         raise DataError(f"the input {source} does not exist", path=source, hint="give --input an existing CSV or Parquet file")
     if output.resolve() == source.resolve():
         raise DataError(f"the output {output} is the input", path=output, hint="write the scores to another file")
-    return source, output
+    if output.is_dir():
+        raise PathError(output, "is a folder", hint="give --output a file name ending in .csv or .parquet")
+    return source, writable_file(output)
 
 
 def _chunks(path: Path, rows: int) -> tuple[int | None, Iterator[pd.DataFrame]]:
     "Roughly how many rows `path` holds (the progress bar's total) and its chunks of `rows` rows."
+    # the chunks are read lazily, so that a file that cannot be parsed fails where _read says so
     if _format(path, "input") == "csv":
         with path.open("rb") as f:
             lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
-        return max(lines - 1, 0), pd.read_csv(path, chunksize=rows)
+
+        def csv_chunks() -> Iterator[pd.DataFrame]:
+            for chunk in pd.read_csv(path, chunksize=rows):
+                if not isinstance(chunk.index, pd.RangeIndex):  # pandas reads a field more than the header as the index
+                    raise pd.errors.ParserError(f"a line has more fields than the header's {len(chunk.columns)}")
+                yield chunk
+
+        return max(lines - 1, 0), csv_chunks()
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    source = pq.ParquetFile(path)
-    return source.metadata.num_rows, (batch.to_pandas() for batch in source.iter_batches(batch_size=rows))
+    def parquet_chunks() -> Iterator[pd.DataFrame]:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
+            yield batch.to_pandas()
+
+    try:
+        total = pq.read_metadata(path).num_rows
+    except (pa.ArrowInvalid, OSError):
+        total = None  # not a whole Parquet file: reading its chunks says so
+    return total, parquet_chunks()
 
 
 def _unparsed_numbers(chunk: pd.DataFrame, columns: list[Column], first_row: int) -> None:
@@ -316,6 +343,8 @@ def _unparsed_numbers(chunk: pd.DataFrame, columns: list[Column], first_row: int
     # so the value to name is the first that does not parse, not the first that is text.
     parse = {"double": float, "float": float, "long": int, "integer": int}
     for column in columns:
+        if column.name not in chunk:
+            continue  # check_frame names what is missing
         values = chunk[column.name]
         if column.type not in parse or values.dtype.kind != "O":
             continue
@@ -353,13 +382,18 @@ def predict_file(served: ServedModel, source: str | Path, output: str | Path, ch
         raise DataError(f"chunks of {chunk_rows} rows are impossible", hint="give --chunk-rows a positive number")
     kind = _format(output, "output")
     total, chunks = _chunks(source, chunk_rows)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial")
+    # a name of this run's own: two runs to one output each write whole, and the last to finish wins
+    fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    os.close(fd)
+    partial = Path(name)
     writer, done = None, 0
     try:
         with tqdm(total=total, unit="rows", disable=not progress, file=sys.stderr, desc=source.name) as bar:
-            for chunk in chunks:
-                scored = _scored(served, chunk, done, source.suffix.lower() == ".csv")
+            for chunk in _read(chunks, source):
+                try:
+                    scored = _scored(served, chunk, done, source.suffix.lower() == ".csv")
+                except InputError as e:  # one line naming the file, the column and the record
+                    raise DataError(f"{source}: {e.message}", path=source, column=e.field, hint=e.hint) from None
                 if kind == "csv":
                     scored.to_csv(partial, mode="w" if done == 0 else "a", header=done == 0, index=False)
                 else:
@@ -377,6 +411,25 @@ def predict_file(served: ServedModel, source: str | Path, output: str | Path, ch
         partial.unlink(missing_ok=True)
         raise
     return {"rows": done, "output": output, "model": served.name, "version": served.version}
+
+
+def _read(chunks: Iterator[pd.DataFrame], source: Path) -> Iterator[pd.DataFrame]:
+    "The chunks of `source`, a file the reader cannot parse said in one line naming it (and where, when the reader says)."
+    import pyarrow as pa
+
+    read = 0
+    try:
+        for chunk in chunks:
+            if len(chunk):  # a header-only CSV reads as one empty chunk
+                yield chunk
+            read += len(chunk)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"the input {source} is empty: no header, no rows", path=source,
+                        hint="give --input a CSV file with a header line and a row per record") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, pa.ArrowInvalid, OSError) as e:
+        said = " ".join(str(e).split())[:300]
+        raise DataError(f"the input {source} cannot be read after record {read}: {said}", path=source,
+                        hint="each line needs as many fields as the header, in UTF-8; a Parquet file must be whole") from None
 
 
 def _write_parquet(scored: pd.DataFrame, path: Path, writer, first_row: int):

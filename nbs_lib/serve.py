@@ -5,8 +5,10 @@
 # %% ../notebooks/19_serve.ipynb #632d5806
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import math
 import random
 import socket
 import sys
@@ -50,14 +52,40 @@ def _not_json(constant: str) -> None:
                      hint="send finite numbers; use null where a value is missing")
 
 
+def _finite(text: str) -> float:
+    "A JSON number as a float, refused when it overflows to infinity (1e400 is valid JSON, but no value a model takes)."
+    value = float(text)
+    if math.isinf(value):
+        raise InputError("body", f"holds {text[:40]}, a number beyond the range of a double", status=400,
+                         hint="send finite numbers; use null where a value is missing")
+    return value
+
+
+def _lone_surrogate(payload: object) -> bool:
+    "Whether a string anywhere in `payload` holds half of a UTF-16 surrogate pair, which no UTF-8 text can."
+    try:
+        json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _json(body: bytes, example: str) -> object:
-    "The JSON value of a request `body`; a 400 InputError if it is empty or not JSON (`example` shows what to send)."
+    "The JSON value of a request `body`; a 400 InputError if it is empty, not JSON, nested past parsing, holds a number that overflows or invalid Unicode (`example` shows what to send)."
     if not body.strip():
         raise InputError("body", "is empty", status=400, hint=f"send a JSON object: {example}")
     try:
-        return json.loads(body, parse_constant=_not_json)
+        payload = json.loads(body, parse_constant=_not_json, parse_float=_finite)
+    except RecursionError:
+        raise InputError("body", "nests arrays or objects deeper than a request may", status=400,
+                         hint=f"send a JSON object: {example}") from None
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
         raise InputError("body", f"is not valid JSON: {e}", status=400, hint=f"send a JSON object: {example}") from None
+    # a lone surrogate can only come from a \u escape or from UTF-8 bytes starting with 0xED: look only then
+    if (b"\\u" in body or b"\xed" in body) and _lone_surrogate(payload):
+        raise InputError("body", "holds invalid Unicode: a lone UTF-16 surrogate", status=400,
+                         hint="send UTF-8 text; a character beyond U+FFFF escapes as a pair, e.g. \\ud83d\\ude00")
+    return payload
 
 
 def parse_request(body: bytes, max_records: int) -> tuple[list | None, str | None, bool, list | None]:
@@ -177,6 +205,10 @@ def _error(status: int, message: str, **fields) -> JSONResponse:
     return JSONResponse({"error": message, **fields}, status_code=status)
 
 
+def _and_more(found: list) -> str:
+    return f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+
+
 async def _read_body(request, limit: int) -> bytes:
     "The request's body, refused with 413 once it passes `limit` bytes (announced or sent)."
     too_big = InputError("body", f"is larger than the {limit} bytes a request may carry", status=413,
@@ -211,6 +243,8 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
 
     @app.exception_handler(InputError)
     async def refuse(request, e: InputError):
+        # one line each, no traceback: the client's mistake, said where the operator looks
+        print(f"nbs serve: {e.status} {request.url.path}: {e.message}"[:300], file=sys.stderr, flush=True)
         return JSONResponse(e.to_dict(), status_code=e.status)
 
     @app.exception_handler(Exception)
@@ -256,6 +290,10 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
             return not_ready()
         body = await _read_body(request, max_body_bytes)
         records, key, explain, entities = parse_request(body, max_records)
+        if explain:  # refused for both when either cannot explain: the answer's kind must not depend on the draw
+            for version in (service.champion, service.canary):
+                if version is not None and not version.explainable:
+                    version.explain(None)  # raises the InputError that says why
         served, role = service.pick(key)
         if entities is not None:
             records = service.entity_records(entities)
@@ -287,19 +325,24 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
                           hint="start nbs serve without --no-prediction-log")
         body = await _read_body(request, max_body_bytes)
         champion = service.champion
-        labels = parse_feedback(body, champion.classes if champion else None, max_records,
-                                numeric=champion is not None and champion.classes is None)
-        unknown = log.record_feedback(labels)
-        if unknown:
-            return _error(404, f"no prediction has id {unknown[0]!r}" + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""),
-                          field="id", hint="ids come from the ids of a /predict answer; nothing was recorded")
-        return {"recorded": len(labels)}
+        labels, replace = parse_feedback(body, champion.classes if champion else None, max_records,
+                                         numeric=champion is not None and champion.classes is None)
+        # off the event loop: it waits for the log's writer and for SQLite, and predictions must not wait for it
+        outcome = await asyncio.to_thread(log.record_feedback, labels, replace)
+        if outcome["unknown"]:
+            unknown = outcome["unknown"]
+            return _error(404, f"no prediction has id {unknown[0]!r}{_and_more(unknown)}", field="id",
+                          hint="ids come from the ids of a /predict answer; nothing was recorded")
+        if outcome["conflicts"]:
+            (given, held, sent), conflicts = outcome["conflicts"][0], outcome["conflicts"]
+            return _error(409, f"prediction {given!r} has the label {json.dumps(held)} already, not {json.dumps(sent)}"
+                               f"{_and_more(conflicts)}", field="id",
+                          hint='send "replace": true with the labels to replace them; nothing was recorded')
+        return {key: outcome[key] for key in ("recorded", "unchanged", "replaced")}
 
     @app.post("/reload")
     async def reload():
         "Load what the model URI names now (after nbs promote or nbs rollback); 503 if that fails."
-        import asyncio
-
         outcome = await asyncio.to_thread(service.load)
         return outcome if outcome["loaded"] else _error(503, f"reload failed, still serving {outcome['champion']}: "
                                                               f"{outcome['error']}", **outcome)
@@ -307,21 +350,31 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
     return app
 
 # %% ../notebooks/19_serve.ipynb #853a9fce
-def parse_feedback(body: bytes, classes: list | None, max_items: int, numeric: bool = False) -> list[tuple[str, object]]:
-    "The (id, label) pairs of a `/feedback` body, each one of `classes` (when given) or a number (when `numeric`); an InputError naming what is wrong."
+def parse_feedback(body: bytes, classes: list | None, max_items: int,
+                   numeric: bool = False) -> tuple[list[tuple[str, object]], bool]:
+    "The (id, label) pairs of a `/feedback` body, each id once and each label one of `classes` (when given) or a number (when `numeric`), and whether it asks to `replace` labels; an InputError naming what is wrong."
     payload = _json(body, '{"id": "...", "label": ...}')
+    replace = payload.get("replace", False) if type(payload) is dict else False
+    if type(replace) is not bool:
+        raise InputError("replace", f"must be true or false, got {json.dumps(replace)}")
+    if type(payload) is dict:
+        payload = {k: v for k, v in payload.items() if k != "replace"}
     items = payload.get("labels") if type(payload) is dict and "labels" in payload else [payload]
     if type(items) is not list or not items:
         raise InputError("labels", "must be a non-empty list of {\"id\": ..., \"label\": ...}")
     if len(items) > max_items:
         raise InputError("labels", f"holds {len(items)} labels, more than the {max_items} one request may", status=413)
-    pairs = []
+    pairs, seen = [], {}
     for row, item in enumerate(items):
         if type(item) is not dict or set(item) != {"id", "label"}:
             raise InputError("labels", 'must hold objects with exactly "id" and "label"', row=row,
                              hint='send {"id": "<an id from /predict>", "label": <the true class>}')
         if type(item["id"]) is not str:
             raise InputError("id", "must be a string", row=row)
+        if item["id"] in seen:  # which of the two would be the label? neither is recorded
+            raise InputError("id", f"{item['id']!r} is in this request twice (items {seen[item['id']]} and {row})", row=row,
+                             hint="send each id once; to correct a recorded label, send it again with \"replace\": true")
+        seen[item["id"]] = row
         label = item["label"]
         if numeric and (type(label) not in (int, float) or label != label):
             raise InputError("label", f"must be a number, got {json.dumps(label)}: the model predicts quantities", row=row,
@@ -330,7 +383,7 @@ def parse_feedback(body: bytes, classes: list | None, max_items: int, numeric: b
             raise InputError("label", f"{json.dumps(label)} is not one of the model's classes {json.dumps(classes)}", row=row,
                              hint="send the true class exactly as /predict returns predictions")
         pairs.append((item["id"], label))
-    return pairs
+    return pairs, replace
 
 # %% ../notebooks/19_serve.ipynb #bddb5e02
 def bind(port: int) -> socket.socket:

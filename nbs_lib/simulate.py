@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from .errors import DataError, ParameterError
+from .errors import DataError, ParameterError, ServerError
 
 # %% auto #0
 __all__ = ['DRIFTS', 'drifted', 'simulate']
@@ -67,46 +67,50 @@ def simulate(url: str, data: pd.DataFrame, target: str, batches: int = 6, batch_
         if value < low or (high is not None and value > high):
             raise ParameterError(name, f"must be at least {low}" + (f" and at most {high}" if high else "") + f", got {value}")
     rng = np.random.default_rng(seed)
-    with httpx.Client(base_url=url, timeout=60) as client:
-        served = _answered(client.get("/metadata"), url)
-        inputs = [column["name"] for column in served["signature"]["inputs"]]
-        classes = served["classes"]
-        missing = [name for name in inputs if name not in data.columns]
-        if missing:
-            raise DataError(f"the data has no column {missing[0]!r}, an input of {served['name']} version {served['version']}",
-                            column=missing[0], hint="replay the data the model was trained on (--data)")
-        numeric = [c for c in inputs if pd.api.types.is_numeric_dtype(data[c]) and not pd.api.types.is_bool_dtype(data[c])]
-        features = features or numeric[:5]
-        if drift == "flip" and not classes:
-            drifted(data.head(1), target, drift, strength, features, data[numeric].std(), rng)  # refused: says why
-        summaries = []
-        for number in range(batches):
-            batch = data.sample(batch_size, replace=True, random_state=int(rng.integers(2**31)))
-            if number >= drift_from:
-                batch = drifted(batch, target, drift, strength, features, data[numeric].std(), rng, classes)
-            records = _records(batch[inputs])
-            truth = json.loads(batch[target].to_json(orient="values"))
-            predicted, versions, labels = [], {}, []
-            for start in range(0, len(records), request_size):
-                body = _answered(client.post("/predict", json={"records": records[start:start + request_size],
-                                                               "key": f"sim-{seed}-{number}-{start}"}), url)
-                versions[body["version"]] = versions.get(body["version"], 0) + len(body["ids"])
-                predicted += body["predictions"]
-                for prediction_id, label in zip(body["ids"], truth[start:start + request_size], strict=True):
-                    if rng.random() < feedback:
-                        labels.append({"id": prediction_id, "label": label})
-            if labels:
-                _answered(client.post("/feedback", json={"labels": labels}), url)
-            summary = {"batch": number, "drift": drift if number >= drift_from else "none", "predictions": len(records),
-                       "labels": len(labels), "versions": versions}
-            if classes:
-                summary["accuracy"] = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
-            else:
-                summary["rmse"] = float(np.sqrt(np.mean((np.array(predicted) - np.array(truth, dtype=float)) ** 2)))
-            summaries.append(summary)
-            if show:
-                measured = (f"accuracy {summary['accuracy']:.3f}" if classes else f"RMSE {summary['rmse']:.3f}")
-                print(f"batch {number}: {summary['predictions']} predictions by versions {versions}, "
-                      f"{summary['labels']} labels fed back, {measured}"
-                      f"{'' if summary['drift'] == 'none' else f' ({drift} drift)'}", flush=True)
+    try:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            served = _answered(client.get("/metadata"), url)
+            inputs = [column["name"] for column in served["signature"]["inputs"]]
+            classes = served["classes"]
+            missing = [name for name in inputs if name not in data.columns]
+            if missing:
+                raise DataError(f"the data has no column {missing[0]!r}, an input of {served['name']} version {served['version']}",
+                                column=missing[0], hint="replay the data the model was trained on (--data)")
+            numeric = [c for c in inputs if pd.api.types.is_numeric_dtype(data[c]) and not pd.api.types.is_bool_dtype(data[c])]
+            features = features or numeric[:5]
+            if drift == "flip" and not classes:
+                drifted(data.head(1), target, drift, strength, features, data[numeric].std(), rng)  # refused: says why
+            summaries = []
+            for number in range(batches):
+                batch = data.sample(batch_size, replace=True, random_state=int(rng.integers(2**31)))
+                if number >= drift_from:
+                    batch = drifted(batch, target, drift, strength, features, data[numeric].std(), rng, classes)
+                records = _records(batch[inputs])
+                truth = json.loads(batch[target].to_json(orient="values"))
+                predicted, versions, labels = [], {}, []
+                for start in range(0, len(records), request_size):
+                    body = _answered(client.post("/predict", json={"records": records[start:start + request_size],
+                                                                   "key": f"sim-{seed}-{number}-{start}"}), url)
+                    versions[body["version"]] = versions.get(body["version"], 0) + len(body["ids"])
+                    predicted += body["predictions"]
+                    for prediction_id, label in zip(body["ids"], truth[start:start + request_size], strict=True):
+                        if rng.random() < feedback:
+                            labels.append({"id": prediction_id, "label": label})
+                if labels:
+                    _answered(client.post("/feedback", json={"labels": labels}), url)
+                summary = {"batch": number, "drift": drift if number >= drift_from else "none", "predictions": len(records),
+                           "labels": len(labels), "versions": versions}
+                if classes:
+                    summary["accuracy"] = float(np.mean([p == t for p, t in zip(predicted, truth, strict=True)]))
+                else:
+                    summary["rmse"] = float(np.sqrt(np.mean((np.array(predicted) - np.array(truth, dtype=float)) ** 2)))
+                summaries.append(summary)
+                if show:
+                    measured = (f"accuracy {summary['accuracy']:.3f}" if classes else f"RMSE {summary['rmse']:.3f}")
+                    print(f"batch {number}: {summary['predictions']} predictions by versions {versions}, "
+                          f"{summary['labels']} labels fed back, {measured}"
+                          f"{'' if summary['drift'] == 'none' else f' ({drift} drift)'}", flush=True)
+    except httpx.TransportError as e:  # nothing listens there, or it went away mid-replay
+        raise ServerError("nbs serve", f"does not answer at {url} ({type(e).__name__})",
+                          hint="start it with nbs serve, or pass --url where it listens") from None
     return summaries

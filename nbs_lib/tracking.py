@@ -343,8 +343,9 @@ def who() -> str:
 class RunJournal:
     "Where one task's kernel records what it logs, and the replay of those records into its MLflow run."
 
-    def __init__(self, run_id: str):
-        self.run_id = run_id
+    def __init__(self, run_id: str, secrets: set[str] | None = None):
+        "A journal of run `run_id`; the values in `secrets` are scrubbed from every record it replays."
+        self.run_id, self.secrets = run_id, {s for s in (secrets or ()) if s}
         self.folder = Path(tempfile.mkdtemp(prefix="nbs-journal-"))
         self.offset = 0  # bytes of the records file replayed so far
         self.refused: str | None = None  # why MLflow refused a record; the task must then fail
@@ -364,6 +365,11 @@ class RunJournal:
             data = f.read()
         complete = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next replay
         records = [json.loads(line) for line in complete.decode("utf-8").splitlines()]
+        if self.secrets:  # names and values alike: a notebook may put a secret anywhere
+            from nbs_lib.credentials import REDACTED_NAME, redact
+
+            records = [{**r, "values": {redact(k, self.secrets, REDACTED_NAME): redact(v, self.secrets) if isinstance(v, str) else v
+                                        for k, v in r["values"].items()}} if "values" in r else r for r in records]
         batch: dict[str, list] = {"metrics": [], "params": [], "tags": []}
         for r in records:
             if r["kind"] == "metrics":
@@ -374,17 +380,35 @@ class RunJournal:
             _send_batch(client, self.run_id, **batch)
             for r in records:
                 if r["kind"] == "artifact":
-                    client.log_artifact(self.run_id, r["path"], r["artifact_path"])
+                    self._log_artifact(client, Path(r["path"]), r["artifact_path"])
                 elif r["kind"] == "table":
-                    import pandas as pd
-
-                    client.log_table(data=pd.read_pickle(r["path"]), artifact_file=r["artifact_file"],
+                    client.log_table(data=self._scrubbed_table(r["path"]), artifact_file=r["artifact_file"],
                                      run_id=self.run_id)
         except Exception as e:  # MlflowException mostly: a param given a new value, a name it refuses
             self.refused = f"MLflow refused what the notebook logged: {type(e).__name__}: {e}"
             return 0
         self.offset += len(complete)
         return len(records)
+
+    def _log_artifact(self, client, path: Path, artifact_path: str | None) -> None:
+        from nbs_lib.credentials import redacted_copy
+
+        with tempfile.TemporaryDirectory() as scratch:  # the kernel scrubbed what it was given; this, what the build declares
+            client.log_artifact(self.run_id, str(redacted_copy(path, self.secrets, scratch)), artifact_path)
+
+    def _scrubbed_table(self, path: str):
+        "The table a kernel staged at `path`, the secrets scrubbed from its column names and text cells."
+        import pandas as pd
+
+        from nbs_lib.credentials import redact
+
+        frame = pd.read_pickle(path)
+        if not self.secrets:
+            return frame
+        frame = frame.rename(columns=lambda c: redact(c, self.secrets) if isinstance(c, str) else c)
+        for column in frame.columns[frame.dtypes.eq(object).to_numpy()]:
+            frame[column] = frame[column].map(lambda v: redact(v, self.secrets) if isinstance(v, str) else v)
+        return frame
 
     def close(self, client) -> str | None:
         "Replay what is left and remove the journal; why MLflow refused a record, or None."

@@ -24,7 +24,8 @@ def test_parameter_no_task_declares(project):
     done = run_nbs("run", "-p", "learning_rate=0.1", cwd=project)
     assert done.returncode == 2
     assert "parameter 'learning_rate' is not declared in env.yaml" in done.stderr
-    assert "valid parameters: alert_webhook, cell_timeout, cv_folds, data_path, drop_columns, entity, event_timestamp, experiment," in done.stderr
+    assert "valid parameters: alert_webhook, cell_timeout, cv_folds, data_path, drop_columns, entity, environment_variables, " \
+           "event_timestamp, experiment," in done.stderr
     assert not (project / "mlflow.db").exists(), "a refused build must not touch the store"
 
 

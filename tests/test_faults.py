@@ -36,6 +36,13 @@ if mode == "leak":
     log = Path(tempfile.mkdtemp()) / "connection.log"
     log.write_text(f"token={token}\\n")
     log_artifact(log)
+    from nbs_lib.tracking import log_metrics, log_table, log_tags
+    log_table({"connection": [f"token={token}"]}, "connections")
+    log_tags({"nbs.connected_with": token})
+    log_metrics({f"latency_{token}": 1.0})
+if mode == "leakraise":
+    from nbs_lib.credentials import secret
+    raise ConnectionError(f"the server refused {secret('NBS_TEST_TOKEN')}")
 if mode == "halfwrite":
     Path(product["data"]).write_text("half")
     if Path("crash.flag").exists():
@@ -254,10 +261,16 @@ def test_a_secret_never_reaches_a_notebook_param_tag_or_artifact(tiny):
     assert done.returncode == 0, done.stderr
     assert "[secret]" in (tiny / "products/first.ipynb").read_text(), "the notebook did print it"
     run = next(r for r in runs_of(tiny, "tiny") if r.data.tags.get("nbs.task") == "first")
-    assert [a.path for a in store(tiny).list_artifacts(run.info.run_id)] == ["connection.log", "notebook"]
+    assert [a.path for a in store(tiny).list_artifacts(run.info.run_id)] == ["connection.log", "notebook", "tables"]
+    assert run.data.tags["nbs.connected_with"] == "[secret]" and list(run.data.metrics) == ["latency__secret_"]
     stored = [p for p in tiny.rglob("*") if p.is_file() and p.name != ".env"]
     assert any("mlartifacts" in p.parts for p in stored) and (tiny / "mlflow.db") in stored
     leaks = [p for p in stored if token.encode() in p.read_bytes()]
+    assert leaks == [], f"the secret leaked into {leaks}"
+    failed = run_nbs("run", "-p", "mode=leakraise", cwd=tiny)
+    assert failed.returncode == 1 and "ConnectionError: the server refused [secret]" in failed.stderr, failed.stderr
+    assert token not in failed.stdout + failed.stderr, "a failing cell's message printed the secret"
+    leaks = [p for p in tiny.rglob("*") if p.is_file() and p.name != ".env" and token.encode() in p.read_bytes()]
     assert leaks == [], f"the secret leaked into {leaks}"
     refused = run_nbs("run", "-p", f"mode={token}", cwd=tiny)
     assert refused.returncode == 2

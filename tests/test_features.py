@@ -119,7 +119,9 @@ def test_serving_by_entity_key_answers_as_by_raw_features_and_refuses_bad_keys(b
         assert unknown.status_code == 404 and unknown.json()["row"] == 1, unknown.text
         assert "patient_id=999999 has no features in the online store" in unknown.json()["error"]
         for body, status, words in [({"entities": [{"patient": 3}]}, 422, "exactly the keys ['patient_id']"),
-                                    ({"entities": [{"patient_id": 3.5}]}, 422, "whole number or a string"),
+                                    ({"entities": [{"patient_id": 3.5}]}, 422, "must be a whole number (Int64), got 3.5"),
+                                    ({"entities": [{"patient_id": "3"}]}, 422, 'must be a whole number (Int64), got "3"'),
+                                    ({"entities": [{"patient_id": 10**30}]}, 422, "out of the range of an Int64 key"),
                                     ({"entities": [], "records": raw}, 422, "a request holds one of them")]:
             refused = _post(url, body)
             assert refused.status_code == status and words in refused.json()["error"], refused.text

@@ -3,15 +3,28 @@ read as it is; a test that changes a build changes a copy of it (`copy_build`)."
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
-from conftest import copy_build, free_port, run_nbs, runs_of, start_service, stop_service, store
+from conftest import (
+    NBS,
+    copy_build,
+    free_port,
+    run_nbs,
+    runs_of,
+    start_service,
+    stop_service,
+    store,
+)
 
 GRID = ["train-0", "train-1", "train-2", "train-3"]  # the grid of pipeline.yaml
 CANDIDATES = [*GRID, "train-tuned"]  # everything evaluate chooses from
@@ -402,6 +415,44 @@ def test_only_runs_just_the_named_task(rebuilt):
     assert done.returncode == 0, done.stdout + done.stderr
     new = [r for r in runs_of(root) if r.info.run_id not in before]
     assert sorted(r.data.tags.get("nbs.task", "pipeline") for r in new) == ["evaluate", "pipeline"]
+
+
+def test_a_build_killed_after_registering_registers_no_twin_when_resumed(rebuilt):
+    root, name = rebuilt, "nbs-classifier"
+    client = store(root)
+
+    def versions() -> list[int]:
+        return sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+
+    before = versions()
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
+    build = subprocess.Popen([str(NBS), "run", "--only", "register", "--force"], cwd=root, start_new_session=True,
+                             env={**env, "PLOOMBER_STATS_ENABLED": "false", "PYTHONPATH": str(root)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kernels: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        while versions() == before and build.poll() is None and time.monotonic() < deadline:
+            kernels = psutil.Process(build.pid).children(recursive=True) or kernels
+            time.sleep(0.1)
+        assert build.poll() is None, "the build ended before it could be killed just after registering"
+    finally:
+        for process in [psutil.Process(build.pid), *kernels]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()  # SIGKILL: nothing of the build gets to clean up
+        build.wait(30)
+    registered = versions()
+    assert len(registered) == len(before) + 1, "the killed build had registered its version"
+    resumed = run_nbs("run", cwd=root)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert versions() == registered, "the resumed build registered the same model a second time"
+    version = client.get_model_version(name, str(registered[-1]))
+    finished = next(r for r in reversed(runs_of(root)) if r.data.tags.get("nbs.kind") == "pipeline")
+    assert [r.info.status for r in runs_of(root) if r.data.tags.get("mlflow.parentRunId") == finished.info.run_id
+            and r.data.tags.get("nbs.task") == "register"] == ["FINISHED"], "register ran again on resuming"
+    assert finished.info.status == "FINISHED" and version.tags["nbs.pipeline_run"] == finished.info.run_id
+    assert version.tags["nbs.resumed_from"] != finished.info.run_id
+    assert json.loads((root / "products/model/registered.json").read_text())["version"] == registered[-1]
 
 
 def test_only_with_a_pattern_runs_the_tasks_it_matches(rebuilt):

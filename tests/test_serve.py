@@ -59,7 +59,8 @@ def server(registry):
         wait_ready(url)
         yield url
     finally:
-        stop_server(process)
+        _, _, err = stop_server(process)
+    assert "Traceback" not in err and " 500 " not in err, err[-3000:]  # every refusal above was a client's error
 
 
 def records(table: pd.DataFrame) -> list[dict]:
@@ -104,14 +105,26 @@ def test_predictions_are_the_versions_own(server, registry):
         assert len(set(body["ids"])) == 8
 
 
-def test_explanations_of_the_linear_champion_and_a_refusal_for_the_forest(server, registry):
-    from nbs_lib.scoring import ServedModel
+def test_explain_is_refused_whichever_version_draws_when_the_canary_cannot_explain(server, registry):
     from nbs_lib.serve import goes_to_canary
 
     champion_key = next(k for k in (f"x-{i}" for i in range(100)) if not goes_to_canary(k, 0.2))
     canary_key = next(k for k in (f"x-{i}" for i in range(100)) if goes_to_canary(k, 0.2))
     rows = registry["test"].head(3)
-    answer = httpx.post(f"{server}/predict", json={"records": records(rows), "key": champion_key, "explain": True})
+    for key in (champion_key, canary_key):  # the same answer, whichever version the key draws
+        refused = httpx.post(f"{server}/predict", json={"records": records(rows), "key": key, "explain": True})
+        assert refused.status_code == 422 and refused.json()["field"] == "explain", refused.text
+        assert "RandomForestClassifier" in refused.json()["problem"]
+    assert httpx.post(f"{server}/predict", json={"records": records(rows), "key": champion_key}).status_code == 200
+    assert httpx.get(f"{server}/metadata").json()["explanations"] == "linear contributions to the log-odds of class 1"
+
+
+def _explained_like_the_library(url: str, registry) -> None:
+    "A linear version's explanations over HTTP are those ServedModel.explain computes, largest first."
+    from nbs_lib.scoring import ServedModel
+
+    rows = registry["test"].head(3)
+    answer = httpx.post(f"{url}/predict", json={"records": records(rows), "explain": True})
     assert answer.status_code == 200 and answer.json()["version"] == 3, answer.text
     explanations = answer.json()["explanations"]
     local = ServedModel(NAME, 3, None, "", [], {}, registry["models"][3]).explain(rows.drop(columns=[TARGET]))
@@ -121,10 +134,6 @@ def test_explanations_of_the_linear_champion_and_a_refusal_for_the_forest(server
     sizes = [[abs(c["contribution"]) for c in row] for row in explanations]
     assert all(len(row) == 5 and row == sorted(row, reverse=True) for row in sizes)
     assert all(c["feature"] in rows.columns for row in explanations for c in row)
-    forest = httpx.post(f"{server}/predict", json={"records": records(rows), "key": canary_key, "explain": True})
-    assert forest.status_code == 422 and forest.json()["field"] == "explain"
-    assert "RandomForestClassifier" in forest.json()["problem"]
-    assert httpx.get(f"{server}/metadata").json()["explanations"] == "linear contributions to the log-odds of class 1"
 
 
 def _one(registry) -> dict:
@@ -170,6 +179,9 @@ def test_bad_input_is_refused_naming_the_field(server, registry, case):
     (b'{"records": [{"mean radius": NaN}]}', 400, "NaN is not a JSON number"),
     (b"\xff\xfe garbage", 400, "is not valid JSON"),
     (b"[]", 422, "must be a JSON object"),
+    (b'{"records": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nests arrays or objects deeper"),
+    (b'{"records": [{"mean radius": 1e400}]}', 400, "1e400, a number beyond the range of a double"),
+    (b'{"records": [], "key": "\\udc80"}', 400, "invalid Unicode: a lone UTF-16 surrogate"),  # a canary is on: the key is hashed
 ])
 def test_malformed_bodies_are_refused(server, body, status, problem):
     answer = httpx.post(f"{server}/predict", content=body, headers={"content-type": "application/json"})
@@ -204,7 +216,18 @@ def test_feedback_is_joined_to_its_prediction(server, registry):
     answer = httpx.post(f"{server}/predict", json={"records": records(rows), "key": "feedback"}).json()
     truth = rows[TARGET].tolist()
     labels = [{"id": i, "label": label} for i, label in zip(answer["ids"], truth, strict=True)]
-    assert httpx.post(f"{server}/feedback", json={"labels": labels}).json() == {"recorded": 3}
+    assert httpx.post(f"{server}/feedback", json={"labels": labels}).json() == {"recorded": 3, "unchanged": 0, "replaced": 0}
+    # a replayed request means the same thing again: recorded once
+    assert httpx.post(f"{server}/feedback", json={"labels": labels}).json() == {"recorded": 0, "unchanged": 3, "replaced": 0}
+    flipped = {"id": answer["ids"][0], "label": 1 - truth[0]}
+    conflict = httpx.post(f"{server}/feedback", json=flipped)
+    assert conflict.status_code == 409 and '"replace": true' in conflict.json()["hint"], conflict.json()
+    assert f"has the label {truth[0]} already, not {1 - truth[0]}" in conflict.json()["error"]
+    twice = httpx.post(f"{server}/feedback", json={"labels": [labels[1], labels[1]]})
+    assert twice.status_code == 422 and "is in this request twice" in twice.json()["error"], twice.json()
+    assert httpx.post(f"{server}/feedback", json={**flipped, "replace": True}).json() == {
+        "recorded": 0, "unchanged": 0, "replaced": 1}
+    assert httpx.post(f"{server}/feedback", json={**labels[0], "replace": True}).json()["replaced"] == 1  # and back
     unknown = httpx.post(f"{server}/feedback", json={"id": "no-such-id", "label": 1})
     assert unknown.status_code == 404 and "no-such-id" in unknown.json()["error"]
     wrong_type = httpx.post(f"{server}/feedback", json={"id": answer["ids"][0], "label": "1"})
@@ -251,20 +274,21 @@ def test_a_model_that_cannot_load_leaves_the_service_up_and_not_ready(registry):
     assert code == 0 and "nbs serve: stopped, 0 predictions logged" in out, (code, out, err)
 
 
-def test_sigterm_writes_every_logged_prediction(registry, tmp_path):
+def test_one_linear_version_explains_and_sigterm_writes_every_logged_prediction(registry, tmp_path):
     root, log = registry["root"], tmp_path / "log.db"
     process, url = start_server("--model", f"models:/{NAME}/3", "--prediction-log", str(log), "--root", str(root),
                                 cwd=root)
     try:
         wait_ready(url)
+        _explained_like_the_library(url, registry)
         with httpx.Client(base_url=url) as client:
             for _ in range(50):
                 assert client.post("/predict", json={"records": [_one(registry)] * 4}).status_code == 200
     finally:
         code, out, err = stop_server(process)
-    assert code == 0 and "stopped, 200 predictions logged" in out, (code, out, err)
+    assert code == 0 and "stopped, 203 predictions logged" in out, (code, out, err)
     logged = read_predictions(log)
-    assert len(logged) == 200 and set(logged["version"]) == {3} and logged["id"].is_unique
+    assert len(logged) == 203 and set(logged["version"]) == {3} and logged["id"].is_unique
 
 
 def test_batch_scoring_in_chunks(registry, tmp_path):
