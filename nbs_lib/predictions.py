@@ -10,7 +10,7 @@ import queue
 import sqlite3
 import sys
 import threading
-import time
+from concurrent.futures import Future
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,8 +59,8 @@ _STOP = object()
 class PredictionLog:
     "Requests and their predictions appended to the SQLite file at `path` by one writer thread; feedback by id."
 
-    def __init__(self, path: str | Path, interval: float = 0.2):
-        self.path, self.interval = Path(path), interval
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
         connect(self.path).close()  # a bad path fails here, in the caller, not later in the thread
         self.written = self.failed = 0  # predictions, not requests
         self.last_error: str | None = None
@@ -69,14 +69,16 @@ class PredictionLog:
         self._thread.start()
 
     def append(self, request_id: str, at: str, model: str, version: int, role: str, body: bytes,
-               predictions: list, classes: list | None, probabilities: list | None, latency_ms: float) -> None:
-        "Queue one answered request: its body as received, and its predictions in the order of its records."
+               predictions: list, classes: list | None, probabilities: list | None, latency_ms: float) -> Future:
+        "Queue one request: its body as received and its predictions in the order of its records; a future done once it is committed (or counted as failed)."
+        written: Future = Future()
         self._queue.put((request_id, at, model, version, role, len(predictions), body, predictions, classes,
-                         probabilities, latency_ms))
+                         probabilities, latency_ms, written))
+        return written
 
     @staticmethod
     def _row(item: tuple) -> tuple:
-        *head, body, predictions, classes, probabilities, latency_ms = item
+        *head, body, predictions, classes, probabilities, latency_ms, _ = item
         text = body.decode("utf-8", errors="surrogateescape")
         return (*head, text, json.dumps(predictions), classes and json.dumps(classes),
                 probabilities and json.dumps(probabilities), latency_ms)
@@ -86,11 +88,7 @@ class PredictionLog:
         stop = False
         while not stop:
             items = [self._queue.get()]
-            if items[0] is not _STOP:
-                # Let requests gather: one transaction and one wake-up of this thread per interval,
-                # not per request (each wake-up takes the GIL from the thread answering requests).
-                time.sleep(self.interval)
-            while True:
+            while True:  # what queued while the last batch was written goes in this one: a commit per batch
                 try:
                     items.append(self._queue.get_nowait())
                 except queue.Empty:
@@ -109,6 +107,8 @@ class PredictionLog:
                 print(f"nbs: prediction log {self.path}: {predictions} predictions not written: {e}",
                       file=sys.stderr, flush=True)
             finally:
+                for item in requests:
+                    item[-1].set_result(None)  # the request may be answered now
                 for _ in items:
                     self._queue.task_done()
         db.close()

@@ -312,9 +312,9 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
             answer["probabilities"] = [dict(zip(classes, row, strict=True)) for row in probabilities]
         if explanations is not None:
             answer["explanations"] = explanations
-        if log is not None:
-            log.append(request_id, now(), served.name, served.version, role, body, labels, served.classes,
-                       probabilities, (time.perf_counter() - started) * 1000)
+        if log is not None:  # answered once committed: a kill -9 right after loses no answered prediction
+            await asyncio.wrap_future(log.append(request_id, now(), served.name, served.version, role, body, labels,
+                                                 served.classes, probabilities, (time.perf_counter() - started) * 1000))
         return JSONResponse(answer, headers={"X-Model-Version": str(served.version), "X-Request-Id": request_id})
 
     @app.post("/feedback")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -289,6 +292,41 @@ def test_one_linear_version_explains_and_sigterm_writes_every_logged_prediction(
     assert code == 0 and "stopped, 203 predictions logged" in out, (code, out, err)
     logged = read_predictions(log)
     assert len(logged) == 203 and set(logged["version"]) == {3} and logged["id"].is_unique
+
+
+def test_every_answered_prediction_is_in_the_log_when_the_server_is_killed_under_load(registry, tmp_path):
+    root, log = registry["root"], tmp_path / "log.db"
+    process, url = start_server("--model", f"models:/{NAME}/3", "--prediction-log", str(log), "--root", str(root),
+                                cwd=root)
+    answered: list[str] = []
+    enough = threading.Event()
+
+    def client() -> None:  # sends until the server is gone; keeps the ids of what was answered 200
+        with httpx.Client(base_url=url, timeout=10) as session:
+            while True:
+                try:
+                    answer = session.post("/predict", json={"records": [_one(registry)] * 2})
+                except httpx.TransportError:
+                    return
+                assert answer.status_code == 200, answer.text
+                answered.append(answer.json()["request_id"])
+                if len(answered) >= 300:
+                    enough.set()
+
+    try:
+        wait_ready(url)
+        clients = [threading.Thread(target=client) for _ in range(4)]
+        for thread in clients:
+            thread.start()
+        assert enough.wait(120), f"only {len(answered)} answers"
+        os.killpg(process.pid, signal.SIGKILL)  # requests in flight: nothing of the server gets to clean up
+        for thread in clients:
+            thread.join(30)
+    finally:
+        stop_server(process)
+    logged = set(read_predictions(log)["request_id"])
+    missing = [request_id for request_id in answered if request_id not in logged]
+    assert missing == [], f"{len(missing)} of {len(answered)} answered requests are not in the log"
 
 
 def test_batch_scoring_in_chunks(registry, tmp_path):
