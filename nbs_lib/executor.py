@@ -359,7 +359,13 @@ class _Build:
                             say_progress(f"  skipped  {task.name}: an upstream task failed", self.show)
                         elif needs <= succeeded and len(running) < jobs:
                             waiting.remove(task)
-                            journal, started = self.start(task), time.monotonic()
+                            try:
+                                journal, started = self.start(task), time.monotonic()
+                            except OSError as e:  # its run is FAILED already; its dependents are skipped
+                                self.failures.append(TaskFailure(task.name, self.notebook(task), f"{type(e).__name__}: {e}"))
+                                broken.add(task.name)
+                                say_progress(f"  failed   {task.name}: {type(e).__name__}: {e}", self.show)
+                                continue
                             running[pool.submit(task._build, catch_exceptions=True)] = (task, journal, started)
                     if not running:
                         break
@@ -393,10 +399,14 @@ class _Build:
             tags["nbs.data.file_sha256"] = task.params[DATA_DIGEST_PARAM]
         run_id = start_task_run(self.client, self.parent, task.name, notebook, task_params(task),
                                 self.root, tags)
-        log_upstream_inputs(self.client, run_id, task, self.root)
-        # Forget the last success before running: if this run dies mid-write, no stale metadata
-        # vouches for a half-written product, and the next build runs the task again.
-        task.product.metadata.delete()
+        try:
+            log_upstream_inputs(self.client, run_id, task, self.root)
+            # Forget the last success before running: if this run dies mid-write, no stale metadata
+            # vouches for a half-written product, and the next build runs the task again.
+            task.product.metadata.delete()
+        except OSError:  # a product folder that cannot be written to (read-only, full): the task fails here
+            finish_run(self.client, run_id, "FAILED")
+            raise
         journal = RunJournal(run_id, self.secret_values)
         _use_nbs_engine(task, self.cell_timeout, {**self.kernel_threads, **journal.env})
         say_progress(f"  running  {task.name} ({notebook}) ...", self.show)

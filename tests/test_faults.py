@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -306,3 +307,33 @@ def test_one_build_at_a_time_a_second_is_refused_or_queues_and_takes_over_from_a
     assert "Ran 2 of 2 tasks" in out
     assert (tiny / "products/first.txt").read_text() == "ok"
     assert list((tiny / ".nbs/locks/build.holders").glob("*.json")) == [], "a finished build still names itself holder"
+
+
+@contextlib.contextmanager
+def _read_only(folder: Path):
+    "`folder` made read-only for this process, root included (chattr +i; chmod for anyone else)."
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    made = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"this file system cannot make a folder read-only for root: {made.stderr.strip()}")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_a_product_folder_that_cannot_be_written_fails_the_task_in_one_line(tiny):
+    assert run_nbs("run", cwd=tiny).returncode == 0
+    with _read_only(tiny / "products"):
+        done = run_nbs("run", "--force", cwd=tiny)
+    assert done.returncode == 1, done.stderr
+    assert "task 'first' (first.ipynb) failed: PermissionError:" in done.stderr and "Traceback" not in done.stderr
+    newest = _statuses(tiny)  # each task's latest run
+    assert (newest["pipeline"], newest["first"]) == ("FAILED", "FAILED"), "a failure, not a kill"
+    assert "RUNNING" not in [r.info.status for r in runs_of(tiny, "tiny")]
