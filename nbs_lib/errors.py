@@ -154,12 +154,8 @@ class BuildLocked(NbsError):
                          hint="wait for it to finish, or pass --wait [SECONDS] to queue behind it")
 
 # %% ../notebooks/00_errors.ipynb #f5ceedd8
-class PathError(NbsError):
+class PathError(ConfigError):
     "A file or folder nbs was given, or must write, that cannot be used: missing, a folder where a file belongs, not writable."
-
-    def __init__(self, path: str, problem: str, hint: str = ""):
-        self.path, self.problem = str(path), problem
-        super().__init__(f"{path}: {problem}", hint)
 
 
 class TrackingError(NbsError):
@@ -195,6 +191,9 @@ def as_nbs_error(error: BaseException) -> NbsError:
     if isinstance(error, OSError) and error.filename is not None:
         return PathError(error.filename, error.strerror or type(error).__name__,
                          hint="check the path: that it exists, is a file or a folder as asked, and may be written")
+    if isinstance(error, OSError):  # the system said no without naming a file: a full disk, a lost connection
+        return NbsError(f"the system refused: {error.strerror or error} ({type(error).__name__})",
+                        hint="check free disk space, permissions and the network, then run it again")
     code = getattr(error, "error_code", None)
     if type(error).__module__.startswith("mlflow") and isinstance(code, str):
         said = next((line.strip() for line in str(error).splitlines() if line.strip()), code)

@@ -159,6 +159,25 @@ def local_build(team) -> str:
     return latest.info.run_id
 
 
+def test_a_permission_the_server_refuses_is_one_line_with_its_own_exit_code(team):
+    client, url = _client(team), team["url"]
+    name = "permission-check"
+    client.create_registered_model(name)
+    run = client.create_run(client.create_experiment("permission-check"))
+    client.create_model_version(name, f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+    viewer = {"username": "viewer", "password": secrets.token_urlsafe(18)}
+    made = httpx.post(f"{url}/api/2.0/mlflow/users/create", json=viewer, auth=(ADMIN, team["password"]))
+    assert made.status_code == 200, made.text  # a new user may read (the server's default), not edit
+    env = {**team["client_env"], "MLFLOW_TRACKING_USERNAME": viewer["username"],
+           "MLFLOW_TRACKING_PASSWORD": viewer["password"]}
+    assert run_nbs("models", name, cwd=team["project"], env=env).returncode == 0
+    refused = run_nbs("promote", name, "1", "--why", "not mine to promote", cwd=team["project"], env=env)
+    assert refused.returncode == 77, refused.stdout + refused.stderr
+    assert refused.stderr.startswith("nbs: error: the tracking store refused: ") and "Traceback" not in refused.stderr
+    assert viewer["password"] not in refused.stderr
+    assert not client.get_registered_model(name).aliases, "nothing changed"
+
+
 def _client(team):
     from mlflow import MlflowClient
 
