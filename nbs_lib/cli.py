@@ -813,7 +813,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def _retrain(args: argparse.Namespace, root: Path, declared: dict, log: Path, products: Path, target: str, name: str,
-             lock: int | None) -> int:
+             lock: int) -> int:
     "`nbs retrain` under the project's build lock; the `lock` descriptor is handed to the build it starts."
     import json
     import subprocess
@@ -858,9 +858,9 @@ def _retrain(args: argparse.Namespace, root: Path, declared: dict, log: Path, pr
         client.set_tag(run_id, "nbs.retrain.rows", str(len(data)))
         print(f"Retraining on {len(data)} rows ({display_path(data_path, root)}); "
               f"the newest {len(kept_out)} labels are kept out to compare the models on.", flush=True)
-        handed = {} if lock is None else {"pass_fds": (lock,), "env": {**os.environ, LOCK_FD_ENV: str(lock)}}
         build = subprocess.run([str(Path(sys.executable).with_name("nbs")), "run", *_passed_on(args, but=("data_path",)),
-                                "-p", f"data_path={data_path}", "--root", str(root)], cwd=root, **handed)
+                                "-p", f"data_path={data_path}", "--root", str(root)], cwd=root,
+                               pass_fds=(lock,), env={**os.environ, LOCK_FD_ENV: str(lock)})
         if build.returncode != 0:
             print("nbs: error: the retraining build failed (its output above; nbs runs shows which task)",
                   file=sys.stderr)

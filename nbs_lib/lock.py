@@ -52,16 +52,16 @@ def lock_holders(root: Path) -> list[dict]:
     return sorted(holders, key=lambda h: str(h.get("since", "")))
 
 # %% ../notebooks/39_lock.ipynb #0b6b4f1f
-def _inherited(lock_path: Path) -> bool:
-    "Whether this process's parent handed it the hold of `lock_path` (an open descriptor of the same file in NBS_BUILD_LOCK_FD)."
+def _inherited(lock_path: Path) -> int | None:
+    "The descriptor of `lock_path` this process's parent handed it with its hold (NBS_BUILD_LOCK_FD), if any."
     given = os.environ.get(LOCK_FD_ENV, "")
     if not given.isdigit():
-        return False
+        return None
     try:
         handed, ours = os.fstat(int(given)), os.stat(lock_path)
     except OSError:
-        return False
-    return (handed.st_dev, handed.st_ino) == (ours.st_dev, ours.st_ino)
+        return None
+    return int(given) if (handed.st_dev, handed.st_ino) == (ours.st_dev, ours.st_ino) else None
 
 
 def _try_lock(fd: int, shared: bool) -> bool:
@@ -74,7 +74,7 @@ def _try_lock(fd: int, shared: bool) -> bool:
 
 @contextlib.contextmanager
 def build_lock(root: Path, command: str, wait: float | None = None, shared: bool = False) -> Iterator[int | None]:
-    """Hold the build lock of the project at `root` for `command` while the block runs; yields the lock file's descriptor (to hand to a child), None when inherited.
+    """Hold the build lock of the project at `root` for `command` while the block runs; yields the lock file's descriptor (to hand to a child, as a parent handed it to this process).
 
     Refused at once with `BuildLocked` when another build holds it, or after `wait` seconds
     (`math.inf`: as long as it takes). `shared` holders (the steps of one orchestrated run) exclude
@@ -82,8 +82,9 @@ def build_lock(root: Path, command: str, wait: float | None = None, shared: bool
     root = Path(root)
     lock_path = root / LOCK_FILE
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    if _inherited(lock_path):
-        yield None
+    handed = _inherited(lock_path)
+    if handed is not None:  # the parent holds it for this process: build, and hand it on
+        yield handed
         return
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

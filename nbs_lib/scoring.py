@@ -222,13 +222,17 @@ class ServedModel:
         coef = getattr(self.model.steps[-1][1], "coef_", None) if hasattr(self.model, "steps") else None
         return coef is not None and coef.shape[0] == 1
 
-    def explain(self, frame: pd.DataFrame, top: int = 5) -> list[list[dict]]:
-        "Per row, the `top` largest contributions (weight times transformed input) to the log-odds of the last class."
+    def check_explainable(self) -> None:
+        "Refuse (422, field `explain`) a request for explanations this model cannot give."
         if not self.explainable:
             final = self.model.steps[-1][1] if hasattr(self.model, "steps") else self.model
             raise InputError("explain", f"is not available for {type(final).__name__}: only a pipeline ending in a "
                              "linear model of two classes is explained per prediction",
                              hint="leave explain out; the model card shows permutation importance for every model")
+
+    def explain(self, frame: pd.DataFrame, top: int = 5) -> list[list[dict]]:
+        "Per row, the `top` largest contributions (weight times transformed input) to the log-odds of the last class."
+        self.check_explainable()
         preprocess, linear = self.model[:-1], self.model.steps[-1][1]
         features = preprocess.transform(frame)
         features = features.toarray() if hasattr(features, "toarray") else np.asarray(features)

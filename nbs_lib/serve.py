@@ -292,8 +292,8 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
         records, key, explain, entities = parse_request(body, max_records)
         if explain:  # refused for both when either cannot explain: the answer's kind must not depend on the draw
             for version in (service.champion, service.canary):
-                if version is not None and not version.explainable:
-                    version.explain(None)  # raises the InputError that says why
+                if version is not None:
+                    version.check_explainable()
         served, role = service.pick(key)
         if entities is not None:
             records = service.entity_records(entities)
