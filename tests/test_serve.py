@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-from conftest import run_nbs, start_server, stop_server, store, wait_ready
+from conftest import NBS, run_nbs, start_server, stop_server, store, wait_ready
 
 from nbs_lib.predictions import read_predictions
 
@@ -359,6 +360,43 @@ def test_batch_scoring_refuses_bad_rows_and_writes_nothing(registry, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["holdout.csv"], "no output, not even a partial one"
     missing = run_nbs("predict", "--input", str(tmp_path / "nope.csv"), "--output", str(output), cwd=tmp_path)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def _predicting(registry, source: Path, output: Path) -> subprocess.Popen:
+    "`nbs predict` of `source` into `output` with version 3, in its own process group."
+    root = registry["root"]
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
+    return subprocess.Popen([str(NBS), "predict", "--input", str(source), "--output", str(output), "--model",
+                             f"models:/{NAME}/3", "--chunk-rows", "2000", "-q", "--root", str(root)], cwd=output.parent,
+                            env={**env, "PLOOMBER_STATS_ENABLED": "false"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_two_batch_runs_to_one_output_leave_it_whole_and_sigterm_leaves_nothing(registry, tmp_path):
+    rows = registry["test"].drop(columns=[TARGET])
+    source = tmp_path / "many.csv"
+    pd.concat([rows] * (60_000 // len(rows) + 1)).to_csv(source, index=False)  # scored for seconds, not instantly
+    output = tmp_path / "scored.csv"
+    both = [_predicting(registry, source, output) for _ in range(2)]
+    outcomes = [run.communicate(timeout=300) for run in both]
+    assert [run.returncode for run in both] == [0, 0], outcomes
+    scored = pd.read_csv(output)
+    assert len(scored) == sum(1 for _ in source.open()) - 1 and list(scored.columns[-2:]) == ["model_name", "model_version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.csv", "scored.csv"], "one output, no partial left"
+
+    stopped = _predicting(registry, source, tmp_path / "stopped.csv")
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".stopped.csv.*.partial")) and stopped.poll() is None:
+            assert time.monotonic() < deadline, "the run never began to write"
+            time.sleep(0.05)
+        stopped.send_signal(signal.SIGTERM)
+        out, err = stopped.communicate(timeout=60)
+    finally:
+        if stopped.poll() is None:
+            os.killpg(stopped.pid, signal.SIGKILL)
+    assert stopped.returncode == 128 + signal.SIGTERM and err.strip().endswith("nbs: stopped by SIGTERM"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.csv", "scored.csv"], "SIGTERM removed its partial output"
 
 
 def test_serve_refuses_bad_options_before_binding(tmp_path):
