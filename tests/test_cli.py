@@ -91,3 +91,18 @@ def test_a_candidate_that_cannot_train_is_refused_before_any_kernel_starts(proje
     assert done.returncode == 2 and says in done.stderr, done.stderr[-2000:]
     assert "hint: valid parameters:" in done.stderr
     assert not (project / "mlflow.db").exists() and not (project / "products").exists(), "nothing ran"
+
+
+def test_a_folder_given_as_output_takes_the_file_by_its_name(project, tmp_path):
+    import nbformat
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    exported = run_nbs("export", "airflow", "-o", str(folder), cwd=project)
+    assert exported.returncode == 0, exported.stderr
+    assert "dag_id='nbs_pipeline'" in (folder / "nbs_pipeline.py").read_text()
+    notebook = tmp_path / "hello.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('hello')")]), notebook)
+    executed = run_nbs("execute", str(notebook), "-o", str(folder), cwd=project)
+    assert executed.returncode == 0, executed.stderr
+    assert "hello" in (folder / "hello.ipynb").read_text()
