@@ -18,6 +18,12 @@ __all__ = ['STATE_FILE', 'BuildInputs', 'fingerprint', 'record_fresh_build', 'fo
 # %% ../notebooks/31_freshness.ipynb #88db3340
 STATE_FILE = ".nbs/fresh-build.json"  # under the project root; git-ignored with the rest of .nbs/
 _VOLATILE = re.compile(r"\{\{\s*(now|git|git_hash|user|env\.)")  # placeholders whose value changes by itself
+_COMMENT = re.compile(r"(^|\s)#.*$", re.MULTILINE)  # a YAML comment: Ploomber renders no placeholder in it
+
+
+def _volatile(text: str) -> bool:
+    "Whether the YAML `text` uses a placeholder whose value changes by itself (in a value: comments do not count)."
+    return bool(_VOLATILE.search(_COMMENT.sub("", text)))
 
 
 @dataclass
@@ -65,7 +71,7 @@ def record_fresh_build(root: Path, inputs: BuildInputs, overrides: dict) -> bool
     "After a build that left every task up to date, remember its fingerprint; whether it could be."
     root = Path(root).resolve()
     state = root / STATE_FILE
-    if any(_VOLATILE.search((root / p).read_text(encoding="utf-8")) for p in inputs.spec if (root / p).is_file()):
+    if any(_volatile((root / p).read_text(encoding="utf-8")) for p in inputs.spec if (root / p).is_file()):
         state.unlink(missing_ok=True)
         return False
     state.parent.mkdir(parents=True, exist_ok=True)
