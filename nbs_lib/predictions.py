@@ -101,7 +101,7 @@ class PredictionLog:
                     db.executemany("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                    map(self._row, requests))
                 self.written += predictions
-            except (sqlite3.Error, ValueError) as e:
+            except Exception as e:  # whatever it is, this thread lives on: every /predict waits on it
                 self.failed += predictions
                 self.last_error = f"{type(e).__name__}: {e}"
                 print(f"nbs: prediction log {self.path}: {predictions} predictions not written: {e}",
