@@ -73,7 +73,7 @@ def _try_lock(fd: int, shared: bool) -> bool:
 
 
 @contextlib.contextmanager
-def build_lock(root: Path, command: str, wait: float | None = None, shared: bool = False) -> Iterator[int | None]:
+def build_lock(root: Path, command: str, wait: float | None = None, shared: bool = False) -> Iterator[int]:
     """Hold the build lock of the project at `root` for `command` while the block runs; yields the lock file's descriptor (to hand to a child, as a parent handed it to this process).
 
     Refused at once with `BuildLocked` when another build holds it, or after `wait` seconds
