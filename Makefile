@@ -65,8 +65,9 @@ server: $(STAMP) postgresql ## the team's MLflow server (PostgreSQL, basic auth)
 	$(BIN)/nbs server
 
 # pytest on three workers for two cores: much of a test's time is a kernel or a server starting, a process
-# importing or a request waiting, so a third worker fills the cores (a fresh clone's pytest: 17.5 and 19 minutes
-# in two runs, against about 21 with two). --dist loadfile keeps each module on one worker, so a module's fixtures (the team
+# importing or a request waiting, so a third worker fills the cores (a fresh clone's pytest: 17.5, 19 and 23 minutes
+# in three runs, against 20 to 21 with two on earlier days; the machines are noisy). --dist loadfile keeps each
+# module on one worker, so a module's fixtures (the team
 # server, the serving registry, the own-data builds) are made once, and the session's shared build is made
 # once for all workers. (Not loadgroup: pytest 9 ignores the nodeid suffix that xdist 3.8 groups by, so
 # xdist_group marks group nothing; checked with -v, where grouped tests ran on both workers.)
