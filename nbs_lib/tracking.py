@@ -393,6 +393,9 @@ class RunJournal:
     def _log_artifact(self, client, path: Path, artifact_path: str | None) -> None:
         from nbs_lib.credentials import redacted_copy
 
+        if not self.secrets:  # nothing to look for: no second read of what may be a large file
+            client.log_artifact(self.run_id, str(path), artifact_path)
+            return
         with tempfile.TemporaryDirectory() as scratch:  # the kernel scrubbed what it was given; this, what the build declares
             client.log_artifact(self.run_id, str(redacted_copy(path, self.secrets, scratch)), artifact_path)
 
