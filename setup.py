@@ -19,6 +19,7 @@ setuptools.setup(
     python_requires=f">={cfg['min_python']}",
     packages=setuptools.find_packages(include=[f"{cfg['lib_path']}*"]),
     install_requires=cfg["requirements"].split(),
+    extras_require={key.removeprefix("extras_"): value.split() for key, value in cfg.items() if key.startswith("extras_")},
     entry_points={
         "console_scripts": cfg["console_scripts"].split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],

@@ -49,10 +49,10 @@ from nbs_lib.lineage import (
 from .server import DEFAULT_DB_PORT, DEFAULT_PORT
 
 # %% auto #0
-__all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute',
-           'cmd_schedule', 'cmd_server', 'cmd_task', 'cmd_export', 'cmd_promote', 'cmd_rollback', 'cmd_models',
-           'cmd_features', 'cmd_serve', 'cmd_predict', 'cmd_monitor', 'cmd_retrain', 'cmd_simulate', 'cmd_lineage',
-           'cmd_reproduce', 'cmd_new', 'cmd_check', 'build_parser', 'main']
+__all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'PARAMETER_FLAGS', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot',
+           'cmd_execute', 'cmd_schedule', 'cmd_server', 'cmd_task', 'cmd_export', 'cmd_promote', 'cmd_rollback',
+           'cmd_models', 'cmd_features', 'cmd_serve', 'cmd_predict', 'cmd_monitor', 'cmd_retrain', 'cmd_simulate',
+           'cmd_lineage', 'cmd_reproduce', 'cmd_new', 'cmd_check', 'build_parser', 'papermill_pairs', 'main']
 
 # %% ../notebooks/90_cli.ipynb #59fa4774
 def load_dag(root: Path, overrides: dict | None = None):
@@ -320,24 +320,88 @@ def _use_store_of(root: Path) -> None:
 
 
 def cmd_execute(args: argparse.Namespace) -> int:
-    "Execute one notebook on its own with papermill, recorded in MLflow like a pipeline task."
-    from nbs_lib.execute import execute_notebook, notebook_parameters, read_notebook
+    "Execute one notebook on its own with papermill, recorded in MLflow like a pipeline task; papermill's command line works too."
+    from nbs_lib.execute import PapermillOptions, execute_notebook, gather_parameters
+    from nbs_lib.notebook_io import STREAM, read_notebook, shown_location
 
-    notebook = Path(args.notebook).resolve()
+    if args.output and args.output_path and args.output != args.output_path:
+        raise ConfigError(args.output_path, f"and -o {args.output} both name the output", hint="give one of them")
+    output = args.output_path or args.output
     root = _root_or_here(args.root)
-    shown = display_path(notebook, root)
-    declared = notebook_parameters(read_notebook(notebook))
-    where = (f"the parameters cell of {shown}" if declared is not None
-             else f"{shown}: it has no cell tagged 'parameters'")
-    params = parse_overrides(args.param, declared or {}, declared_in=where)
+    results = sys.stderr if output == STREAM else sys.stdout  # standard output carries the notebook
+    nb = read_notebook(args.notebook)
+    shown = shown_location(args.notebook, root)
+    if args.help_notebook:
+        return _notebook_help(nb, shown, args.language)
+    injected = {}
+    if args.inject_input_path or args.inject_paths:
+        injected["PAPERMILL_INPUT_PATH"] = args.notebook
+    if args.inject_output_path or args.inject_paths:
+        injected["PAPERMILL_OUTPUT_PATH"] = output or "-"
+    params = gather_parameters(nb, shown, pairs=args.param, raw=args.parameters_raw, yaml_texts=args.parameters_yaml,
+                               files=args.parameters_file, base64_texts=args.parameters_base64, injected=injected,
+                               language=args.language)
+    _papermill_logging(args.log_level, args.log_output)
+    options = PapermillOptions(
+        kernel_name=args.kernel, language=args.language, cwd=args.cwd, report_mode=args.report_mode,
+        prepare_only=args.prepare_only, log_output=args.log_output, stdout_file=args.stdout_file,
+        stderr_file=args.stderr_file, progress_bar=bool(args.progress_bar), start_timeout=args.start_timeout,
+        request_save_on_cell_execute=args.request_save_on_cell_execute, autosave_cell_every=args.autosave_cell_every)
     _use_store_of(root)
     _stop_on_signals()
-    done = execute_notebook(notebook, args.output, params, experiment=args.experiment,
-                            timeout=args.timeout, retries=args.retries, backoff=args.backoff,
-                            secrets=args.secret, root=root)
+    done = execute_notebook(args.notebook, output, params, experiment=args.experiment, timeout=args.timeout,
+                            retries=args.retries, backoff=args.backoff, secrets=args.secret, root=root,
+                            options=options, nb=nb)
+    written = shown_location(done["output"], root, output=True)
+    if options.prepare_only:
+        print(f"Prepared {shown} with its parameters, not executed (no run): {written}", file=results)
+        return 0
     tries = f"{done['attempts']} attempts" if done["attempts"] > 1 else "1 attempt"
-    print(f"Executed {shown} in {tries}: {display_path(done['output'], root)}")
-    print(f"Tracked in {tracking_uri()} as run {done['run_id']} (experiment {args.experiment!r})")
+    print(f"Executed {shown} in {tries}: {written}", file=results)
+    print(f"Tracked in {tracking_uri()} as run {done['run_id']} (experiment {args.experiment!r})", file=results)
+    return 0
+
+
+def _papermill_logging(level: str | None, log_output: bool) -> None:
+    "Let papermill's log reach stderr at `level` (INFO with --log-output, which logs the cells' output there); else only its errors."
+    import logging
+
+    papermill = logging.getLogger("papermill")
+    if level is None and not log_output:  # nbs says what happens in its own lines
+        papermill.setLevel(logging.ERROR)
+        return
+    papermill.setLevel(level or "INFO")
+    if not any(getattr(h, "nbs_cli", False) for h in papermill.handlers):
+        said = logging.StreamHandler()
+        said.setFormatter(logging.Formatter("%(message)s"))
+        said.nbs_cli = True
+        papermill.addHandler(said)
+
+
+def _notebook_help(nb, shown: str, language: str | None) -> int:
+    "Print the parameters `nb` declares, as papermill's --help-notebook does: 0, or 1 when it has no parameters cell."
+    from papermill.translators import papermill_translators
+
+    from nbs_lib.execute import notebook_language
+
+    print(f"Parameters inferred for notebook '{shown}':")
+    cell = next((c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])), None)
+    if cell is None:
+        print("\n  No cell tagged 'parameters'")
+        return 1
+    language = notebook_language(nb, language)
+    try:
+        translator = papermill_translators.find_translator(nb.metadata.get("kernelspec", {}).get("name", ""), language)
+        found = translator.inspect(cell)
+    except Exception:  # papermill reads parameters cells of Python only (NotImplementedError), or has no translator
+        found = []
+    if not found:
+        print(f"\n  papermill cannot read a {language} parameters cell; as written:")
+        print("\n".join(f"    {line}" for line in cell.source.splitlines()))
+        return 0
+    for p in found:
+        kind = "Unknown type" if p.inferred_type_name == "None" else p.inferred_type_name
+        print(f"  {p.name}: {kind} (default {p.default})" + (f"  {p.help}" if p.help else ""))
     return 0
 
 # %% ../notebooks/90_cli.ipynb #c730d102
@@ -1086,24 +1150,66 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--root", type=Path, help=root_help)
     runs.set_defaults(handler=cmd_runs)
 
-    execute = sub.add_parser("execute", help="execute one notebook on its own, tracked in MLflow",
-                             description=cmd_execute.__doc__)
-    execute.add_argument("notebook", metavar="NOTEBOOK", help="the .ipynb file to execute")
-    execute.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
-                         help="set a parameter assigned in the notebook's parameters cell (repeatable)")
-    execute.add_argument("-o", "--output", metavar="PATH",
-                         help="where to write the executed notebook (default: products/executed/NOTEBOOK)")
-    execute.add_argument("--timeout", type=float, metavar="S",
-                         help="seconds any one cell may run before the execution fails (exit 3)")
-    execute.add_argument("--retries", type=int, default=0, metavar="N",
+    execute = sub.add_parser(
+        "execute", help="execute one notebook on its own, tracked in MLflow (papermill's command line works too)",
+        description=cmd_execute.__doc__ + " INPUT and OUTPUT may be local paths, - (standard input, standard output) "
+        "or URLs papermill reads and writes (s3://, gs://, abs://, adl://, http(s):// to read).")
+    execute.add_argument("notebook", metavar="INPUT", help="the notebook to execute: a path, - or a URL")
+    execute.add_argument("output_path", metavar="OUTPUT", nargs="?",
+                         help="where the executed notebook goes: a path (papermill's {NAME} placeholders are filled "
+                              "from the parameters), a folder, - or a URL (default: products/executed/INPUT)")
+    execute.add_argument("-o", "--output", metavar="OUTPUT", help="OUTPUT, as an option")
+    values = execute.add_argument_group("parameters (papermill's order: --inject-*, -b, -f, -y, -p, -r; a later one wins)")
+    values.add_argument("-p", "--parameters", "--param", dest="param", nargs=2, action="append", default=[],
+                        metavar=("NAME", "VALUE"), help="set a parameter of the parameters cell; NAME=VALUE works too "
+                        "(read as its default's type; by papermill's rules when the default is None or an expression)")
+    values.add_argument("-r", "--parameters_raw", "--parameters-raw", nargs=2, action="append", default=[],
+                        metavar=("NAME", "VALUE"), help="set a parameter to VALUE as a string")
+    values.add_argument("-y", "--parameters_yaml", "--parameters-yaml", action="append", default=[], metavar="YAML",
+                        help="parameters as a YAML mapping")
+    values.add_argument("-f", "--parameters_file", "--parameters-file", action="append", default=[], metavar="PATH",
+                        help="parameters from a YAML file (a path or a URL)")
+    values.add_argument("-b", "--parameters_base64", "--parameters-base64", action="append", default=[],
+                        metavar="BASE64", help="parameters as a base64-encoded YAML mapping")
+    values.add_argument("--inject-input-path", action="store_true", help="set PAPERMILL_INPUT_PATH to INPUT")
+    values.add_argument("--inject-output-path", action="store_true", help="set PAPERMILL_OUTPUT_PATH to OUTPUT")
+    values.add_argument("--inject-paths", action="store_true", help="both of the above")
+    values.add_argument("--help-notebook", action="store_true", help="list the notebook's parameters and exit")
+    kernel = execute.add_argument_group("how papermill runs it")
+    kernel.add_argument("-k", "--kernel", metavar="NAME", help="the kernel to run, instead of the notebook's own")
+    kernel.add_argument("-l", "--language", metavar="NAME", help="the notebook's language, instead of its own")
+    kernel.add_argument("--cwd", metavar="DIR", help="the folder the kernel works in (default: the current one)")
+    kernel.add_argument("--prepare-only", action="store_true",
+                        help="write OUTPUT with the parameters injected, execute nothing (no MLflow run)")
+    kernel.add_argument("--prepare-execute", dest="prepare_only", action="store_false", help="execute (the default)")
+    kernel.add_argument("--report-mode", action=argparse.BooleanOptionalAction, default=False,
+                        help="hide the cells' input in OUTPUT")
+    kernel.add_argument("--timeout", "--execution-timeout", dest="timeout", type=float, metavar="S",
+                        help="seconds any one cell may run before the execution fails (exit 3)")
+    kernel.add_argument("--start-timeout", "--start_timeout", type=float, default=60, metavar="S",
+                        help="seconds the kernel may take to start (default 60)")
+    kernel.add_argument("--log-output", action=argparse.BooleanOptionalAction, default=False,
+                        help="log the cells' output to stderr as they run")
+    kernel.add_argument("--stdout-file", metavar="PATH", help="write the cells' standard output to PATH too")
+    kernel.add_argument("--stderr-file", metavar="PATH", help="write the cells' standard error to PATH too")
+    kernel.add_argument("--log-level", choices=["NOTSET", "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        help="papermill's log level (its log is off unless this or --log-output is given)")
+    kernel.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=False,
+                        help="papermill's progress bar on stderr (default: a line per attempt)")
+    kernel.add_argument("--request-save-on-cell-execute", action=argparse.BooleanOptionalAction, default=True,
+                        help="save OUTPUT after each cell (default), or only at the end")
+    kernel.add_argument("--autosave-cell-every", type=int, default=30, metavar="S",
+                        help="save OUTPUT every S seconds while one cell runs (default 30; 0: never)")
+    tracked = execute.add_argument_group("what nbs adds")
+    tracked.add_argument("--retries", type=int, default=0, metavar="N",
                          help="run a failed execution again up to N times (default 0)")
-    execute.add_argument("--backoff", type=float, default=5.0, metavar="S",
+    tracked.add_argument("--backoff", type=float, default=5.0, metavar="S",
                          help="seconds before the first retry, doubled before each next one (default 5)")
-    execute.add_argument("--experiment", default="nbs", help="MLflow experiment of the run (default nbs)")
-    execute.add_argument("--secret", action="append", default=[], metavar="NAME",
+    tracked.add_argument("--experiment", default="nbs", help="MLflow experiment of the run (default nbs)")
+    tracked.add_argument("--secret", action="append", default=[], metavar="NAME",
                          help="a secret the notebook reads with nbs_lib.credentials.secret: its value is "
                               "refused as a parameter and scrubbed from what is stored (repeatable)")
-    execute.add_argument("--root", type=Path, help="folder whose mlflow.db records the run (default: "
+    tracked.add_argument("--root", type=Path, help="folder whose mlflow.db records the run (default: "
                          "the nearest folder holding pipeline.yaml, else the current folder)")
     execute.set_defaults(handler=cmd_execute)
 
@@ -1304,13 +1410,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PARAMETER_FLAGS = ("-p", "--param", "--parameters")
+
+
+def papermill_pairs(argv: list[str]) -> list[str]:
+    "`nbs execute`'s arguments with each `-p NAME=VALUE` made papermill's `-p NAME VALUE`, so both forms parse."
+    if not argv or argv[0] != "execute":
+        return argv
+    words, i = [], 0
+    while i < len(argv):
+        token = argv[i]
+        flag, equals, attached = token.partition("=") if token.startswith("--") else (token, "", "")
+        if token == "--":
+            return words + argv[i:]
+        if flag in PARAMETER_FLAGS[1:] and equals:  # --param=NAME=VALUE
+            pair, used = attached, 1
+        elif token in PARAMETER_FLAGS and i + 1 < len(argv):
+            pair, used = argv[i + 1], 2
+        else:
+            words.append(token)
+            i += 1
+            continue
+        name, equals, value = pair.partition("=")
+        if equals and name:
+            words += ["-p", name, value]
+        else:  # papermill's two words: the VALUE is the next argument, whatever it looks like
+            words += ["-p", pair, *argv[i + used:i + used + 1]]
+            used += 1
+        i += used
+    return words
+
+
 def main(argv: list[str] | None = None) -> int:
     "Run `nbs` with `argv` (default: the command line) and return its exit code."
     import logging
     import shlex
 
-    args = build_parser().parse_args(argv)
-    shown = shlex.join(["nbs", *(sys.argv[1:] if argv is None else argv)])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(papermill_pairs(argv))
+    shown = shlex.join(["nbs", *argv])
     args.command_line = shown if len(shown) <= 200 else shown[:199] + "…"  # who holds the build lock
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # not "Creating initial MLflow database tables"
     library = logging.getLogger("nbs_lib")  # its warnings (a lock taken over, a kernel restarted) are the user's to see

@@ -16,8 +16,8 @@ from .errors import ConfigError, ParameterError
 
 # %% auto #0
 __all__ = ['PIPELINE_FILE', 'ENV_FILE', 'DEFAULT_TRACKING_URI', 'DECLARED_ENV', 'find_project_root', 'read_yaml_mapping',
-           'parse_overrides', 'coerce_value', 'check_type', 'json_overrides', 'display_path', 'artifact_location',
-           'merge_env_file', 'check_env_placeholders', 'tracking_uri']
+           'parse_overrides', 'YamlNoDates', 'coerce_value', 'plain_value', 'check_type', 'json_overrides',
+           'display_path', 'artifact_location', 'merge_env_file', 'check_env_placeholders', 'tracking_uri']
 
 # %% ../notebooks/01_config.ipynb #775068e2
 PIPELINE_FILE = "pipeline.yaml"
@@ -68,15 +68,37 @@ def parse_overrides(pairs: list[str], declared: dict, declared_in: str = "env.ya
     return overrides
 
 
+class YamlNoDates(yaml.SafeLoader):
+    "YAML's safe loader, but a date stays the string it was written as (a parameter must be JSON), as in papermill."
+
+    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
 def coerce_value(name: str, raw: str, default: object) -> object:
-    "`raw` read as the type of `default` (strings stay as typed; other types are parsed as YAML)."
+    "`raw` read as the type of `default`: a string as typed, a float as `float()` or YAML reads it (`1e3`), the rest as YAML without dates."
     if isinstance(default, str):
         return raw
+    if isinstance(default, float):
+        try:
+            return float(raw)  # YAML 1.1 takes 1e3 for a string: papermill and Python read 1000.0
+        except ValueError:
+            pass
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=YamlNoDates)
     except yaml.YAMLError as e:
         raise ParameterError(name, f"has a value that cannot be parsed: {raw!r}") from e
-    return check_type(name, value, default, raw)
+    return check_type(name, plain_value(name, value, raw), default, raw)
+
+
+def plain_value(name: str, value: object, shown: object = None) -> object:
+    "`value` if JSON can hold it, as a notebook parameter and an MLflow param must be; a ParameterError otherwise."
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise ParameterError(name, f"has a value a notebook parameter cannot hold ({e}): "
+                             f"{value if shown is None else shown!r}") from e
+    return value
 
 
 def check_type(name: str, value: object, default: object, shown: object = None) -> object:

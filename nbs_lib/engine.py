@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -20,11 +21,42 @@ from papermill.engines import NBClientEngine, NotebookExecutionManager
 from .tracking import JOURNAL_ENV, journal_tags
 
 # %% auto #0
-__all__ = ['SYS_EXIT_NOTE', 'KERNEL_DIED_AT_START', 'mark_unfinished', 'mark_not_started', 'flag_sys_exit', 'kill_kernels',
-           'QuickSaveManager', 'NbsEngine']
+__all__ = ['ERROR_MARKER_TAG', 'KERNEL_DIED_AT_START', 'exit_note', 'locate_failed_cell', 'mark_unfinished', 'mark_not_started',
+           'flag_sys_exit', 'kill_kernels', 'QuickSaveManager', 'NbsEngine']
 
 # %% ../notebooks/10_engine.ipynb #e93744e3
-SYS_EXIT_NOTE = "sys.exit() stopped the notebook before its last cell"
+# papermill.execute's tag of the two cells it adds above a failure (that module loads this engine
+# while it is being imported, so the name cannot be imported from it here)
+ERROR_MARKER_TAG = "papermill-error-cell-tag"
+_EXITS = ((r"\braise\s+SystemExit\b", "raise SystemExit"), (r"\bsys\.exit\s*\(", "sys.exit()"),
+          (r"(?<![\w.])(?:exit|quit)\s*\(", "exit()"))
+
+
+def exit_note(source: str) -> str:
+    "What stopped the notebook before its last cell, named as the cell's `source` wrote it."
+    what = next((said for pattern, said in _EXITS if re.search(pattern, source)), "SystemExit")
+    return f"{what} stopped the notebook before its last cell"
+
+
+def locate_failed_cell(source, executed) -> tuple[int | None, int] | None:
+    """Where the failed cell of `executed` (papermill's output for the notebook `source`) is: its index in
+    `source` (None for a cell papermill added) and in `executed`; None when no cell failed."""
+    def role(cell) -> str:
+        tags = cell["metadata"].get("tags", [])
+        return "marker" if ERROR_MARKER_TAG in tags else "injected" if "injected-parameters" in tags else "cell"
+
+    failed = next((i for i, cell in enumerate(executed["cells"])
+                   if cell["metadata"].get("papermill", {}).get("status") == "failed"), None)
+    if failed is None:
+        return None
+    # papermill drops old error markers, puts its parameters in place of an old injected cell (or
+    # inserts them), and adds two markers: the other cells keep their order
+    kept = [i for i, cell in enumerate(source["cells"]) if role(cell) == "cell"]
+    injected = next((i for i, cell in enumerate(source["cells"]) if role(cell) == "injected"), None)
+    position = sum(role(cell) == "cell" for cell in executed["cells"][:failed])
+    if role(executed["cells"][failed]) == "injected":
+        return injected, failed
+    return (kept[position] if position < len(kept) else None), failed
 
 # %% ../notebooks/10_engine.ipynb #1d74ffbf
 def mark_unfinished(nb_man, error: BaseException) -> int | None:
@@ -62,7 +94,8 @@ def flag_sys_exit(nb) -> list[int]:
         for output in cell.get("outputs", []):
             if (output.get("output_type") == "error" and output.get("ename") == "SystemExit"
                     and output.get("evalue") in ("", "0")):
-                output["evalue"] = f"{output['evalue'] or '0'} ({SYS_EXIT_NOTE})"
+                note = exit_note(cell.get("source", ""))
+                output["evalue"] = f"{output['evalue']} ({note})" if output["evalue"] else note
                 flagged.append(index)
     return flagged
 
@@ -169,8 +202,13 @@ class NbsEngine(NBClientEngine):
 
     @classmethod
     def execute_notebook(cls, nb, kernel_name, output_path=None, progress_bar=True, log_output=False,
-                         autosave_cell_every=30, **kwargs):
-        "Execute like papermill's engine, with a `QuickSaveManager` keeping the output notebook."
+                         autosave_cell_every=30, recorded_paths: tuple[str, str] | None = None, **kwargs):
+        """Execute like papermill's engine, with a `QuickSaveManager` keeping the output notebook.
+
+        `recorded_paths` are the input and output paths the notebook's metadata names, where papermill
+        was handed others (a notebook read from standard input or a URL, a local copy of a remote output)."""
+        if recorded_paths is not None:
+            nb.metadata.papermill["input_path"], nb.metadata.papermill["output_path"] = recorded_paths
         # papermill's Engine.execute_notebook, repeated because it names its manager class inline
         nb_man = QuickSaveManager(nb, output_path=output_path, progress_bar=progress_bar,
                                   log_output=log_output, autosave_cell_every=autosave_cell_every)

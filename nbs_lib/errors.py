@@ -72,19 +72,31 @@ class DataValidationError(DataError):
 
 # %% ../notebooks/00_errors.ipynb #d5c3ea54
 class TaskFailure:
-    "Where and how one pipeline task failed: task, notebook, cell, error, and the executed notebook."
+    """Where and how one pipeline task failed: task, notebook, cell, error, and the executed notebook.
+
+    `cell_index` counts the cells of `notebook` from 0; `executed_cell`, when known, is the same cell's
+    index in the executed notebook, where papermill adds its injected parameters and error markers."""
 
     def __init__(self, task: str, notebook: str, error: str, cell_index: int | None = None,
-                 ename: str = "", evalue: str = "", executed: str = "", source: str = ""):
+                 ename: str = "", evalue: str = "", executed: str = "", source: str = "",
+                 executed_cell: int | None = None):
         self.task, self.notebook, self.error = task, notebook, error
         self.cell_index, self.ename, self.evalue, self.executed = cell_index, ename, evalue, executed
-        self.source = source
+        self.source, self.executed_cell = source, executed_cell
+
+    @property
+    def first_line(self) -> str:
+        "The first line of the failed cell that is not blank, as the user sees it at the top of the cell."
+        return next((line.strip() for line in self.source.splitlines() if line.strip()), "")
 
     def __str__(self) -> str:
-        first_line = next((line for line in self.source.splitlines() if line.strip()), "")
         where = f" at cell {self.cell_index}" if self.cell_index is not None else ""
-        where += f" ({first_line.strip()[:60]})" if first_line else ""
-        what = f"{self.ename}: {self.evalue}" if self.ename else self.error
+        named = [self.first_line[:60]] if self.first_line else []
+        if self.executed_cell is not None and self.executed_cell != self.cell_index:
+            named.append(f"cell {self.executed_cell} of the executed notebook")
+        where += f" ({'; '.join(named)})" if named else ""
+        # a kernel of another language may name no exception type (bash gives only the exit status)
+        what = f"{self.ename or 'the kernel reported an error'}: {self.evalue}" if self.ename or self.evalue else self.error
         kept = f"\n  executed notebook: {self.executed}" if self.executed else ""
         return f"task {self.task!r} ({self.notebook}) failed{where}: {what}{kept}"
 

@@ -6,16 +6,36 @@
 from __future__ import annotations
 
 import ast
+import base64
+import binascii
+import contextlib
+import copy
+import hashlib
+import json
+import keyword
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from .config import check_type, display_path
+import yaml
+
+from .config import YamlNoDates, check_type, coerce_value, plain_value
 from .credentials import declared_secrets, redact_notebook, refuse_secret_values
-from .data import writable_file
-from .errors import ConfigError, ExecutionError, ParameterError, TaskFailure
+from .data import writable_file, write_atomic
+from .errors import ConfigError, ExecutionError, ParameterError, PathError, TaskFailure
 from .executor import copy_metrics_to_parent, describe_failure, log_notebook, say_progress
 from .lineage import file_digest, run_lineage
+from nbs_lib.notebook_io import (
+    STREAM,
+    check_client,
+    location_kind,
+    read_notebook,
+    read_text,
+    shown_location,
+    write_notebook,
+)
 from nbs_lib.tracking import (
     RunJournal,
     finish_run,
@@ -26,21 +46,18 @@ from nbs_lib.tracking import (
 )
 
 # %% auto #0
-__all__ = ['PROJECT_SOURCES', 'read_notebook', 'notebook_parameters', 'check_parameters', 'output_notebook', 'execute_notebook']
+__all__ = ['INJECTED_PATHS', 'PROJECT_SOURCES', 'MAX_TAG_TEXT', 'notebook_language', 'notebook_parameters', 'check_parameters',
+           'papermill_value', 'gather_parameters', 'notebook_name', 'output_location', 'output_notebook',
+           'PapermillOptions', 'execute_notebook', 'failure_tags']
 
 # %% ../notebooks/15_execute.ipynb #242a574c
-def read_notebook(path: str | Path):
-    "The notebook at `path` (nbformat 4), or a ConfigError saying why it cannot be executed."
-    import nbformat
+INJECTED_PATHS = ("PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH")  # what --inject-paths adds, declared or not
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(path, "no such notebook", hint="give the path of an .ipynb file")
-    try:
-        return nbformat.read(path, as_version=4)
-    except Exception as e:  # nbformat raises JSON, validation and version errors
-        raise ConfigError(path, f"is not a notebook nbs can read: {type(e).__name__}: {e}",
-                          hint="open it in JupyterLab and save it again") from e
+
+def notebook_language(nb, language: str | None = None) -> str:
+    "The language of `nb`'s kernel as papermill picks it: `language`, else the kernelspec's, else language_info's; python when none says."
+    return (language or nb.metadata.get("kernelspec", {}).get("language")
+            or nb.metadata.get("language_info", {}).get("name") or "python")
 
 
 def notebook_parameters(nb) -> dict[str, object] | None:
@@ -53,7 +70,8 @@ def notebook_parameters(nb) -> dict[str, object] | None:
     try:
         tree = ast.parse(TransformerManager().transform_cell(cell.source))  # magics become calls
     except SyntaxError as e:
-        raise ConfigError("the parameters cell", f"is not valid Python: {e}") from e
+        raise ConfigError("the parameters cell", f"is not valid Python: {e}",
+                          hint="fix it, or name the notebook's language in its kernelspec if it is not Python") from e
     defaults: dict[str, object] = {}
     for node in tree.body:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
@@ -66,164 +84,415 @@ def notebook_parameters(nb) -> dict[str, object] | None:
     return defaults
 
 
-def check_parameters(params: dict, declared: dict | None, notebook: str) -> dict:
-    "`params` with each name declared in `notebook`'s parameters cell and each value of its default's type."
-    if params and declared is None:
-        raise ParameterError(next(iter(params)), f"cannot be set: {notebook} has no cell tagged "
-                             "'parameters' (tag one in JupyterLab to make its values settable)")
+def check_parameters(params: dict, declared: dict | None, notebook: str, typed: bool = True) -> dict:
+    """`params` with each name a valid one, declared in `notebook`'s parameters cell and each value of its default's type.
+
+    With `typed` False (a parameters cell in another language, which nbs cannot read) only the names
+    are checked: papermill writes a name into the injected cell as it is."""
+    for name in params:
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise ParameterError(str(name), "is not a name a parameter can have (letters, digits and _, "
+                                 "not starting with a digit)", valid=list(declared or {}))
+    if not typed:
+        return {name: plain_value(name, value) for name, value in params.items()}
+    if any(name not in INJECTED_PATHS for name in params) and declared is None:
+        raise ParameterError(next(n for n in params if n not in INJECTED_PATHS), f"cannot be set: {notebook} has no "
+                             "cell tagged 'parameters' (tag one in JupyterLab to make its values settable)")
     checked = {}
     for name, value in params.items():
-        if name not in (declared or {}):
-            raise ParameterError(name, f"is not declared in the parameters cell of {notebook}",
-                                 valid=list(declared or {}))
-        checked[name] = check_type(name, value, declared[name])
+        if name in INJECTED_PATHS and name not in (declared or {}):
+            checked[name] = value
+            continue
+        if name not in declared:
+            raise ParameterError(name, f"is not declared in the parameters cell of {notebook}", valid=list(declared))
+        checked[name] = check_type(name, plain_value(name, value), declared[name])
     return checked
+
+
+def papermill_value(raw: str) -> object:
+    "`raw` as papermill's command line reads a `-p` value: True, False, None, an int, a float (`1e3`), else the string as given."
+    constants = {"True": True, "False": False, "None": None}
+    if raw in constants:
+        return constants[raw]
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _yaml_mapping(text: str | bytes, where: str) -> dict:
+    "The name: value mapping YAML `text` from `where` holds, dates kept as strings, as papermill reads -y, -f and -b."
+    try:
+        values = yaml.load(text, Loader=YamlNoDates)
+    except yaml.YAMLError as e:
+        raise ParameterError(where, f"is not YAML: {' '.join(str(e).split())}") from e
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ParameterError(where, f"must be a YAML mapping of name: value, not a {type(values).__name__}")
+    return values
+
+
+def gather_parameters(nb, notebook: str, *, pairs=(), raw=(), yaml_texts=(), files=(), base64_texts=(),
+                      injected: dict | None = None, language: str | None = None) -> dict:
+    """The parameters papermill's command line gives, in its order (--inject-*, -b, -f, -y, -p, -r: a later one wins), checked against `nb`'s parameters cell.
+
+    A `-p` value is read as its default's type; where the default says nothing (None, an expression)
+    or the parameters cell is not Python, by papermill's rules. A `-r` value is always a string."""
+    typed = notebook_language(nb, language).lower() == "python"
+    declared = notebook_parameters(nb) if typed else None
+    values = dict(injected or {})
+    for text in base64_texts:
+        try:
+            decoded = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ParameterError("-b/--parameters_base64", f"is not base64: {e}") from e
+        values.update(_yaml_mapping(decoded, "-b/--parameters_base64"))
+    for path in files:
+        values.update(_yaml_mapping(read_text(path, "parameters file"), str(path)))
+    for text in yaml_texts:
+        values.update(_yaml_mapping(text, "-y/--parameters_yaml"))
+    for name, value in pairs:
+        default = (declared or {}).get(name)
+        values[name] = papermill_value(value) if default is None else coerce_value(name, value, default)
+    for name, value in raw:
+        values[name] = value
+    return check_parameters(values, declared, notebook, typed)
 
 # %% ../notebooks/15_execute.ipynb #f2fed06a
 PROJECT_SOURCES = ("pipeline.yaml", "env.yaml", "notebooks")  # what an executed notebook must never be written over
 
 
 def _holds_notebook(path: Path) -> bool:
-    import json
-
     try:
         return isinstance(json.loads(path.read_text(encoding="utf-8")).get("cells"), list)
     except (OSError, ValueError, AttributeError):
         return False
 
 
-def output_notebook(output: str | Path | None, notebook: Path, root: Path) -> Path:
-    """Where the executed `notebook` goes: `output`, or into it (named as the notebook) when it is a folder; else ROOT/products/executed/.
+def notebook_name(source: str, output: str | None = None) -> str:
+    "The name runs and files take from the notebook `source` (from `output` when it is read from standard input)."
+    for path in (source, output):
+        if path and path != STREAM:
+            return PurePosixPath(str(path).split("?")[0]).stem or "notebook"
+    return "notebook"
+
+
+def output_location(output: str | Path | None, name: str, root: Path, params: dict) -> str:
+    "Where the executed notebook goes: `output` with papermill's `{name}` placeholders filled from `params`, else ROOT/products/executed/NAME.ipynb."
+    if output is None:
+        return str(Path(root) / "products" / "executed" / f"{name}.ipynb")
+    from papermill.exceptions import PapermillMissingParameterException
+    from papermill.parameterize import add_builtin_parameters, parameterize_path
+
+    try:
+        return parameterize_path(str(output), add_builtin_parameters(params))
+    except (PapermillMissingParameterException, ValueError, IndexError) as e:
+        raise PathError(output, f"names a parameter it has no value for ({e})",
+                        hint="pass it with -p, or write {{ and }} for a brace that is not a placeholder") from e
+
+
+def output_notebook(output: str | Path | None, notebook: Path | str, root: Path) -> Path:
+    """Where the executed `notebook` goes when it is a local file: `output`, or into it (named as the notebook) when it is a folder; else ROOT/products/executed/.
 
     Refused before anything runs when it would replace the notebook itself, a source of the project
     at `root` (pipeline.yaml, env.yaml, anything under notebooks/) or a file that is not a notebook,
-    or when it cannot be written."""
-    root, notebook = Path(root).resolve(), Path(notebook).resolve()
-    path = Path(output).resolve() if output else root / "products" / "executed" / notebook.name
+    or when it cannot be written. `notebook` is the local notebook, or the name of one read from elsewhere."""
+    root = Path(root).resolve()
+    local = Path(notebook).resolve() if isinstance(notebook, Path) else None
+    name = local.name if local else f"{notebook}.ipynb"
+    path = Path(output).resolve() if output else root / "products" / "executed" / name
     if path.is_dir():
-        path = path / notebook.name
-    if path == notebook:
+        path = path / name
+    if path == local:
         raise ConfigError(path, "is the notebook itself: executing it there would overwrite it",
-                          hint="pass --output with another path")
-    sources = [root / name for name in PROJECT_SOURCES] if (root / "pipeline.yaml").is_file() else []
+                          hint="pass an OUTPUT with another path")
+    sources = [root / source for source in PROJECT_SOURCES] if (root / "pipeline.yaml").is_file() else []
     if any(path == source or source in path.parents for source in sources):
         raise ConfigError(path, "is a source of the project: the executed notebook would replace it",
-                          hint="pass --output a path outside pipeline.yaml, env.yaml and notebooks/, e.g. "
-                               f"products/executed/{notebook.name}")
+                          hint="pass an OUTPUT outside pipeline.yaml, env.yaml and notebooks/, e.g. "
+                               f"products/executed/{name}")
     if path.exists() and not _holds_notebook(path):
         raise ConfigError(path, "exists and is not a notebook: the executed notebook would replace it",
-                          hint="pass --output a new path, a folder, or an executed notebook to replace")
+                          hint="pass a new OUTPUT path, a folder, or an executed notebook to replace")
     return writable_file(path)
 
 # %% ../notebooks/15_execute.ipynb #deff1265
-def execute_notebook(notebook: str | Path, output: str | Path | None = None, params: dict | None = None, *,
-                     experiment: str = "nbs", timeout: float | None = None, retries: int = 0,
-                     backoff: float = 5.0, secrets: list[str] | None = None, root: str | Path = ".",
-                     show: bool = True) -> dict:
-    "Execute `notebook` into `output`, retrying a failure `retries` times; one MLflow run, a child per attempt."
-    root, notebook = Path(root).resolve(), Path(notebook).resolve()
-    nb = read_notebook(notebook)
-    shown = display_path(notebook, root)
-    params = check_parameters(dict(params or {}), notebook_parameters(nb), shown)
-    output = output_notebook(output, notebook, root)  # before any run: a refused output leaves nothing RUNNING
+@dataclass
+class PapermillOptions:
+    "How papermill runs the notebook, as its command line says: kernel, language, working folder, report mode, output logging, start timeout, saves."
+
+    kernel_name: str | None = None  # instead of the notebook's own
+    language: str | None = None  # instead of the notebook's own
+    cwd: str | None = None  # the kernel's working folder
+    report_mode: bool = False  # hide the cells' input
+    prepare_only: bool = False  # inject the parameters, execute nothing
+    log_output: bool = False  # the cells' output to the log too
+    stdout_file: str | None = None  # the cells' standard output also written here
+    stderr_file: str | None = None
+    progress_bar: bool = False
+    start_timeout: float = 60  # seconds for the kernel to start
+    request_save_on_cell_execute: bool = True
+    autosave_cell_every: int = 30  # seconds between saves while one cell runs (0: none)
+
+
+def _kernel_for(nb, options: PapermillOptions, language: str, shown: str) -> str | None:
+    "The kernel name to hand papermill (None: the notebook's own), once it is known to be installed."
+    named = options.kernel_name or nb.metadata.get("kernelspec", {}).get("name")
+    if named is None and language.lower() != "python":
+        raise ConfigError(shown, f"names no kernel for its {language} cells", hint="pass -k KERNEL (jupyter kernelspec list)")
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec(named or "python3")
+    except NoSuchKernel as e:
+        raise ConfigError(shown, f"needs the kernel {named!r}, which is not installed here",
+                          hint="jupyter kernelspec list shows those installed; install it, or pass -k KERNEL") from e
+    # a foreign notebook may name no kernel: papermill refuses it, nbs takes the default one
+    return options.kernel_name or (None if named else "python3")
+
+
+def _check_options(options: PapermillOptions, timeout: float | None, retries: int, backoff: float) -> None:
+    "A ParameterError or PathError for an option no execution could use, before any run starts."
     for name, value in (("retries", retries), ("backoff", backoff)):
         if value < 0:
             raise ParameterError(name, f"is {value}; it must be 0 or more")
-    if timeout is not None and timeout <= 0:
-        raise ParameterError("timeout", f"is {timeout}; it must be more than 0 seconds")
+    for name, value in (("timeout", timeout), ("start-timeout", options.start_timeout)):
+        if value is not None and value <= 0:
+            raise ParameterError(name, f"is {value}; it must be more than 0 seconds")
+    if options.cwd is not None and not Path(options.cwd).is_dir():
+        raise PathError(options.cwd, "is not a folder the kernel can work in", hint="pass --cwd an existing folder")
+    for path in (options.stdout_file, options.stderr_file):
+        if path is not None:
+            writable_file(path)
+
+
+def execute_notebook(notebook: str | Path, output: str | Path | None = None, params: dict | None = None, *,
+                     experiment: str = "nbs", timeout: float | None = None, retries: int = 0,
+                     backoff: float = 5.0, secrets: list[str] | None = None, root: str | Path = ".",
+                     show: bool = True, options: PapermillOptions | None = None, nb=None) -> dict:
+    """Execute `notebook` (a path, `-` or a URL) into `output` (the same kinds), retrying a failure `retries` times; one MLflow run, a child per attempt.
+
+    `nb` is the notebook already read from `notebook` (standard input cannot be read twice). All that
+    can be refused is refused before the first run starts, so a refusal leaves nothing RUNNING."""
+    options = options or PapermillOptions()
+    root, source = Path(root).resolve(), str(notebook)
+    local = location_kind(source) == "local"
+    nb = nb if nb is not None else read_notebook(source)
+    shown = shown_location(source, root)
+    name = notebook_name(source, None if output is None else str(output))
+    language = notebook_language(nb, options.language)
+    typed = language.lower() == "python"
+    params = check_parameters(dict(params or {}), notebook_parameters(nb) if typed else None, shown, typed)
+    _check_options(options, timeout, retries, backoff)
+    target = output_location(output, name, root, params)
+    recorded = (source, target)  # in the notebook's metadata, as given, as papermill records them
+    staging = None  # where a notebook going to standard output or a URL is executed, then delivered from
+    if location_kind(target) == "local":
+        target = str(output_notebook(target, Path(source) if local else name, root))
+    elif target != STREAM:
+        check_client(target)
     secret_values = declared_secrets(list(secrets or []))
     refuse_secret_values(params, secret_values)
-    # a foreign notebook may name no kernel; papermill would refuse it, we use the default one
-    kernel = None if nb.metadata.get("kernelspec", {}).get("name") else "python3"
-    client = get_client()
-    for run_id in reap_orphans(client, experiment):
-        say_progress(f"marked run {run_id} KILLED: the process that ran it is gone", show)
-    lineage, environment = run_lineage()
-    parent = start_pipeline_run(client, experiment, [notebook.stem], params, root, tags=lineage,
-                                kind="execution", name=notebook.stem)
-    client.log_text(parent, environment, "environment/requirements.txt")
-    say_progress(f"MLflow execution run {parent} (experiment {experiment!r})", show)
-    attempt = _Attempt(client, parent, notebook, shown, output, params, root, kernel, timeout,
-                       {**lineage, "nbs.notebook.sha256": file_digest(notebook)},
-                       set(secret_values.values()), show)
-    failures: list[TaskFailure] = []
-    status, tries = "KILLED", 0
+    kernel = None if options.prepare_only else _kernel_for(nb, options, language, shown)
+    if not typed and params:
+        say_progress(f"the parameters cell of {shown} is in {language}: nbs checks the names of its parameters, "
+                     "not their values (papermill's translator writes them)", show)
     try:
-        while True:
-            tries += 1
-            failure = attempt.run(tries)
-            if failure is None:
-                break
-            failures.append(failure)
-            if tries > retries:
-                break
-            delay = backoff * 2 ** (tries - 1)
-            say_progress(f"  retrying {notebook.stem} in {delay:g} s (attempt {tries + 1} of {retries + 1})", show)
-            time.sleep(delay)
-        status = "FAILED" if failure else "FINISHED"
-    except Exception:
-        status = "FAILED"  # our own bookkeeping failed; an interrupt leaves it KILLED
-        raise
+        if target == STREAM or location_kind(target) == "remote":
+            staging = Path(tempfile.mkdtemp(prefix="nbs-execute-"))
+        work = staging / f"{name}.ipynb" if staging else Path(target)
+        run = _Execution(nb, recorded, shown, name, target, work, params, kernel, options, timeout,
+                         set(secret_values.values()), root, show)
+        if options.prepare_only:
+            return run.prepare()
+        return run.execute(experiment, retries, backoff, file_digest(source) if local else _digest(nb))
     finally:
-        client.set_tag(parent, "nbs.attempts", str(tries))
-        finish_run(client, parent, status)
-    if failure is not None:
-        raise ExecutionError(failures, hint=f"every attempt's executed notebook is attached to its run in MLflow ({parent})")
-    return {"run_id": parent, "attempts": tries, "output": str(output)}
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _digest(nb) -> str:
+    "The SHA-256 of a notebook read from standard input or a URL, as nbformat writes it."
+    import nbformat
+
+    return hashlib.sha256(nbformat.writes(nb).encode("utf-8")).hexdigest()
+
+
+MAX_TAG_TEXT = 5000  # MLflow keeps 8000 characters of a tag's value
+
+
+def failure_tags(failure: TaskFailure) -> dict[str, str]:
+    "The tags a failed run carries: the exception's type and message, and the failed cell as the user sees it."
+    head, sep, rest = failure.error.partition(": ")
+    kind, message = ((failure.ename, failure.evalue) if failure.ename
+                     else (head, rest) if sep and head.isidentifier() else ("", failure.error))
+    tags = {"nbs.error.type": kind, "nbs.error.message": message[:MAX_TAG_TEXT]}
+    if failure.cell_index is not None:
+        tags["nbs.error.cell"] = str(failure.cell_index)
+    if failure.executed_cell is not None:
+        tags["nbs.error.executed_cell"] = str(failure.executed_cell)
+    if failure.first_line:
+        tags["nbs.error.cell_source"] = failure.first_line[:MAX_TAG_TEXT]
+    return {key: value for key, value in tags.items() if value}
+
+
+def _tag(client, run_id: str, tags: dict[str, str]) -> None:
+    "Set `tags` on the run in one request."
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 
 @dataclass
-class _Attempt:
-    "One try at executing the notebook: a child run, papermill with the nbs engine, the true status."
+class _Execution:
+    "One notebook executed into one place: its attempts, each a child run, then the executed notebook delivered."
 
-    client: object
-    parent: str
-    notebook: Path
+    nb: object
+    recorded: tuple[str, str]  # the input and output as given: paths, - or URLs
     shown: str
-    output: Path
+    name: str
+    target: str  # where the executed notebook goes: a local path, - or a URL
+    work: Path  # the local file papermill writes: the target itself when it is local
     params: dict
-    root: Path
     kernel: str | None
+    options: PapermillOptions
     timeout: float | None
-    tags: dict
     secret_values: set[str]
+    root: Path
     show: bool
 
-    def run(self, number: int) -> TaskFailure | None:
-        "Execute once as attempt `number`; the failure, or None when the notebook finished."
+    def papermill(self, output: Path | None, **kwargs):
+        "papermill's execute_notebook with the nbs engine on a copy of the notebook, as the options say; the notebook it returns."
         import papermill
 
-        name = self.notebook.stem
-        run_id = start_task_run(self.client, self.parent, name, self.shown, self.params, self.root,
-                                {**self.tags, "nbs.attempt": str(number)})
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        self.output.unlink(missing_ok=True)  # an earlier attempt's notebook must not pass for this one's
+        o = self.options
+        return papermill.execute_notebook(
+            copy.deepcopy(self.nb), None if output is None else str(output), parameters=self.params,
+            engine_name="nbs", kernel_name=self.kernel, language=o.language, progress_bar=o.progress_bar,
+            log_output=o.log_output, start_timeout=o.start_timeout, report_mode=o.report_mode, cwd=o.cwd,
+            request_save_on_cell_execute=o.request_save_on_cell_execute,
+            autosave_cell_every=o.autosave_cell_every, recorded_paths=self.recorded, **kwargs)
+
+    def prepare(self) -> dict:
+        "Write the notebook with its parameters injected and nothing executed (papermill's --prepare-only): no kernel, no run."
+        import nbformat
+
+        prepared = self.papermill(None, prepare_only=True)
+        prepared.metadata.papermill.update(input_path=self.recorded[0], output_path=self.recorded[1])
+        text = nbformat.writes(prepared)
+        write_atomic(self.work, lambda partial: Path(partial).write_text(text, encoding="utf-8"))
+        failure = self.deliver()
+        if failure is not None:
+            raise ExecutionError([failure])
+        return {"run_id": None, "attempts": 0, "output": self.target}
+
+    def execute(self, experiment: str, retries: int, backoff: float, digest: str) -> dict:
+        "Run the attempts under one execution run, then deliver the last one's notebook; what was done, or an ExecutionError."
+        client = get_client()
+        for run_id in reap_orphans(client, experiment):
+            say_progress(f"marked run {run_id} KILLED: the process that ran it is gone", self.show)
+        lineage, environment = run_lineage()
+        parent = start_pipeline_run(client, experiment, [self.name], self.params, self.root, tags=lineage,
+                                    kind="execution", name=self.name)
+        client.log_text(parent, environment, "environment/requirements.txt")
+        say_progress(f"MLflow execution run {parent} (experiment {experiment!r})", self.show)
+        tags = {**lineage, "nbs.notebook.sha256": digest}
+        failures: list[TaskFailure] = []
+        failure, status, tries = None, "KILLED", 0
+        try:
+            with contextlib.ExitStack() as stack:
+                files = {f"{stream}_file": stack.enter_context(open(path, "w", encoding="utf-8"))
+                         for stream, path in (("stdout", self.options.stdout_file), ("stderr", self.options.stderr_file))
+                         if path is not None}
+                while True:
+                    tries += 1
+                    failure = self.attempt(client, parent, tries, tags, files)
+                    if failure is None or tries > retries:
+                        break
+                    failures.append(failure)
+                    delay = backoff * 2 ** (tries - 1)
+                    say_progress(f"  retrying {self.name} in {delay:g} s (attempt {tries + 1} of {retries + 1})", self.show)
+                    time.sleep(delay)
+            undelivered = self.deliver()  # a failed attempt's notebook too, as papermill writes it
+            if undelivered is not None:
+                failures += [failure] if failure else []
+                failure = undelivered
+            status = "FAILED" if failure else "FINISHED"
+        except Exception:
+            status = "FAILED"  # our own bookkeeping failed; an interrupt leaves it KILLED
+            raise
+        finally:
+            client.set_tag(parent, "nbs.attempts", str(tries))
+            if failure is not None and status == "FAILED":
+                _tag(client, parent, failure_tags(failure))
+            finish_run(client, parent, status)
+        if failure is not None:
+            raise ExecutionError(failures + [failure],
+                                 hint=f"every attempt's executed notebook is attached to its run in MLflow ({parent})")
+        return {"run_id": parent, "attempts": tries, "output": self.target}
+
+    def attempt(self, client, parent: str, number: int, tags: dict, files: dict) -> TaskFailure | None:
+        "Execute once as attempt `number`, a child run of `parent`; the failure, or None when the notebook finished."
+        run_id = start_task_run(client, parent, self.name, self.shown, self.params, self.root,
+                                {**tags, "nbs.attempt": str(number)})
+        self.work.parent.mkdir(parents=True, exist_ok=True)
+        self.work.unlink(missing_ok=True)  # an earlier attempt's notebook must not pass for this one's
         say_progress(f"  running  {self.shown} (attempt {number}) ...", self.show)
         started, status, failure = time.monotonic(), "KILLED", None
         journal = RunJournal(run_id, self.secret_values)
         try:
             try:
-                papermill.execute_notebook(
-                    str(self.notebook), str(self.output), parameters=self.params, engine_name="nbs",
-                    kernel_name=self.kernel, progress_bar=False, execution_timeout=self.timeout,
-                    kernel_env=journal.env)
+                self.papermill(self.work, execution_timeout=self.timeout, kernel_env=journal.env, **files)
                 error = None
             except Exception as e:  # a cell failed, timed out or lost its kernel, or none started
                 error = e
-            refused = journal.close(self.client)
-            kept = display_path(self.output, self.root) if self.output.is_file() else ""
+            refused = journal.close(client)
             if error is not None:
-                failure, status = describe_failure(name, error, self.shown, kept, self.secret_values), "FAILED"
+                failure, status = self.describe(error), "FAILED"
             elif refused:
-                failure, status = TaskFailure(name, self.shown, refused, executed=kept), "FAILED"
+                failure, status = TaskFailure(self.name, self.shown, refused, executed=self.kept()), "FAILED"
             else:
-                copy_metrics_to_parent(self.client, run_id, self.parent, name)
+                copy_metrics_to_parent(client, run_id, parent, self.name)
                 status = "FINISHED"
         finally:
-            journal.close(self.client)  # after an interrupt too: what the notebook logged is kept
-            if self.output.is_file():
-                redact_notebook(self.output, self.secret_values)
-                log_notebook(self.client, run_id, self.output)
-            finish_run(self.client, run_id, status)
-            say_progress(f"  {status.lower():8} {name} in {time.monotonic() - started:.1f} s", self.show)
+            journal.close(client)  # after an interrupt too: what the notebook logged is kept
+            if self.work.is_file():
+                redact_notebook(self.work, self.secret_values)
+                log_notebook(client, run_id, self.work)
+            if failure is not None:
+                _tag(client, run_id, failure_tags(failure))
+            finish_run(client, run_id, status)
+            say_progress(f"  {status.lower():8} {self.name} in {time.monotonic() - started:.1f} s", self.show)
         return failure
+
+    def kept(self) -> str:
+        "Where the executed notebook of a failed attempt can be read, as a message says it."
+        if not self.work.is_file():
+            return ""
+        return shown_location(self.target, self.root, output=True)
+
+    def describe(self, error: BaseException) -> TaskFailure:
+        "The failure `error` made, its cell named by its index in the notebook as given and in the executed one."
+        # imported after papermill, which loads the engine as it starts
+        from nbs_lib.engine import locate_failed_cell
+
+        failure = describe_failure(self.name, error, self.shown, self.kept(), self.secret_values)
+        if failure.cell_index is not None and self.work.is_file():
+            located = locate_failed_cell(self.nb, json.loads(self.work.read_text(encoding="utf-8")))
+            if located is not None:
+                failure.cell_index, failure.executed_cell = located  # None: papermill's injected cell
+        return failure
+
+    def deliver(self) -> TaskFailure | None:
+        "Write the executed notebook to standard output or its URL; a TaskFailure when that fails, None when done or local."
+        if self.target == str(self.work) or not self.work.is_file():
+            return None
+        try:
+            write_notebook(self.work.read_text(encoding="utf-8"), self.target)
+        except Exception as e:  # each handler raises its client's own errors; a closed pipe
+            return TaskFailure(self.name, self.shown, f"the executed notebook could not be written to {self.target}: "
+                                                      f"{type(e).__name__}: {e}")
+        return None

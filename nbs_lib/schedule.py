@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -97,11 +98,14 @@ class Job:
 
     def command(self, nbs: str | Path, root: Path, pipeline_args: tuple[str, ...] = ()) -> list[str]:
         "The `nbs` command line one attempt of this job runs; a pipeline job's gets `pipeline_args` (-p, --env-file) too."
-        params = [arg for name, value in self.params.items() for arg in ("-p", f"{name}={value}")]
         if self.pipeline:
+            params = [arg for name, value in self.params.items() for arg in ("-p", f"{name}={value}")]
             timeout = ["-p", f"cell_timeout={self.timeout:g}"] if self.timeout else []
             # --wait: a fire that finds a build running in the project queues behind it rather than fail
             return [str(nbs), "run", "--wait", "--root", str(root), *pipeline_args, *params, *timeout]
+        # a notebook's values go as YAML (JSON is YAML), typed as schedules.yaml wrote them: a -p word
+        # would be read by papermill's rules wherever the parameters cell's default is None
+        params = ["-y", json.dumps(self.params)] if self.params else []
         command = [str(nbs), "execute", str(root / self.notebook), "--root", str(root),
                    "--experiment", self.experiment, "--retries", str(self.retries),
                    "--backoff", str(self.backoff), *params]

@@ -163,6 +163,19 @@ def run_nbs(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
                           timeout=timeout)
 
 
+def drive(project: Path, argvs: list[list[str]], env: dict | None = None) -> list[subprocess.CompletedProcess]:
+    "`nbs ARGV` for each of `argvs` in `project`, one after the other in one process (tests/nbs_driver.py)."
+    env = {**{k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}, **(env or {})}
+    env["PLOOMBER_STATS_ENABLED"] = "false"
+    if (project / "nbs_lib").is_dir():  # the copy's library, as run_nbs does
+        env["PYTHONPATH"] = str(project)
+    ran = subprocess.run([sys.executable, str(Path(__file__).with_name("nbs_driver.py"))], input=json.dumps(argvs),
+                         cwd=project, env=env, capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return [subprocess.CompletedProcess(argv, o["code"], o["stdout"], o["stderr"])
+            for argv, o in zip(argvs, json.loads(ran.stdout.splitlines()[-1]), strict=True)]
+
+
 def store(root: Path):
     "An MlflowClient on the embedded store of the project at `root` (safe while `nbs` creates it)."
     from nbs_lib.tracking import open_store

@@ -3,15 +3,11 @@ no traceback, nothing of the project overwritten and no run left RUNNING."""
 
 from __future__ import annotations
 
-import json
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port, run_nbs, store
+from conftest import drive, free_port, run_nbs, store
 
 # (arguments, what the message must say): {dir} is a scratch folder holding the files made below
 CASES = [
@@ -73,17 +69,6 @@ def hostile(project: Path, tmp_path: Path) -> tuple[Path, Path]:
     (scratch / "a-file").write_text("")
     (scratch / "a-folder.csv").mkdir()
     return project, scratch
-
-
-def drive(project: Path, argvs: list[list[str]]) -> list[subprocess.CompletedProcess]:
-    "`nbs ARGV` for each of `argvs` in `project`, one after the other in one process (tests/nbs_driver.py)."
-    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
-    env.update(PYTHONPATH=str(project), PLOOMBER_STATS_ENABLED="false")  # the copy's nbs_lib, as run_nbs does
-    ran = subprocess.run([sys.executable, str(Path(__file__).with_name("nbs_driver.py"))], input=json.dumps(argvs),
-                         cwd=project, env=env, capture_output=True, text=True, timeout=600)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    return [subprocess.CompletedProcess(argv, o["code"], o["stdout"], o["stderr"])
-            for argv, o in zip(argvs, json.loads(ran.stdout.splitlines()[-1]), strict=True)]
 
 
 def _said(done, args: str) -> str:
