@@ -15,7 +15,7 @@ def tracking_per_task(project: Path, repeat: int) -> Figure:
     "The bookkeeping nbs does for one task against the same records made with MLflow's own API."
     import mlflow
 
-    from nbs_lib.executor import copy_metrics_to_parent, log_notebook
+    from nbs_lib.recording import copy_metrics_to_parent, log_notebook
     from nbs_lib.tracking import (
         finish_run,
         log_metrics,
@@ -125,3 +125,22 @@ def startup(repeat: int) -> list[Figure]:
                    target="<= 0.3 s", absolute_target=0.3),
             Figure("import nbs_lib, whole process", "python -c 'import nbs_lib'", "python -c pass", imports, bare,
                    target="<= 0.3 s", absolute_target=0.3)]
+
+
+def execute_vs_papermill(repeat: int, env: dict) -> Figure:
+    "Whole-process time of `nbs execute` (tracking included) and of `papermill` on the same 3-cell notebook."
+    nbs, papermill, times = str(BIN / "nbs"), str(BIN / "papermill"), {"nbs": [], "papermill": []}
+    with tempfile.TemporaryDirectory() as scratch:
+        here = Path(scratch)
+        cell_notebook(here / "three.ipynb", 3)
+        env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{here}/mlflow.db"}
+        run_process([nbs, "execute", "three.ipynb", "warm.ipynb"], here, env)  # creates the store: not timed
+        for _ in range(repeat):  # interleaved, so a noisy moment costs both alike
+            times["papermill"].append(run_process([papermill, "three.ipynb", "pm.ipynb", "--no-progress-bar"], here,
+                                                  env)[0])
+            times["nbs"].append(run_process([nbs, "execute", "three.ipynb", "nbs.ipynb"], here, env)[0])
+    return Figure("nbs execute against papermill, whole process (3 cells)", "nbs execute IN OUT: an execution "
+                  "run and an attempt run in MLflow, the notebook and its HTML logged", "papermill IN OUT",
+                  times["nbs"], times["papermill"], target="<= 1.3x",
+                  notes=["both start a kernel and execute the same notebook; the store exists beforehand, "
+                         "as after a project's first run"])

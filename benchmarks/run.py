@@ -27,7 +27,7 @@ import pipeline
 import serve
 from common import ROOT, Figure, clean_env, scratch_project, spread
 
-BENCHMARKS = ["startup", "pipeline", "grid", "tracking", "cells", "noop", "large", "serve"]
+BENCHMARKS = ["startup", "execute", "pipeline", "grid", "tracking", "cells", "noop", "large", "serve"]
 SMOKE_ENV = {"tune_trials": "2", "cv_folds": "2"}  # a quicker pipeline for --smoke
 # --smoke builds the chain from data to a registered version with the whole grid, without the tasks no
 # benchmark looks at, so that the suite, which runs it, waits less for it
@@ -78,6 +78,9 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
     if "cells" in chosen:
         say("per-cell overhead")
         figures += overhead.per_cell(few)
+    if "execute" in chosen:
+        say("nbs execute against papermill")
+        figures.append(overhead.execute_vs_papermill(1 if smoke else 10, env))
     if {"noop", "pipeline", "grid", "tracking", "large"} & set(chosen):
         say("ploomber build, then its no-op builds")
         ploomber_seconds = pipeline.ploomber_noop(project, env, 1 if smoke else 3)

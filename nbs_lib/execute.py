@@ -25,7 +25,6 @@ from .config import YamlNoDates, check_type, coerce_value, plain_value
 from .credentials import declared_secrets, redact_notebook, refuse_secret_values
 from .data import writable_file, write_atomic
 from .errors import ConfigError, ExecutionError, ParameterError, PathError, TaskFailure
-from .executor import copy_metrics_to_parent, describe_failure, log_notebook, say_progress
 from .lineage import file_digest, run_lineage
 from nbs_lib.notebook_io import (
     STREAM,
@@ -35,6 +34,13 @@ from nbs_lib.notebook_io import (
     read_text,
     shown_location,
     write_notebook,
+)
+from nbs_lib.recording import (
+    copy_metrics_to_parent,
+    describe_failure,
+    log_notebook,
+    prepare_html_exporter,
+    say_progress,
 )
 from nbs_lib.tracking import (
     RunJournal,
@@ -443,6 +449,7 @@ class _Execution:
         say_progress(f"  running  {self.shown} (attempt {number}) ...", self.show)
         started, status, failure = time.monotonic(), "KILLED", None
         journal = RunJournal(run_id, self.secret_values)
+        prepare_html_exporter()  # while the kernel runs
         try:
             try:
                 self.papermill(self.work, execution_timeout=self.timeout, kernel_env=journal.env, **files)

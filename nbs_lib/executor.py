@@ -6,12 +6,9 @@
 from __future__ import annotations
 
 import os
-import sys
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,7 +16,7 @@ from ploomber.constants import TaskStatus
 from ploomber.executors.abc import Executor
 
 from .config import display_path
-from .credentials import declared_secrets, redact, redact_notebook, refuse_secret_values
+from .credentials import declared_secrets, redact_notebook, refuse_secret_values
 from .engine import kill_kernels
 from .errors import ConfigError, PipelineError, TaskFailure
 from nbs_lib.lineage import (
@@ -31,6 +28,7 @@ from nbs_lib.lineage import (
     product_files,
     run_lineage,
 )
+from .recording import copy_metrics_to_parent, describe_failure, log_notebook, say_progress
 from nbs_lib.tracking import (
     RunJournal,
     finish_run,
@@ -45,9 +43,8 @@ if TYPE_CHECKING:  # for annotations only: MLflow is imported where it is used, 
 
 # %% auto #0
 __all__ = ['JOURNAL_REPLAY_EVERY', 'PIPELINE_RUN_ENV', 'THREAD_VARIABLES', 'task_params', 'shared_params', 'executed_notebook',
-           'describe_failure', 'say_progress', 'parallel_jobs', 'non_negative', 'TrackedExecutor', 'check_joinable',
-           'close_joined_run', 'log_upstream_inputs', 'log_outputs', 'copy_metrics_to_parent', 'log_notebook',
-           'refuse_secret_parameters', 'thread_limits', 'longest_chains']
+           'parallel_jobs', 'non_negative', 'TrackedExecutor', 'check_joinable', 'close_joined_run',
+           'log_upstream_inputs', 'log_outputs', 'refuse_secret_parameters', 'thread_limits', 'longest_chains']
 
 # %% ../notebooks/12_executor.ipynb #a231fd1e
 _NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM, DATA_DIGEST_PARAM}
@@ -73,30 +70,7 @@ def executed_notebook(task) -> Path | None:
     files = product_files(task.product)
     return files.get("nb") or next((p for p in files.values() if p.suffix == ".ipynb"), None)
 
-
-def describe_failure(task: str, exc: BaseException, notebook: str, executed: str = "",
-                     secrets: set[str] | None = None) -> TaskFailure:
-    "A TaskFailure for the task named `task` from the chain of `exc` (papermill's cell error when there is one), `secrets` scrubbed from what it says."
-    secrets = secrets or set()
-    seen, cause = set(), exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if hasattr(cause, "ename") and hasattr(cause, "cell_index"):
-            return TaskFailure(task, notebook, redact(str(cause), secrets), cause.cell_index, cause.ename,
-                               redact(str(cause.evalue), secrets), executed, redact(getattr(cause, "source", ""), secrets))
-        cause = cause.__cause__ or cause.__context__
-    root = exc
-    while root.__cause__ is not None:
-        root = root.__cause__
-    return TaskFailure(task, notebook, redact(f"{type(root).__name__}: {root}", secrets), executed=executed)
-
 # %% ../notebooks/12_executor.ipynb #ea74a00a
-def say_progress(message: str, show: bool = True) -> None:
-    "Print a progress line to stderr (stdout stays for results) when `show`."
-    if show:
-        print(message, file=sys.stderr, flush=True)
-
-
 def parallel_jobs(jobs: int | str | None) -> int:
     "How many tasks may run at once: `jobs`, or one per CPU core when it is 0 or empty."
     text = str(0 if jobs is None else jobs).strip() or "0"
@@ -259,40 +233,6 @@ def log_outputs(client, run_id: str, task, root: Path) -> None:
             for key, (path, digest) in product_digests(task.product).items() if _is_data(path)]
     if tags:
         client.log_batch(run_id, tags=tags)
-
-
-def copy_metrics_to_parent(client, run_id: str, parent: str, task_name: str) -> None:
-    "Give the pipeline run each metric of a task's run as `task.metric`, to compare builds at a glance."
-    from mlflow.entities import Metric
-
-    metrics = client.get_run(run_id).data.metrics
-    if metrics:
-        client.log_batch(parent, metrics=[Metric(f"{task_name}.{k}", v, 0, 0) for k, v in metrics.items()])
-
-
-_exporter_lock = threading.Lock()
-
-
-@lru_cache(maxsize=1)
-def _html_exporter():
-    from nbconvert import HTMLExporter
-
-    return HTMLExporter()  # made once: its templates load in 70 ms, a third of a conversion
-
-
-def log_notebook(client, run_id: str, executed: Path) -> None:
-    "Attach the executed notebook to the run, as .ipynb and rendered as self-contained HTML."
-    import tempfile
-
-    import nbformat
-
-    client.log_artifact(run_id, str(executed), "notebook")
-    with _exporter_lock:  # an exporter registers its filters anew on each call
-        html, _ = _html_exporter().from_notebook_node(nbformat.read(executed, as_version=4))
-    with tempfile.TemporaryDirectory() as tmp:
-        page = Path(tmp) / executed.with_suffix(".html").name
-        page.write_text(html, encoding="utf-8")
-        client.log_artifact(run_id, str(page), "notebook")
 
 
 def refuse_secret_parameters(tasks: list, secret_values: dict[str, str]) -> None:
