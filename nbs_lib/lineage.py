@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -78,12 +79,34 @@ def notebook_code(path: str | Path) -> str:
     return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
 
 # %% ../notebooks/11_lineage.ipynb #73c373ec
-def installed_packages() -> str:
-    "The installed distributions as `name==version` lines, sorted: the environment a run used."
+def installed_packages(cache: Path | None = None) -> str:
+    """The installed distributions as `name==version` lines, sorted: the environment a run used.
+
+    Reading every package's metadata takes half a second, on every `nbs execute`; the answer is kept
+    in `cache` (default ~/.cache/nbs) under a key that changes whenever a package is installed or
+    removed: the modification times of the folders Python imports from."""
+    import sys
+
+    seen = [f"{folder}:{os.stat(folder).st_mtime_ns}" for folder in sys.path if os.path.isdir(folder)]
+    key = hashlib.sha256("\n".join([sys.prefix, *seen]).encode()).hexdigest()[:32]
+    cache = cache or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nbs"
+    kept = cache / f"packages-{key}.txt"
+    try:
+        return kept.read_text(encoding="utf-8")
+    except OSError:
+        pass
     from importlib.metadata import distributions
 
     pins = {f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]}
-    return "\n".join(sorted(pins, key=str.lower)) + "\n"
+    packages = "\n".join(sorted(pins, key=str.lower)) + "\n"
+    try:  # a cache that cannot be written only costs the next run the same half second
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = kept.with_name(f".{kept.name}.{os.getpid()}")
+        partial.write_text(packages, encoding="utf-8")
+        os.replace(partial, kept)
+    except OSError:
+        pass
+    return packages
 
 
 def run_lineage() -> tuple[dict[str, str], str]:

@@ -75,10 +75,13 @@ def log_notebook(client, run_id: str, executed: Path) -> None:
 
 
 def prepare_html_exporter() -> threading.Thread:
-    "Make the HTML exporter in a background thread, so that importing nbconvert overlaps a running kernel."
+    "Make the HTML exporter ready in a background thread, so that importing nbconvert overlaps a running kernel."
     def make() -> None:
+        import nbformat
+
         with _exporter_lock:
-            _html_exporter()
+            # rendering once compiles the exporter's templates: the first page takes 30 times the next one's time
+            _html_exporter().from_notebook_node(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("")]))
 
     thread = threading.Thread(target=make, name="nbs-html-exporter", daemon=True)
     thread.start()
