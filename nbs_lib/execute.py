@@ -38,6 +38,7 @@ from nbs_lib.notebook_io import (
 from nbs_lib.recording import (
     copy_metrics_to_parent,
     describe_failure,
+    locate_cell,
     log_notebook,
     prepare_html_exporter,
     say_progress,
@@ -483,15 +484,8 @@ class _Execution:
 
     def describe(self, error: BaseException) -> TaskFailure:
         "The failure `error` made, its cell named by its index in the notebook as given and in the executed one."
-        # imported after papermill, which loads the engine as it starts
-        from nbs_lib.engine import locate_failed_cell
-
         failure = describe_failure(self.name, error, self.shown, self.kept(), self.secret_values)
-        if failure.cell_index is not None and self.work.is_file():
-            located = locate_failed_cell(self.nb, json.loads(self.work.read_text(encoding="utf-8")))
-            if located is not None:
-                failure.cell_index, failure.executed_cell = located  # None: papermill's injected cell
-        return failure
+        return locate_cell(failure, self.nb, self.work)
 
     def deliver(self) -> TaskFailure | None:
         "Write the executed notebook to standard output or its URL; a TaskFailure when that fails, None when done or local."

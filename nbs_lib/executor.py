@@ -28,7 +28,13 @@ from nbs_lib.lineage import (
     product_files,
     run_lineage,
 )
-from .recording import copy_metrics_to_parent, describe_failure, log_notebook, say_progress
+from nbs_lib.recording import (
+    copy_metrics_to_parent,
+    describe_failure,
+    locate_cell,
+    log_notebook,
+    say_progress,
+)
 from nbs_lib.tracking import (
     RunJournal,
     finish_run,
@@ -206,6 +212,16 @@ def _use_nbs_engine(task, cell_timeout: float | None, kernel_env: dict[str, str]
     task.executor_params["kernel_env"] = kernel_env
 
 
+def _source_notebook(task) -> dict:
+    "The notebook a task executes, as written (no cells when it is not a notebook task or cannot be read)."
+    import json
+
+    try:
+        return json.loads(Path(task.source.loc).read_text(encoding="utf-8"))
+    except (AttributeError, OSError, ValueError):
+        return {"cells": []}
+
+
 def _is_data(path: Path) -> bool:
     return path.suffix != ".ipynb"  # executed notebooks are logged as notebooks, not data
 
@@ -367,7 +383,8 @@ class _Build:
                 status = "FINISHED"
             else:
                 kept = display_path(executed, self.root) if executed is not None and executed.is_file() else ""
-                self.failures.append(describe_failure(task.name, error, self.notebook(task), kept, self.secret_values))
+                failure = describe_failure(task.name, error, self.notebook(task), kept, self.secret_values)
+                self.failures.append(locate_cell(failure, _source_notebook(task), executed) if executed else failure)
         except KeyboardInterrupt:
             status = "KILLED"
             raise

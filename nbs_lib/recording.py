@@ -5,6 +5,7 @@
 # %% ../notebooks/41_recording.ipynb #d056bdc5
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from functools import lru_cache
@@ -14,7 +15,7 @@ from .credentials import redact
 from .errors import TaskFailure
 
 # %% auto #0
-__all__ = ['say_progress', 'describe_failure', 'copy_metrics_to_parent', 'log_notebook', 'prepare_html_exporter']
+__all__ = ['say_progress', 'describe_failure', 'locate_cell', 'copy_metrics_to_parent', 'log_notebook', 'prepare_html_exporter']
 
 # %% ../notebooks/41_recording.ipynb #03be6cdb
 def say_progress(message: str, show: bool = True) -> None:
@@ -38,6 +39,23 @@ def describe_failure(task: str, exc: BaseException, notebook: str, executed: str
     while root.__cause__ is not None:
         root = root.__cause__
     return TaskFailure(task, notebook, redact(f"{type(root).__name__}: {root}", secrets), executed=executed)
+
+
+def locate_cell(failure: TaskFailure, source, executed: Path) -> TaskFailure:
+    """`failure` with its cell counted as the user sees it: its index in the notebook `source` as written and in the
+    notebook executed at `executed` (papermill's own index counts its injected cell, before its error markers)."""
+    if failure.cell_index is None or not executed.is_file():
+        return failure
+    # papermill's engine, imported only where a cell failed
+    from nbs_lib.engine import locate_failed_cell
+
+    try:
+        located = locate_failed_cell(source, json.loads(executed.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError):  # an executed notebook cut short: keep papermill's index
+        return failure
+    if located is not None:
+        failure.cell_index, failure.executed_cell = located  # None: papermill's injected cell
+    return failure
 
 # %% ../notebooks/41_recording.ipynb #811b72b1
 def copy_metrics_to_parent(client, run_id: str, parent: str, task_name: str) -> None:

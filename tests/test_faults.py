@@ -105,7 +105,8 @@ def _cell_statuses(path: Path) -> list:
 def test_a_raising_cell_fails_the_task_and_stops_downstream(tiny):
     done = run_nbs("run", "-p", "mode=raise", cwd=tiny)
     assert done.returncode == 1
-    assert "task 'first' (first.ipynb) failed at cell 2 (import os, sys, time): ValueError: bad things" in done.stderr
+    assert ("task 'first' (first.ipynb) failed at cell 1 (import os, sys, time; cell 4 of the executed notebook): "
+            "ValueError: bad things") in done.stderr
     assert "executed notebook: products/first.ipynb" in done.stderr
     assert _statuses(tiny) == {"pipeline": "FAILED", "first": "FAILED"}
     executed = tiny / "products/first.ipynb"
