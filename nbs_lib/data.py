@@ -16,7 +16,7 @@ import pandas as pd
 from .errors import DataError, PathError
 
 # %% auto #0
-__all__ = ['READERS', 'load_builtin', 'load_dataset', 'dataset_digest', 'write_atomic', 'save_table', 'save_json',
+__all__ = ['READERS', 'load_builtin', 'load_dataset', 'dataset_digest', 'partial_file', 'write_atomic', 'save_table', 'save_json',
            'writable_file']
 
 # %% ../notebooks/02_data.ipynb #c4b7dfb9
@@ -59,12 +59,37 @@ def dataset_digest(df: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 # %% ../notebooks/02_data.ipynb #55a00914
+def _umask() -> int:
+    "This process's umask, read without changing it where Linux's /proc tells it, else set and put back."
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def partial_file(path: Path, suffix: str = ".partial") -> Path:
+    """A new empty file beside `path`, of this run's own, to write whole before it is renamed onto `path`.
+
+    Its mode is what a file created at `path` would get (0644 under the usual umask), not mkstemp's
+    0600: the finished file is renamed with it, and the people sharing the folder must read it."""
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
+    return Path(name)
+
+
 def write_atomic(path: str | Path, write) -> Path:
     "Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+    tmp = partial_file(path, path.suffix)
     try:
         write(Path(tmp))
         os.replace(tmp, path)

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import writable_file
+from .data import partial_file, writable_file
 from .errors import ConfigError, DataError, InputError, PathError
 
 # %% auto #0
@@ -387,9 +386,7 @@ def predict_file(served: ServedModel, source: str | Path, output: str | Path, ch
     kind = _format(output, "output")
     total, chunks = _chunks(source, chunk_rows)
     # a name of this run's own: two runs to one output each write whole, and the last to finish wins
-    fd, name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
-    os.close(fd)
-    partial = Path(name)
+    partial = partial_file(output)
     writer, done = None, 0
     try:
         with tqdm(total=total, unit="rows", disable=not progress, file=sys.stderr, desc=source.name) as bar:

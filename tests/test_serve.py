@@ -344,6 +344,9 @@ def test_batch_scoring_in_chunks(registry, tmp_path):
     assert scored["prediction"].tolist() == model.predict(test.drop(columns=[TARGET])).tolist()
     assert scored["patient"].tolist() == list(range(len(test))) and (scored["model_version"] == 3).all()
     assert scored["proba_1"].tolist() == pytest.approx(model.predict_proba(test.drop(columns=[TARGET]))[:, 1].tolist())
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert output.stat().st_mode & 0o777 == 0o666 & ~umask, "a scored file others can read, as any file written there"
 
 
 def test_batch_scoring_refuses_bad_rows_and_writes_nothing(registry, tmp_path):
