@@ -321,7 +321,13 @@ def _use_store_of(root: Path) -> None:
 
 def cmd_execute(args: argparse.Namespace) -> int:
     "Execute one notebook on its own with papermill, recorded in MLflow like a pipeline task; papermill's command line works too."
-    from nbs_lib.execute import PapermillOptions, execute_notebook, gather_parameters
+    from nbs_lib.execute import (
+        PapermillOptions,
+        execute_notebook,
+        gather_parameters,
+        notebook_name,
+        output_location,
+    )
     from nbs_lib.notebook_io import STREAM, read_notebook, shown_location
 
     if args.output and args.output_path and args.output != args.output_path:
@@ -336,8 +342,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
     injected = {}
     if args.inject_input_path or args.inject_paths:
         injected["PAPERMILL_INPUT_PATH"] = args.notebook
-    if args.inject_output_path or args.inject_paths:
-        injected["PAPERMILL_OUTPUT_PATH"] = output or "-"
+    if args.inject_output_path or args.inject_paths:  # where it goes, as given, else where nbs puts it
+        injected["PAPERMILL_OUTPUT_PATH"] = output or output_location(None, notebook_name(args.notebook), root, {})
     params = gather_parameters(nb, shown, pairs=args.param, raw=args.parameters_raw, yaml_texts=args.parameters_yaml,
                                files=args.parameters_file, base64_texts=args.parameters_base64, injected=injected,
                                language=args.language)

@@ -248,6 +248,13 @@ def test_s3_notebooks_both_ways_through_papermills_handler(tmp_path, s3):
     assert executed["metadata"]["papermill"]["input_path"] == "s3://reports/weekly.ipynb"
     assert executed["metadata"]["papermill"]["output_path"] == "s3://reports/out/21.ipynb"
     assert executed["cells"][-1]["outputs"][0]["text"] == ["42\n"]
+    papermill = subprocess.run([str(PAPERMILL), "s3://reports/weekly.ipynb", "s3://reports/pm/{x}.ipynb", "-p", "x", "21",
+                                "--no-progress-bar"], cwd=tmp_path, env={**os.environ, **s3}, capture_output=True,
+                               text=True, timeout=120)
+    assert papermill.returncode == 0, papermill.stderr
+    by_papermill = json.loads(client.get_object(Bucket="reports", Key="pm/21.ipynb")["Body"].read())
+    by_papermill["metadata"]["papermill"]["output_path"] = "s3://reports/out/21.ipynb"
+    assert _shape(executed) == _shape(by_papermill)
     (attempt,) = [r for r in runs_of(tmp_path) if r.data.tags["nbs.kind"] == "task"]
     logged = store(tmp_path).download_artifacts(attempt.info.run_id, "notebook/weekly.ipynb", str(tmp_path / "dl"))
     assert json.loads(Path(logged).read_text())["cells"][-1]["outputs"][0]["text"] == ["42\n"]
