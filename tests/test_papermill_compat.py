@@ -51,13 +51,15 @@ CASES = {
     "papermill's value rules": Case([SAYS], COMPLEX, [
         "-p", "msg", "None", "-p", "when", "#1", "-p", "flag", "True", "-p", "label", "a: b"]),
     "a parameters file": Case([SAYS], COMPLEX, ["-f", "{case}/values.yaml", "-p", "msg", "late"]),
+    "a string default": Case(["print(repr(label))"], "label = 'x'", ["-p", "label", "007"],
+                             why="a string default takes the string as typed"),
     "report mode": Case(["print(x)"], "x = 1", ["--report-mode", "-p", "x", "2"]),
     "cwd": Case(["import os\nprint(os.path.basename(os.getcwd()))"], args=["--cwd", "{case}/work"]),
     "a kernel chosen, none named": Case(["print('chosen')"], args=["-k", "python3"], kernel=False),
     "prepare only": Case(["print(x)"], "x = 1", ["--prepare-only", "-p", "x", "5"]),
     "injected paths": Case(["print(PAPERMILL_INPUT_PATH, PAPERMILL_OUTPUT_PATH)"], args=["--inject-paths"]),
     "an unknown parameter": Case(["print(x)"], "x = 1", ["-p", "y", "2"], papermill=0, nbs=2,
-                                 why="papermill warns and runs the notebook without it"),
+                                 why="papermill warns and injects it, where no cell reads it"),
     "a cell timeout": Case(["import time; time.sleep(30)", "print('never')"], args=["--execution-timeout", "2"],
                            papermill=1, nbs=3, why="exit 3: stuck, not failed; papermill prints nbclient's traceback"),
     "a dead kernel": Case(["import os; os._exit(1)", "print('never')"], papermill=138, nbs=3,
@@ -135,6 +137,12 @@ def test_the_same_notebook_and_exit_status_as_papermill(both, name):
     if case.nbs == 3:  # papermill's weak spot: its notebook does not say which cell never finished
         statuses = [c["metadata"].get("papermill", {}).get("status") for c in by_nbs["cells"]]
         assert statuses[-2:] == ["failed", "pending"], statuses
+        theirs = [c["metadata"].get("papermill", {}).get("status") for c in by_papermill["cells"]]
+        assert set(theirs) == {"completed"}, "the README's table says papermill claims every cell completed"
+        return
+    if name == "a string default":  # papermill reads 007 as the int 7 whatever the default
+        assert by_papermill["metadata"]["papermill"]["parameters"] == {"label": 7}
+        assert by_nbs["metadata"]["papermill"]["parameters"] == {"label": "007"}
         return
     if name in ("sys.exit(0)", "raise SystemExit"):  # the same notebook, but nbs marks it failed where it stopped
         exits = [o for c in by_nbs["cells"] for o in c.get("outputs", []) if o.get("ename") == "SystemExit"]
