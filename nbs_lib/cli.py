@@ -328,7 +328,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
         notebook_name,
         output_location,
     )
-    from nbs_lib.notebook_io import STREAM, read_notebook, shown_location
+    from nbs_lib.notebook_io import STREAM, public_location, read_notebook, shown_location
 
     if args.output and args.output_path and args.output != args.output_path:
         raise ConfigError(args.output_path, f"and -o {args.output} both name the output", hint="give one of them")
@@ -341,7 +341,7 @@ def cmd_execute(args: argparse.Namespace) -> int:
         return _notebook_help(nb, shown, args.language)
     injected = {}
     if args.inject_input_path or args.inject_paths:
-        injected["PAPERMILL_INPUT_PATH"] = args.notebook
+        injected["PAPERMILL_INPUT_PATH"] = public_location(args.notebook)  # a parameter is stored: no password
     if args.inject_output_path or args.inject_paths:  # where it goes, as given, else where nbs puts it
         injected["PAPERMILL_OUTPUT_PATH"] = output or output_location(None, notebook_name(args.notebook), root, {})
     params = gather_parameters(nb, shown, pairs=args.param, raw=args.parameters_raw, yaml_texts=args.parameters_yaml,

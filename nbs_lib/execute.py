@@ -30,8 +30,10 @@ from nbs_lib.notebook_io import (
     STREAM,
     check_client,
     location_kind,
+    public_location,
     read_notebook,
     read_text,
+    scrub_location,
     shown_location,
     write_notebook,
 )
@@ -295,7 +297,8 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
     params = check_parameters(dict(params or {}), notebook_parameters(nb) if typed else None, shown, typed)
     _check_options(options, timeout, retries, backoff)
     target = output_location(output, name, root, params)
-    recorded = (source, target)  # in the notebook's metadata, as given, as papermill records them
+    # in the notebook's metadata, as given (as papermill records them), but never a password a URL carries
+    recorded = (public_location(source), public_location(target))
     staging = None  # where a notebook going to standard output or a URL is executed, then delivered from
     if location_kind(target) == "local":
         target = str(output_notebook(target, Path(source) if local else name, root))
@@ -494,6 +497,6 @@ class _Execution:
         try:
             write_notebook(self.work.read_text(encoding="utf-8"), self.target)
         except Exception as e:  # each handler raises its client's own errors; a closed pipe
-            return TaskFailure(self.name, self.shown, f"the executed notebook could not be written to {self.target}: "
-                                                      f"{type(e).__name__}: {e}")
+            return TaskFailure(self.name, self.shown, f"the executed notebook could not be written to "
+                               f"{public_location(self.target)}: {type(e).__name__}: {scrub_location(str(e), self.target)}")
         return None

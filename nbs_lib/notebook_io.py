@@ -14,8 +14,8 @@ from .config import display_path
 from .errors import ConfigError, PathError
 
 # %% auto #0
-__all__ = ['STREAM', 'REMOTE_CLIENTS', 'location_kind', 'shown_location', 'check_client', 'read_text', 'read_notebook',
-           'write_notebook']
+__all__ = ['STREAM', 'REMOTE_CLIENTS', 'location_kind', 'public_location', 'scrub_location', 'shown_location', 'check_client',
+           'read_text', 'read_notebook', 'write_notebook']
 
 # %% ../notebooks/40_notebook_io.ipynb #d68748dc
 STREAM = "-"  # papermill's name for standard input (as the notebook to run) or standard output (as where it goes)
@@ -41,18 +41,37 @@ def location_kind(path: str) -> str:
     from papermill.iorw import LocalHandler, papermill_io
 
     if isinstance(papermill_io.get_handler(path), LocalHandler):  # papermill's fallback for any unknown scheme
-        raise PathError(path, f"is a {scheme.group(1)}:// URL, which papermill has no I/O handler for",
+        raise PathError(public_location(path), f"is a {scheme.group(1)}:// URL, which papermill has no I/O handler for",
                         hint="use a local path, '-', or an s3://, gs://, abs://, adl:// or http(s):// URL "
                              "(Azure Blob Storage is abs://ACCOUNT.blob.core.windows.net/CONTAINER/PATH)")
     return "remote"
 
 
+def public_location(path: str | Path) -> str:
+    "`path` with the password a URL may carry (`https://user:TOKEN@host/...`) replaced by [secret], as messages and records show it."
+    from urllib.parse import urlsplit
+
+    path = str(path)
+    parts = urlsplit(path) if _URL.match(path) else None
+    if parts is None or parts.password is None:
+        return path
+    return parts._replace(netloc=f"{parts.username}:[secret]@{parts.netloc.rpartition('@')[2]}").geturl()
+
+
+def scrub_location(text: str, path: str | Path) -> str:
+    "`text` (a client library's error, which may quote the URL) with the password of the URL `path` replaced by [secret]."
+    from urllib.parse import urlsplit
+
+    password = urlsplit(str(path)).password if _URL.match(str(path)) else None
+    return text.replace(password, "[secret]") if password else text
+
+
 def shown_location(path: str | Path, root: Path, output: bool = False) -> str:
-    "`path` as messages name it: relative to the project `root` when a file inside it, `-` as standard input or output, a URL as it is."
+    "`path` as messages name it: relative to the project `root` when a file inside it, `-` as standard input or output, a URL without its password."
     path = str(path)
     if path == STREAM:
         return "standard output" if output else "standard input"
-    return display_path(path, root) if location_kind(path) == "local" else path
+    return display_path(path, root) if location_kind(path) == "local" else public_location(path)
 
 
 def check_client(path: str) -> None:
@@ -64,7 +83,7 @@ def check_client(path: str) -> None:
             except ModuleNotFoundError:  # a missing parent package (azure.storage.blob without azure)
                 found = False
             if not found:
-                raise PathError(path, f"needs the {module} client library, which is not installed",
+                raise PathError(public_location(path), f"needs the {module} client library, which is not installed",
                                 hint=f"pip install 'nbs_lib[{extra}]'")
             return
 
@@ -92,7 +111,7 @@ def read_text(path: str | Path, what: str = "notebook") -> str:
     try:
         return papermill_io.read(path, extensions=[])
     except Exception as e:  # each handler raises its client's own errors (botocore, requests, ...)
-        raise PathError(path, f"cannot be read: {type(e).__name__}: {e}") from e
+        raise PathError(public_location(path), f"cannot be read: {type(e).__name__}: {scrub_location(str(e), path)}") from e
 
 
 def read_notebook(path: str | Path):
@@ -104,7 +123,7 @@ def read_notebook(path: str | Path):
     try:
         return nbformat.reads(text, as_version=4)
     except Exception as e:  # nbformat raises JSON, validation and version errors
-        raise ConfigError(path, f"is not a notebook nbs can read: {type(e).__name__}: {e}",
+        raise ConfigError(public_location(path), f"is not a notebook nbs can read: {type(e).__name__}: {e}",
                           hint="open it in JupyterLab and save it again") from e
 
 

@@ -291,3 +291,37 @@ def test_help_notebook_lists_the_parameters_as_papermill_does(tmp_path):
     papermill = subprocess.run([str(PAPERMILL), "in.ipynb", "--help-notebook"], cwd=tmp_path, capture_output=True,
                                text=True, timeout=60)
     assert "rate: Unknown type (default 0.5)" in papermill.stdout
+
+
+def test_a_password_in_a_notebook_url_is_never_printed_or_stored(tmp_path):
+    import http.server
+    import threading
+
+    _write_notebook(tmp_path / "served" / "weekly.ipynb", Case(["print('read over http')"]))
+    token = "tok-9f8e7d6c"
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path / "served"), **kwargs)
+
+        def log_message(self, *args):  # the test's output stays the commands'
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+    try:
+        url = f"http://ana:{token}@127.0.0.1:{server.server_address[1]}"
+        done, missing = drive(tmp_path, [["execute", f"{url}/weekly.ipynb", "out.ipynb", "--inject-input-path"],
+                                         ["execute", f"{url}/nowhere.ipynb", "x.ipynb"]])
+    finally:
+        server.shutdown()
+        serving.join(10)
+    assert done.returncode == 0, done.stderr
+    assert f"Executed http://ana:[secret]@127.0.0.1:{server.server_address[1]}/weekly.ipynb" in done.stdout
+    assert missing.returncode == 2 and "ana:[secret]@" in missing.stderr
+    said = done.stdout + done.stderr + missing.stdout + missing.stderr + (tmp_path / "out.ipynb").read_text()
+    runs = runs_of(tmp_path)
+    stored = json.dumps([(r.data.params, r.data.tags) for r in runs])
+    assert token not in said and token not in stored and "[secret]" in stored
+
