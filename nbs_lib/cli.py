@@ -388,10 +388,10 @@ def _notebook_help(nb, shown: str, language: str | None) -> int:
     "Print the parameters `nb` declares, as papermill's --help-notebook does: 0, or 1 when it has no parameters cell."
     from papermill.translators import papermill_translators
 
-    from nbs_lib.execute import notebook_language
+    from nbs_lib.execute import notebook_language, parameters_cell
 
     print(f"Parameters inferred for notebook '{shown}':")
-    cell = next((c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])), None)
+    cell = parameters_cell(nb)
     if cell is None:
         print("\n  No cell tagged 'parameters'")
         return 1

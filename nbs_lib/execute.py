@@ -55,9 +55,9 @@ from nbs_lib.tracking import (
 )
 
 # %% auto #0
-__all__ = ['INJECTED_PATHS', 'PROJECT_SOURCES', 'MAX_TAG_TEXT', 'notebook_language', 'notebook_parameters', 'check_parameters',
-           'papermill_value', 'gather_parameters', 'notebook_name', 'output_location', 'output_notebook',
-           'PapermillOptions', 'execute_notebook', 'failure_tags']
+__all__ = ['INJECTED_PATHS', 'PROJECT_SOURCES', 'MAX_TAG_TEXT', 'notebook_language', 'parameters_cell', 'notebook_parameters',
+           'check_parameters', 'papermill_value', 'gather_parameters', 'notebook_name', 'output_location',
+           'output_notebook', 'PapermillOptions', 'execute_notebook', 'failure_tags']
 
 # %% ../notebooks/15_execute.ipynb #242a574c
 INJECTED_PATHS = ("PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH")  # what --inject-paths adds, declared or not
@@ -69,11 +69,16 @@ def notebook_language(nb, language: str | None = None) -> str:
             or nb.metadata.get("language_info", {}).get("name") or "python")
 
 
+def parameters_cell(nb):
+    "`nb`'s code cell tagged `parameters` (the first, as papermill takes it), or None."
+    return next((c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])), None)
+
+
 def notebook_parameters(nb) -> dict[str, object] | None:
     "The defaults in `nb`'s cell tagged `parameters`, by name (None where not a literal); None when it has no such cell."
     from IPython.core.inputtransformer2 import TransformerManager
 
-    cell = next((c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])), None)
+    cell = parameters_cell(nb)
     if cell is None:
         return None
     try:
