@@ -80,7 +80,7 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
         figures += overhead.per_cell(few)
     if "execute" in chosen:
         say("nbs execute against papermill")
-        figures.append(overhead.execute_vs_papermill(1 if smoke else 10, env))
+        figures += overhead.execute_vs_papermill(1 if smoke else 10, env)
     if {"noop", "pipeline", "grid", "tracking", "large"} & set(chosen):
         say("ploomber build, then its no-op builds")
         ploomber_seconds = pipeline.ploomber_noop(project, env, 1 if smoke else 3)

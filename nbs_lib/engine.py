@@ -228,8 +228,8 @@ class NbsEngine(NBClientEngine):
     @classmethod
     def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,
                                  stderr_file=None, start_timeout=60, execution_timeout=None,
-                                 kernel_env: dict[str, str] | None = None, **kwargs):
-        "Execute like papermill's engine, with `kernel_env` added to the kernel's environment."
+                                 kernel_env: dict[str, str] | None = None, kernel_restarts: int = 0, **kwargs):
+        "Execute like papermill's engine, with `kernel_env` added to the kernel's environment; `kernel_restarts` kernels died starting already."
         # papermill's own body, repeated because its client takes the kernel's env only in execute()
         kwargs.pop("input_path", None)
         timeout = execution_timeout or kwargs.pop("timeout", None)
@@ -238,6 +238,7 @@ class NbsEngine(NBClientEngine):
                                  kernel_name=kernel_name, log=logging.getLogger("papermill"),
                                  log_output=log_output, stdout_file=stdout_file,
                                  stderr_file=stderr_file, **kwargs)
+        client.kernel_restarts = kernel_restarts  # a kernel is started once more, not once more again
         try:
             client.execute(env={**os.environ, **(kernel_env or {})})
         except (CellTimeoutError, DeadKernelError) as error:

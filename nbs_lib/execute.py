@@ -13,6 +13,8 @@ import copy
 import hashlib
 import json
 import keyword
+import logging
+import os
 import shutil
 import tempfile
 import time
@@ -25,6 +27,7 @@ from .config import YamlNoDates, check_type, coerce_value, plain_value
 from .credentials import declared_secrets, redact_notebook, refuse_secret_values
 from .data import writable_file, write_atomic
 from .errors import ConfigError, ExecutionError, ParameterError, PathError, TaskFailure
+from .head_start import HeadStart, bind_environment, prestart_kernel, stop_kernel
 from .lineage import file_digest, run_lineage
 from nbs_lib.notebook_io import (
     STREAM,
@@ -43,6 +46,7 @@ from nbs_lib.recording import (
     locate_cell,
     log_notebook,
     prepare_html_exporter,
+    render_html,
     say_progress,
 )
 from nbs_lib.tracking import (
@@ -54,10 +58,12 @@ from nbs_lib.tracking import (
     start_task_run,
 )
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['INJECTED_PATHS', 'PROJECT_SOURCES', 'MAX_TAG_TEXT', 'notebook_language', 'parameters_cell', 'notebook_parameters',
-           'check_parameters', 'papermill_value', 'gather_parameters', 'notebook_name', 'output_location',
-           'output_notebook', 'PapermillOptions', 'execute_notebook', 'failure_tags']
+__all__ = ['log', 'INJECTED_PATHS', 'PROJECT_SOURCES', 'MAX_TAG_TEXT', 'notebook_language', 'parameters_cell',
+           'notebook_parameters', 'check_parameters', 'papermill_value', 'gather_parameters', 'notebook_name',
+           'output_location', 'output_notebook', 'PapermillOptions', 'execute_notebook', 'failure_tags']
 
 # %% ../notebooks/15_execute.ipynb #242a574c
 INJECTED_PATHS = ("PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH")  # what --inject-paths adds, declared or not
@@ -198,6 +204,8 @@ def output_location(output: str | Path | None, name: str, root: Path, params: di
     "Where the executed notebook goes: `output` with papermill's `{name}` placeholders filled from `params`, else ROOT/products/executed/NAME.ipynb."
     if output is None:
         return str(Path(root) / "products" / "executed" / f"{name}.ipynb")
+    if not any(brace in str(output) for brace in "{}"):  # nothing to fill: no need to import papermill
+        return str(output)
     from papermill.exceptions import PapermillMissingParameterException
     from papermill.parameterize import add_builtin_parameters, parameterize_path
 
@@ -252,20 +260,20 @@ class PapermillOptions:
     autosave_cell_every: int = 30  # seconds between saves while one cell runs (0: none)
 
 
-def _kernel_for(nb, options: PapermillOptions, language: str, shown: str) -> str | None:
-    "The kernel name to hand papermill (None: the notebook's own), once it is known to be installed."
+def _kernel_for(nb, options: PapermillOptions, language: str, shown: str) -> tuple[str | None, str, str]:
+    "The kernel name to hand papermill (None: the notebook's own), once it is known to be installed; its name and language."
     named = options.kernel_name or nb.metadata.get("kernelspec", {}).get("name")
     if named is None and language.lower() != "python":
         raise ConfigError(shown, f"names no kernel for its {language} cells", hint="pass -k KERNEL (jupyter kernelspec list)")
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
     try:
-        KernelSpecManager().get_kernel_spec(named or "python3")
+        spec = KernelSpecManager().get_kernel_spec(named or "python3")
     except NoSuchKernel as e:
         raise ConfigError(shown, f"needs the kernel {named!r}, which is not installed here",
                           hint="jupyter kernelspec list shows those installed; install it, or pass -k KERNEL") from e
     # a foreign notebook may name no kernel: papermill refuses it, nbs takes the default one
-    return options.kernel_name or (None if named else "python3")
+    return options.kernel_name or (None if named else "python3"), named or "python3", spec.language
 
 
 def _check_options(options: PapermillOptions, timeout: float | None, retries: int, backoff: float) -> None:
@@ -311,7 +319,7 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
         check_client(target)
     secret_values = declared_secrets(list(secrets or []))
     refuse_secret_values(params, secret_values)
-    kernel = None if options.prepare_only else _kernel_for(nb, options, language, shown)
+    kernel, kernel_name, kernel_language = (None, "", "") if options.prepare_only else _kernel_for(nb, options, language, shown)
     if not typed and params:
         say_progress(f"the parameters cell of {shown} is in {language}: nbs checks the names of its parameters, "
                      "not their values (papermill's translator writes them)", show)
@@ -320,10 +328,15 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
             staging = Path(tempfile.mkdtemp(prefix="nbs-execute-"))
         work = staging / f"{name}.ipynb" if staging else Path(target)
         run = _Execution(nb, recorded, shown, name, target, work, params, kernel, options, timeout,
-                         set(secret_values.values()), root, show)
+                         set(secret_values.values()), root, show,
+                         early_kernel=kernel_name if kernel_language.lower() == "python" else None)
         if options.prepare_only:
             return run.prepare()
-        return run.execute(experiment, retries, backoff, file_digest(source) if local else _digest(nb))
+        head = HeadStart(run.head_start, run.stop_early_kernel)  # before MLflow is imported: see 42_head_start
+        try:
+            return run.execute(experiment, retries, backoff, file_digest(source) if local else _digest(nb), head)
+        finally:
+            head.close()
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -378,6 +391,9 @@ class _Execution:
     secret_values: set[str]
     root: Path
     show: bool
+    early_kernel: str | None = None  # a Python kernel, started while MLflow opens: its run is bound later
+    _early = None  # in the forked process, the client of that kernel
+    _kernel_restarts = 0  # 1 once that kernel died starting: papermill's is the one started once more
 
     def papermill(self, output: Path | None, **kwargs):
         "papermill's execute_notebook with the nbs engine on a copy of the notebook, as the options say; the notebook it returns."
@@ -404,8 +420,58 @@ class _Execution:
             raise ExecutionError([failure])
         return {"run_id": None, "attempts": 0, "output": self.target}
 
-    def execute(self, experiment: str, retries: int, backoff: float, digest: str) -> dict:
-        "Run the attempts under one execution run, then deliver the last one's notebook; what was done, or an ExecutionError."
+    def head_start(self, wait) -> tuple[TaskFailure | None, str | None]:
+        """In the forked process: start the kernel and import papermill, then execute once `wait` gives the
+        run's environment; the failure or None, and the executed notebook's HTML page, its secrets scrubbed."""
+        if self.early_kernel:
+            self._early = prestart_kernel(self.early_kernel, self.options.cwd, dict(os.environ), self.options.start_timeout)
+        import papermill  # noqa: F401  the point: its import overlaps MLflow's in the parent
+
+        prepare_html_exporter()
+        self._early_kernel_step(lambda early: early.start_new_kernel_client())  # its first answer, meanwhile too
+        env = wait()
+        self._early_kernel_step(lambda early: bind_environment(early, env))
+        failure = self.run_papermill(env, self._early and self._early.km)
+        if not self.work.is_file():
+            return failure, None
+        redact_notebook(self.work, self.secret_values)
+        try:
+            return failure, render_html(self.work)
+        except Exception:  # the parent renders it again, and says why if it fails there too
+            return failure, None
+
+    def _early_kernel_step(self, step) -> None:
+        "`step` on the kernel started ahead; if it fails (the kernel died or hung starting), papermill starts another, as it would have."
+        if self._early is None:
+            return
+        try:
+            step(self._early)
+        except Exception as e:
+            log.warning("the kernel died or hung before it answered (%s): starting it once more", e)
+            self.stop_early_kernel()
+            self._kernel_restarts = 1
+
+    def stop_early_kernel(self) -> None:
+        "Shut down the kernel started ahead, if any (papermill leaves a kernel it did not start running)."
+        if self._early is not None:
+            early, self._early = self._early, None
+            stop_kernel(early)
+
+    def run_papermill(self, env: dict[str, str], km=None) -> TaskFailure | None:
+        "Execute into `work` with `env` added to the kernel's (`km`: a kernel already started); the failure, or None when it finished."
+        o = self.options
+        with contextlib.ExitStack() as stack:
+            files = {f"{stream}_file": stack.enter_context(open(path, "a", encoding="utf-8"))
+                     for stream, path in (("stdout", o.stdout_file), ("stderr", o.stderr_file)) if path is not None}
+            try:
+                self.papermill(self.work, execution_timeout=self.timeout, kernel_env=env, km=km,
+                               kernel_restarts=self._kernel_restarts, **files)
+            except Exception as e:  # a cell failed, timed out or lost its kernel, or none started
+                return self.describe(e)
+        return None
+
+    def execute(self, experiment: str, retries: int, backoff: float, digest: str, head: HeadStart | None = None) -> dict:
+        "Run the attempts under one execution run (the first in `head`), then deliver the last one's notebook; what was done, or an ExecutionError."
         client = get_client()
         for run_id in reap_orphans(client, experiment):
             say_progress(f"marked run {run_id} KILLED: the process that ran it is gone", self.show)
@@ -418,19 +484,18 @@ class _Execution:
         failures: list[TaskFailure] = []
         failure, status, tries = None, "KILLED", 0
         try:
-            with contextlib.ExitStack() as stack:
-                files = {f"{stream}_file": stack.enter_context(open(path, "w", encoding="utf-8"))
-                         for stream, path in (("stdout", self.options.stdout_file), ("stderr", self.options.stderr_file))
-                         if path is not None}
-                while True:
-                    tries += 1
-                    failure = self.attempt(client, parent, tries, tags, files)
-                    if failure is None or tries > retries:
-                        break
-                    failures.append(failure)
-                    delay = backoff * 2 ** (tries - 1)
-                    say_progress(f"  retrying {self.name} in {delay:g} s (attempt {tries + 1} of {retries + 1})", self.show)
-                    time.sleep(delay)
+            for path in (self.options.stdout_file, self.options.stderr_file):
+                if path is not None:
+                    Path(path).write_text("", encoding="utf-8")  # the attempts append to it
+            while True:
+                tries += 1
+                failure = self.attempt(client, parent, tries, tags, head if tries == 1 else None)
+                if failure is None or tries > retries:
+                    break
+                failures.append(failure)
+                delay = backoff * 2 ** (tries - 1)
+                say_progress(f"  retrying {self.name} in {delay:g} s (attempt {tries + 1} of {retries + 1})", self.show)
+                time.sleep(delay)
             undelivered = self.deliver()  # a failed attempt's notebook too, as papermill writes it
             if undelivered is not None:
                 failures += [failure] if failure else []
@@ -449,8 +514,8 @@ class _Execution:
                                  hint=f"every attempt's executed notebook is attached to its run in MLflow ({parent})")
         return {"run_id": parent, "attempts": tries, "output": self.target}
 
-    def attempt(self, client, parent: str, number: int, tags: dict, files: dict) -> TaskFailure | None:
-        "Execute once as attempt `number`, a child run of `parent`; the failure, or None when the notebook finished."
+    def attempt(self, client, parent: str, number: int, tags: dict, head: HeadStart | None) -> TaskFailure | None:
+        "Execute once as attempt `number`, a child run of `parent` (in `head` when given); the failure, or None when the notebook finished."
         run_id = start_task_run(client, parent, self.name, self.shown, self.params, self.root,
                                 {**tags, "nbs.attempt": str(number)})
         self.work.parent.mkdir(parents=True, exist_ok=True)
@@ -458,16 +523,17 @@ class _Execution:
         say_progress(f"  running  {self.shown} (attempt {number}) ...", self.show)
         started, status, failure = time.monotonic(), "KILLED", None
         journal = RunJournal(run_id, self.secret_values)
-        prepare_html_exporter()  # while the kernel runs
+        html = None  # the executed notebook's page, when the forked process rendered it
+        if head is None:
+            prepare_html_exporter()  # while the kernel runs
         try:
             try:
-                self.papermill(self.work, execution_timeout=self.timeout, kernel_env=journal.env, **files)
-                error = None
-            except Exception as e:  # a cell failed, timed out or lost its kernel, or none started
-                error = e
+                failure, html = head.result(journal.env) if head is not None else (self.run_papermill(journal.env), None)
+            except RuntimeError as e:  # the forked process died before it answered
+                failure = self.describe(e)
             refused = journal.close(client)
-            if error is not None:
-                failure, status = self.describe(error), "FAILED"
+            if failure is not None:
+                status = "FAILED"
             elif refused:
                 failure, status = TaskFailure(self.name, self.shown, refused, executed=self.kept()), "FAILED"
             else:
@@ -477,7 +543,7 @@ class _Execution:
             journal.close(client)  # after an interrupt too: what the notebook logged is kept
             if self.work.is_file():
                 redact_notebook(self.work, self.secret_values)
-                log_notebook(client, run_id, self.work)
+                log_notebook(client, run_id, self.work, html)
             if failure is not None:
                 _tag(client, run_id, failure_tags(failure))
             finish_run(client, run_id, status)

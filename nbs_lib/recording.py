@@ -15,7 +15,8 @@ from .credentials import redact
 from .errors import TaskFailure
 
 # %% auto #0
-__all__ = ['say_progress', 'describe_failure', 'locate_cell', 'copy_metrics_to_parent', 'log_notebook', 'prepare_html_exporter']
+__all__ = ['say_progress', 'describe_failure', 'locate_cell', 'copy_metrics_to_parent', 'render_html', 'log_notebook',
+           'prepare_html_exporter']
 
 # %% ../notebooks/41_recording.ipynb #03be6cdb
 def say_progress(message: str, show: bool = True) -> None:
@@ -77,15 +78,20 @@ def _html_exporter():
     return HTMLExporter()  # made once: its templates load in 70 ms, a third of a conversion
 
 
-def log_notebook(client, run_id: str, executed: Path) -> None:
-    "Attach the executed notebook to the run, as .ipynb and rendered as self-contained HTML."
-    import tempfile
-
+def render_html(executed: Path) -> str:
+    "The executed notebook as a self-contained HTML page."
     import nbformat
 
-    client.log_artifact(run_id, str(executed), "notebook")
     with _exporter_lock:  # an exporter registers its filters anew on each call
-        html, _ = _html_exporter().from_notebook_node(nbformat.read(executed, as_version=4))
+        return _html_exporter().from_notebook_node(nbformat.read(executed, as_version=4))[0]
+
+
+def log_notebook(client, run_id: str, executed: Path, html: str | None = None) -> None:
+    "Attach the executed notebook to the run, as .ipynb and as self-contained HTML (`html`, rendered here when not given)."
+    import tempfile
+
+    client.log_artifact(run_id, str(executed), "notebook")
+    html = render_html(executed) if html is None else html
     with tempfile.TemporaryDirectory() as tmp:
         page = Path(tmp) / executed.with_suffix(".html").name
         page.write_text(html, encoding="utf-8")

@@ -13,6 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = ["nbs --help, whole process", "import nbs_lib, whole process", "nbs execute against papermill, whole process (3 cells)",
+           "nbs execute against papermill, the floor",
            "forced pipeline, default data (569 rows)",
            "grid of 4 candidates on 2 cores", "tracking cost per task", "execution time per cell (200 trivial cells)",
            "execution time per cell (200 trivial cells), the floor", "no-op build, whole process",

@@ -159,18 +159,25 @@ def test_eight_concurrent_executions_on_one_new_store(tmp_path):
     assert sorted(r.data.params["rows"] for r in runs["task"]) == [str(n) for n in range(1, 9)]
 
 
+def _cell_running(executed: Path) -> bool:
+    "Whether the executed notebook being written says a cell is running."
+    try:
+        cells = json.loads(executed.read_text())["cells"]
+    except (OSError, ValueError):  # not written yet
+        return False
+    return any(c["metadata"].get("papermill", {}).get("status") == "running" for c in cells)
+
+
 def test_sigterm_ends_the_runs_killed_and_stops_the_kernel(tmp_path):
     _notebook(tmp_path / "slow.ipynb", "import time\ntime.sleep(120)")
     env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
     build = subprocess.Popen([str(NBS), "execute", "slow.ipynb"], cwd=tmp_path, env=env, stderr=subprocess.PIPE,
                              text=True, start_new_session=True)
     try:
-        kernels: list[psutil.Process] = []
-        deadline = time.monotonic() + 60
-        while not kernels and time.monotonic() < deadline:
-            time.sleep(0.5)
-            kernels = psutil.Process(build.pid).children(recursive=True)
-        time.sleep(3)  # let the kernel reach the sleeping cell
+        executed, deadline = tmp_path / "products" / "executed" / "slow.ipynb", time.monotonic() + 60
+        while not _cell_running(executed) and time.monotonic() < deadline:  # the kernel is in the sleeping cell
+            time.sleep(0.2)
+        kernels = psutil.Process(build.pid).children(recursive=True)  # the kernel, and whatever started it
         build.send_signal(signal.SIGTERM)
         assert build.wait(30) == 128 + signal.SIGTERM
         gone, alive = psutil.wait_procs(kernels, timeout=15)
