@@ -36,6 +36,8 @@ $(STAMP): requirements.lock setup.py settings.ini pyproject.toml
 	$(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 	$(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps --compile-bytecode -r requirements.lock
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@# an editable install is not compiled: where PYTHONDONTWRITEBYTECODE is set, each nbs process would compile nbs_lib anew
+	$(BIN)/python -m compileall -q nbs_lib
 	$(BIN)/pip check
 	@touch $(STAMP)
 
