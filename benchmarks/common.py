@@ -75,6 +75,8 @@ def scratch_project(folder: Path) -> Path:
     "A copy of this project's sources (no products, no store) in `folder`/project, its git history included."
     project = folder / "project"
     shutil.copytree(ROOT, project, ignore=SKIP)
+    # compiled as `make install` compiles the checkout's: else every nbs process compiles nbs_lib anew
+    subprocess.run([str(BIN / "python"), "-m", "compileall", "-q", str(project / "nbs_lib")], check=True)
     shutil.rmtree(project / "feature_repo" / "data", ignore_errors=True)  # this checkout's feature store, git-ignored
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)

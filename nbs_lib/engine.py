@@ -228,8 +228,12 @@ class NbsEngine(NBClientEngine):
     @classmethod
     def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,
                                  stderr_file=None, start_timeout=60, execution_timeout=None,
-                                 kernel_env: dict[str, str] | None = None, kernel_restarts: int = 0, **kwargs):
-        "Execute like papermill's engine, with `kernel_env` added to the kernel's environment; `kernel_restarts` kernels died starting already."
+                                 kernel_env: dict[str, str] | None = None, kernel_restarts: int = 0,
+                                 kernel_client=None, **kwargs):
+        """Execute like papermill's engine, with `kernel_env` added to the kernel's environment.
+
+        `kernel_restarts` kernels died starting already; `kernel_client` is connected to the kernel of
+        `km` (a kernel started ahead), which nbclient would otherwise connect to anew."""
         # papermill's own body, repeated because its client takes the kernel's env only in execute()
         kwargs.pop("input_path", None)
         timeout = execution_timeout or kwargs.pop("timeout", None)
@@ -239,6 +243,7 @@ class NbsEngine(NBClientEngine):
                                  log_output=log_output, stdout_file=stdout_file,
                                  stderr_file=stderr_file, **kwargs)
         client.kernel_restarts = kernel_restarts  # a kernel is started once more, not once more again
+        client.kc = kernel_client
         try:
             client.execute(env={**os.environ, **(kernel_env or {})})
         except (CellTimeoutError, DeadKernelError) as error:

@@ -27,7 +27,7 @@ from .config import YamlNoDates, check_type, coerce_value, plain_value
 from .credentials import declared_secrets, redact_notebook, refuse_secret_values
 from .data import writable_file, write_atomic
 from .errors import ConfigError, ExecutionError, ParameterError, PathError, TaskFailure
-from .head_start import HeadStart, bind_environment, prestart_kernel, stop_kernel
+from .head_start import HeadStart, bind_environment, prestart_kernel, request_stop, stop_kernel
 from .lineage import file_digest, run_lineage
 from nbs_lib.notebook_io import (
     STREAM,
@@ -431,7 +431,9 @@ class _Execution:
         self._early_kernel_step(lambda early: early.start_new_kernel_client())  # its first answer, meanwhile too
         env = wait()
         self._early_kernel_step(lambda early: bind_environment(early, env))
-        failure = self.run_papermill(env, self._early and self._early.km)
+        failure = self.run_papermill(env, self._early)
+        if self._early is not None:
+            request_stop(self._early)  # it shuts down while the page renders and the parent records the run
         if not self.work.is_file():
             return failure, None
         redact_notebook(self.work, self.secret_values)
@@ -457,15 +459,15 @@ class _Execution:
             early, self._early = self._early, None
             stop_kernel(early)
 
-    def run_papermill(self, env: dict[str, str], km=None) -> TaskFailure | None:
-        "Execute into `work` with `env` added to the kernel's (`km`: a kernel already started); the failure, or None when it finished."
+    def run_papermill(self, env: dict[str, str], early=None) -> TaskFailure | None:
+        "Execute into `work` with `env` added to the kernel's (in `early`'s kernel when given); the failure, or None when it finished."
         o = self.options
         with contextlib.ExitStack() as stack:
             files = {f"{stream}_file": stack.enter_context(open(path, "a", encoding="utf-8"))
                      for stream, path in (("stdout", o.stdout_file), ("stderr", o.stderr_file)) if path is not None}
             try:
-                self.papermill(self.work, execution_timeout=self.timeout, kernel_env=env, km=km,
-                               kernel_restarts=self._kernel_restarts, **files)
+                self.papermill(self.work, execution_timeout=self.timeout, kernel_env=env, kernel_restarts=self._kernel_restarts,
+                               km=early and early.km, kernel_client=early and early.kc, **files)
             except Exception as e:  # a cell failed, timed out or lost its kernel, or none started
                 return self.describe(e)
         return None

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 # %% auto #0
-__all__ = ['HeadStart', 'prestart_kernel', 'bind_environment', 'stop_kernel']
+__all__ = ['HeadStart', 'prestart_kernel', 'bind_environment', 'request_stop', 'stop_kernel']
 
 # %% ../notebooks/42_head_start.ipynb #4bcf4c97
 def _die_with(parent: int) -> None:
@@ -94,7 +94,7 @@ class HeadStart:
 
 # %% ../notebooks/42_head_start.ipynb #f97067a8
 def prestart_kernel(kernel_name: str, cwd: str | None, env: dict[str, str], startup_timeout: float):
-    "A notebook client whose kernel `kernel_name` is starting in `cwd` with `env`; hand its `km` to papermill."
+    "A notebook client whose kernel `kernel_name` is starting in `cwd` with `env`; hand its `km` and `kc` to papermill."
     import nbformat
     from nbclient import NotebookClient
 
@@ -108,20 +108,26 @@ def bind_environment(client, env: dict[str, str], timeout: float = 60) -> None:
     "Set `env` in the running Python kernel of `client` once it answers; a RuntimeError if it died or refused."
     if client.kc is None:
         client.start_new_kernel_client()  # waits for the kernel's first answer
-    try:
-        code = f"__import__('os').environ.update({env!r})"
-        client.timeout = timeout
-        reply = client.wait_for_reply(client.kc.execute(code, silent=True, store_history=False))
-        if reply is None or reply["content"]["status"] != "ok":
-            raise RuntimeError(f"the kernel did not take its environment: {reply and reply['content']}")
-    finally:
-        client.kc.stop_channels()
-        client.kc = None
+    code = f"__import__('os').environ.update({env!r})"
+    client.timeout = timeout
+    reply = client.wait_for_reply(client.kc.execute(code, silent=True, store_history=False))
+    if reply is None or reply["content"]["status"] != "ok":
+        raise RuntimeError(f"the kernel did not take its environment: {reply and reply['content']}")
+
+
+def request_stop(client) -> None:
+    "Ask the kernel `prestart_kernel` started to shut down, and go on: `stop_kernel` waits for it later."
+    from jupyter_core.utils import run_sync
+
+    if client.km is not None and client.km.has_kernel:
+        run_sync(client.km.request_shutdown)()
 
 
 def stop_kernel(client) -> None:
     "Shut down the kernel `prestart_kernel` started, as papermill's client shuts down its own."
     from jupyter_core.utils import run_sync
 
+    if client.kc is not None:
+        client.kc.stop_channels()
     if client.km is not None:  # nbclient drops the manager of a kernel that died starting
         run_sync(client.km.shutdown_kernel)()

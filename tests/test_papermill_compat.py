@@ -58,6 +58,8 @@ CASES = {
     "a kernel chosen, none named": Case(["print('chosen')"], args=["-k", "python3"], kernel=False),
     "prepare only": Case(["print(x)"], "x = 1", ["--prepare-only", "-p", "x", "5"]),
     "injected paths": Case(["print(PAPERMILL_INPUT_PATH, PAPERMILL_OUTPUT_PATH)"], args=["--inject-paths"]),
+    "output files": Case(["print('to stdout')\nimport sys; print('to stderr', file=sys.stderr)"],
+                         args=["--stdout-file", "{case}/out.txt", "--stderr-file", "{case}/err.txt"]),
     "an unknown parameter": Case(["print(x)"], "x = 1", ["-p", "y", "2"], papermill=0, nbs=2,
                                  why="papermill warns and injects it, where no cell reads it"),
     "a cell timeout": Case(["import time; time.sleep(30)", "print('never')"], args=["--execution-timeout", "2"],
@@ -156,6 +158,13 @@ def test_the_same_notebook_and_exit_status_as_papermill(both, name):
                     o.pop("evalue", None)
                 c["metadata"].get("papermill", {}).pop("status", None)  # failed where papermill says completed
     assert _shape(by_nbs) == _shape(by_papermill)
+
+
+def test_the_cells_output_goes_to_the_files_papermill_writes(both):
+    base, _ = both
+    for name, said in (("out.txt", "to stdout"), ("err.txt", "to stderr")):
+        ours, theirs = ((base / side / "output-files" / name).read_text() for side in ("nbs", "pm"))
+        assert ours == theirs and said in ours, (name, ours, theirs)
 
 
 def test_values_are_read_by_papermills_rules_where_the_default_says_nothing(both):
