@@ -27,7 +27,13 @@ from .config import YamlNoDates, check_type, coerce_value, plain_value
 from .credentials import declared_secrets, redact_notebook, refuse_secret_values
 from .data import writable_file, write_atomic
 from .errors import ConfigError, ExecutionError, ParameterError, PathError, TaskFailure
-from .head_start import HeadStart, bind_environment, prestart_kernel, request_stop, stop_kernel
+from nbs_lib.head_start import (
+    HeadStart,
+    bind_environment,
+    prestart_kernel,
+    request_stop,
+    stop_kernel,
+)
 from .lineage import file_digest, run_lineage
 from nbs_lib.notebook_io import (
     STREAM,

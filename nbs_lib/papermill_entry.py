@@ -8,7 +8,8 @@ __all__ = ['NbsEngine']
 # %% ../notebooks/43_papermill_entry.ipynb #38f7ed99
 class _Deferred(type):
     def __getattr__(cls, name: str):
-        from nbs_lib.engine import NbsEngine  # papermill has finished importing by the time it calls an engine
+        # papermill has finished importing by the time it calls an engine
+        from nbs_lib.engine import NbsEngine
 
         return getattr(NbsEngine, name)
 
