@@ -39,7 +39,7 @@ from nbs_lib.errors import (
     ServerError,
     as_nbs_error,
 )
-from .freshness import BuildInputs, forget_fresh_build, fresh_build, record_fresh_build
+from .freshness import build_inputs, forget_fresh_build, fresh_build, record_fresh_build
 from nbs_lib.lineage import (
     DATA_DIGEST_PARAM,
     LIBRARY_DIGEST_PARAM,
@@ -74,7 +74,7 @@ def load_dag(root: Path, overrides: dict | None = None):
         pin_library_code(dag)
         pin_data_files(dag, root)
         if isinstance(dag.executor, TrackedExecutor):
-            dag.executor.parameters = {**read_yaml_mapping(root / ENV_FILE), **(overrides or {})}
+            dag.executor.parameters = {**_env_values(root), **(overrides or {})}
         use_product_store(dag, root)
         dag.render(show_progress=False)
     except Exception as e:  # Ploomber raises many types here; all mean the spec is unusable
@@ -121,10 +121,18 @@ def _check_environment_reads(root: Path, values: dict) -> None:
     check_env_placeholders(values, values.get(DECLARED_ENV), secrets if isinstance(secrets, list) else None)
 
 
+def _env_values(root: Path) -> dict:
+    "The values env.yaml declares; none when the project has none (a Ploomber project need not)."
+    return read_yaml_mapping(root / ENV_FILE) if (root / ENV_FILE).is_file() else {}
+
+
 def _parameters(args: argparse.Namespace) -> tuple[Path, dict, dict]:
     "The project root, env.yaml's values, and the values --env-file, --params-json and -p set over them."
     root = find_project_root(args.root)
-    declared = read_yaml_mapping(root / ENV_FILE)
+    declared = _env_values(root)
+    if not (root / ENV_FILE).is_file() and (args.param or args.env_file or getattr(args, "params_json", None)):
+        raise ConfigError(root / ENV_FILE, "not found: -p, --env-file and --params-json set values env.yaml declares",
+                          hint="write env.yaml with NAME: DEFAULT for each value to set, used as {{NAME}} in pipeline.yaml")
     overrides = _overrides(args, declared)
     _check_environment_reads(root, {**declared, **overrides})
     return root, declared, overrides
@@ -157,22 +165,26 @@ def _project_dag(args: argparse.Namespace) -> tuple[Path, dict, object]:
     return root, {**declared, **values}, load_dag(root, values)
 
 
-def _build_inputs(root: Path, dag, env_file: Path | None) -> BuildInputs:
-    "The files `dag`'s up-to-date decision rests on, relative to `root`."
-    tasks = list(dag.values())
-    return BuildInputs(
-        spec=[PIPELINE_FILE, ENV_FILE, *([str(env_file)] if env_file else [])],
-        sources=[display_path(t.source.loc, root) for t in tasks if hasattr(t.source, "loc")],
-        data=sorted({str(t.params.to_dict()["data_path"]) for t in tasks if t.params.to_dict().get("data_path")}),
-        products={t.name: {key: display_path(p, root) for key, p in product_files(t.product).items()} for t in tasks})
-
-
-def _print_products(products: dict[str, dict[str, str]]) -> None:
+def _print_products(products: dict[str, dict[str, str]], root: Path) -> None:
     for task, shown in products.items():
         print(f"  {task:10} " + "\n  {:10} ".format("").join(shown.values()))
+    print(f"\n{_where_tracked(root)}")
+
+
+def _where_tracked(root: Path) -> str:
+    "Where the project at `root` records its builds and how to browse them; or that it does not."
+    executor = read_yaml_mapping(root / PIPELINE_FILE).get("executor")
+    named = executor.get("dotted_path") if isinstance(executor, dict) else executor
+    if named != "nbs_lib.executor.TrackedExecutor":
+        return ("Not tracked in MLflow: pipeline.yaml's executor is Ploomber's own "
+                "(executor: {dotted_path: nbs_lib.executor.TrackedExecutor} records each task)")
     uri = tracking_uri()
-    browse = "make ui  (http://127.0.0.1:5000)" if uri.startswith("sqlite:") else uri
-    print(f"\nTracked in {uri}. To browse the runs: {browse}")
+    if not uri.startswith("sqlite:"):
+        return f"Tracked in {uri}."
+    makefile = root / "Makefile"  # nbs's own target, where the project has it
+    has_ui = makefile.is_file() and re.search(r"^ui:", makefile.read_text(encoding="utf-8"), re.MULTILINE)
+    browse = "make ui" if has_ui else f"mlflow ui --backend-store-uri {uri}"
+    return f"Tracked in {uri}. To browse the runs: {browse}  (http://127.0.0.1:5000)"
 
 
 def _check_candidates(dag, values: dict) -> None:
@@ -219,7 +231,7 @@ def _build(args: argparse.Namespace, root: Path, declared: dict, overrides: dict
         unchanged = fresh_build(root, overrides)
         if unchanged is not None:
             return _report_build(unchanged, f"All {len(unchanged)} tasks are up to date; nothing ran (--force re-runs them).",
-                                 args.json)
+                                 args.json, root)
     dag = load_dag(root, overrides)
     _check_candidates(dag, {**declared, **overrides})
     # Ploomber takes a name with a * as an fnmatch pattern, and any other as a task's name
@@ -233,17 +245,17 @@ def _build(args: argparse.Namespace, root: Path, declared: dict, overrides: dict
         report = dag.build_partially(args.only, force=args.force, skip_upstream=True)
     else:
         report = dag.build(force=args.force, show_progress=True)
-    inputs = _build_inputs(root, dag, env_file)
+    inputs = build_inputs(dag, root, [PIPELINE_FILE, ENV_FILE, *([str(env_file)] if env_file else [])])
     if not args.only:  # every task is up to date now
         record_fresh_build(root, inputs, overrides)
     outcome = report.to_dict()
     ran = [name for name, done in zip(outcome["name"], outcome["Ran?"], strict=True) if done]
     said = (f"\nRan {len(ran)} of {len(dag)} tasks." if ran
             else f"All {len(dag)} tasks are up to date; nothing ran (--force re-runs them).")
-    return _report_build(inputs.products, said, args.json)
+    return _report_build(inputs.products, said, args.json, root)
 
 
-def _report_build(products: dict[str, dict[str, str]], said: str, as_json: bool) -> int:
+def _report_build(products: dict[str, dict[str, str]], said: str, as_json: bool, root: Path) -> int:
     "Print what a build ran and made, then what it came to (`build_summary`); all of it as one JSON object with `as_json`."
     import json
 
@@ -254,7 +266,7 @@ def _report_build(products: dict[str, dict[str, str]], said: str, as_json: bool)
         print(json.dumps({"message": said.strip(), "products": products, "summary": summary}, indent=2, default=str))
         return 0
     print(f"{said} Products:")
-    _print_products(products)
+    _print_products(products, root)
     if summary is not None:
         print("\n" + format_summary(summary))
     return 0
@@ -279,7 +291,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
     from nbs_lib.tracking import get_client, reap_orphans
 
     root = find_project_root(args.root)
-    experiment = read_yaml_mapping(root / ENV_FILE).get("experiment", "nbs")
+    experiment = _env_values(root).get("experiment", "nbs")
     _prepare_environment(root)
     client = get_client()
     for run_id in reap_orphans(client, experiment):
@@ -561,7 +573,8 @@ def cmd_task(args: argparse.Namespace) -> int:
         forget_fresh_build(root)
         dag.build_partially(args.name, force=True, skip_upstream=True)
     print(f"Ran {args.name} in pipeline run {args.pipeline_run}. Products:")
-    _print_products({args.name: {key: display_path(p, root) for key, p in product_files(dag[args.name].product).items()}})
+    _print_products({args.name: {key: display_path(p, root) for key, p in product_files(dag[args.name].product).items()}},
+                    root)
     return 0
 
 
@@ -587,7 +600,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     source = airflow_dag_source(
         tasks, params, project=(args.project or root).resolve(),
         nbs=args.nbs or Path(sys.executable).with_name("nbs"), dag_id=args.dag_id,
-        descriptions=env_descriptions((root / ENV_FILE).read_text(encoding="utf-8")),
+        descriptions=env_descriptions((root / ENV_FILE).read_text(encoding="utf-8") if (root / ENV_FILE).is_file() else ""),
         retries=executor.retries, retry_delay=executor.retry_delay, task_timeout=executor.task_timeout)
     file = f"{args.dag_id}.py"
     path = write_dag_file(writable_file(args.output, file) if args.output else root / "dags" / file, source)

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import yaml
@@ -44,6 +44,7 @@ from nbs_lib.notebook_io import (
     read_text,
     scrub_location,
     shown_location,
+    text_notebook_format,
     write_notebook,
 )
 from nbs_lib.recording import (
@@ -64,12 +65,12 @@ from nbs_lib.tracking import (
     start_task_run,
 )
 
-log = logging.getLogger(__name__)
+_log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'INJECTED_PATHS', 'PROJECT_SOURCES', 'MAX_TAG_TEXT', 'notebook_language', 'parameters_cell',
-           'notebook_parameters', 'check_parameters', 'papermill_value', 'gather_parameters', 'notebook_name',
-           'output_location', 'output_notebook', 'PapermillOptions', 'execute_notebook', 'failure_tags']
+__all__ = ['INJECTED_PATHS', 'PROJECT_SOURCES', 'MAX_TAG_TEXT', 'notebook_language', 'parameters_cell', 'notebook_parameters',
+           'check_parameters', 'papermill_value', 'gather_parameters', 'notebook_name', 'output_location',
+           'output_notebook', 'PapermillOptions', 'execute_notebook', 'failure_tags']
 
 # %% ../notebooks/15_execute.ipynb #242a574c
 INJECTED_PATHS = ("PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH")  # what --inject-paths adds, declared or not
@@ -230,8 +231,11 @@ def output_notebook(output: str | Path | None, notebook: Path | str, root: Path)
     or when it cannot be written. `notebook` is the local notebook, or the name of one read from elsewhere."""
     root = Path(root).resolve()
     local = Path(notebook).resolve() if isinstance(notebook, Path) else None
-    name = local.name if local else f"{notebook}.ipynb"
+    name = (f"{local.stem}.ipynb" if text_notebook_format(local) else local.name) if local else f"{notebook}.ipynb"
     path = Path(output).resolve() if output else root / "products" / "executed" / name
+    if text_notebook_format(path):  # papermill would write JSON into job.py
+        raise ConfigError(path, "names a text notebook: the executed notebook is written as .ipynb",
+                          hint=f"name OUTPUT {path.with_suffix('.ipynb').name}, or give a folder")
     if path.is_dir():
         path = path / name
     if path == local:
@@ -312,6 +316,9 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
     shown = shown_location(source, root)
     name = notebook_name(source, None if output is None else str(output))
     language = notebook_language(nb, options.language)
+    if not (options.language or nb.metadata.get("language_info", {}).get("name")
+            or nb.metadata.get("kernelspec", {}).get("language")):
+        options = replace(options, language=language)  # papermill needs one, and a text notebook may name none
     typed = language.lower() == "python"
     params = check_parameters(dict(params or {}), notebook_parameters(nb) if typed else None, shown, typed)
     _check_options(options, timeout, retries, backoff)
@@ -326,6 +333,8 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
     secret_values = declared_secrets(list(secrets or []))
     refuse_secret_values(params, secret_values)
     kernel, kernel_name, kernel_language = (None, "", "") if options.prepare_only else _kernel_for(nb, options, language, shown)
+    if kernel_name and not options.kernel_name and not nb.metadata.get("kernelspec", {}).get("name"):
+        say_progress(f"{shown} names no kernel: it runs on {kernel_name} (-k KERNEL picks another)", show)
     if not typed and params:
         say_progress(f"the parameters cell of {shown} is in {language}: nbs checks the names of its parameters, "
                      "not their values (papermill's translator writes them)", show)
@@ -455,7 +464,7 @@ class _Execution:
         try:
             step(self._early)
         except Exception as e:
-            log.warning("the kernel died or hung before it answered (%s): starting it once more", e)
+            _log.warning("the kernel died or hung before it answered (%s): starting it once more", e)
             self.stop_early_kernel()
             self._kernel_restarts = 1
 

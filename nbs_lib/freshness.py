@@ -10,10 +10,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .lineage import file_digest, library_digest
+from .config import display_path
+from .lineage import file_digest, library_digest, product_files
 
 # %% auto #0
-__all__ = ['STATE_FILE', 'BuildInputs', 'fingerprint', 'record_fresh_build', 'forget_fresh_build', 'fresh_build']
+__all__ = ['STATE_FILE', 'BuildInputs', 'fingerprint', 'record_fresh_build', 'forget_fresh_build', 'fresh_build', 'build_inputs']
 
 # %% ../notebooks/31_freshness.ipynb #88db3340
 STATE_FILE = ".nbs/fresh-build.json"  # under the project root; git-ignored with the rest of .nbs/
@@ -31,9 +32,10 @@ class BuildInputs:
     "What a build's up-to-date decision rests on, as paths relative to the project root."
 
     spec: list[str]  # pipeline.yaml, env.yaml, an --env-file
-    sources: list[str]  # the tasks' notebooks
+    sources: list[str]  # the files the tasks' sources are read from: notebooks, scripts, SQL, functions' modules
     data: list[str]  # data files named by a data_path parameter
     products: dict[str, dict[str, str]]  # task name -> product key -> file, in the DAG's order
+    uncertain: str = ""  # why no fingerprint can stand for Ploomber's decision (a product in a database, ...)
 
 # %% ../notebooks/31_freshness.ipynb #1e62606a
 def _metadata_file(product: Path) -> Path:
@@ -71,7 +73,8 @@ def record_fresh_build(root: Path, inputs: BuildInputs, overrides: dict) -> bool
     "After a build that left every task up to date, remember its fingerprint; whether it could be."
     root = Path(root).resolve()
     state = root / STATE_FILE
-    if any(_volatile((root / p).read_text(encoding="utf-8")) for p in inputs.spec if (root / p).is_file()):
+    if inputs.uncertain or any(_volatile((root / p).read_text(encoding="utf-8"))
+                               for p in inputs.spec if (root / p).is_file()):
         state.unlink(missing_ok=True)
         return False
     state.parent.mkdir(parents=True, exist_ok=True)
@@ -97,3 +100,32 @@ def fresh_build(root: Path, overrides: dict) -> dict[str, dict[str, str]] | None
     except (OSError, ValueError, TypeError, KeyError):  # none recorded, or written by another version
         return None
     return inputs.products if fingerprint(root, inputs, overrides) == state["fingerprint"] else None
+
+# %% ../notebooks/31_freshness.ipynb #98c14d74
+def _source_file(task, root: Path) -> str | None:
+    "The file `task`'s source is read from, relative to `root` (a function's module); None for a source the spec holds."
+    loc = getattr(task.source, "loc", None)
+    if loc is None:
+        return None
+    path = Path(str(loc))
+    module, sep, line = str(loc).rpartition(":")
+    if not path.exists() and sep and line.isdigit():  # a Python function: its module and line
+        path = Path(module)
+    return display_path(path, root)
+
+
+def build_inputs(dag, root: Path, spec: list[str]) -> BuildInputs:
+    "What the up-to-date decision on the rendered Ploomber `dag` rests on, besides the `spec` files, relative to `root`."
+    from ploomber.products import File
+
+    tasks = list(dag.values())
+    sources = list(dict.fromkeys(s for s in (_source_file(t, root) for t in tasks) if s is not None))
+    uncertain = next((f"the source {s} is not a file" for s in sources if not (Path(root) / s).is_file()), "")
+    for task in tasks:
+        kinds = {type(p).__name__ for p in getattr(task.product, "products", [task.product]) if not isinstance(p, File)}
+        uncertain = uncertain or (f"task {task.name!r} makes a {', '.join(sorted(kinds))}, not a file" if kinds else "")
+    return BuildInputs(
+        spec=spec, sources=sources,
+        data=sorted({str(t.params.to_dict()["data_path"]) for t in tasks if t.params.to_dict().get("data_path")}),
+        products={t.name: {key: display_path(p, root) for key, p in product_files(t.product).items()} for t in tasks},
+        uncertain=uncertain)

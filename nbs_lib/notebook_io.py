@@ -8,14 +8,14 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .config import display_path
 from .errors import ConfigError, PathError
 
 # %% auto #0
 __all__ = ['STREAM', 'REMOTE_CLIENTS', 'location_kind', 'public_location', 'scrub_location', 'shown_location', 'check_client',
-           'read_text', 'read_notebook', 'write_notebook']
+           'read_text', 'text_notebook_format', 'read_notebook', 'write_notebook']
 
 # %% ../notebooks/40_notebook_io.ipynb #d68748dc
 STREAM = "-"  # papermill's name for standard input (as the notebook to run) or standard output (as where it goes)
@@ -114,15 +114,35 @@ def read_text(path: str | Path, what: str = "notebook") -> str:
         raise PathError(public_location(path), f"cannot be read: {type(e).__name__}: {scrub_location(str(e), path)}") from e
 
 
+def text_notebook_format(path: str | Path) -> str | None:
+    "The jupytext format of a notebook kept as text at `path` (`py` for percent or light scripts, `md`, `Rmd`, ...); None for .ipynb and anything else."
+    suffix = PurePosixPath(str(path).split("?")[0]).suffix
+    if suffix in ("", ".ipynb"):
+        return None
+    from jupytext.formats import NOTEBOOK_EXTENSIONS
+
+    return suffix[1:] if suffix in NOTEBOOK_EXTENSIONS else None
+
+
 def read_notebook(path: str | Path):
-    "The notebook at `path` (a file, `-` for standard input, or a URL), as nbformat 4; a ConfigError saying why it cannot be read."
+    """The notebook at `path` (a file, `-` for standard input, or a URL), as nbformat 4; a ConfigError saying why it cannot be read.
+
+    A text notebook (a jupytext `.py` in percent or light format, `.md`, `.Rmd`, ...) is read with jupytext, as
+    Ploomber reads its script tasks."""
     import nbformat
 
     path = str(path)
     text = read_text(path)
     try:
-        return nbformat.reads(text, as_version=4)
-    except Exception as e:  # nbformat raises JSON, validation and version errors
+        text_format = text_notebook_format(path)
+        if text_format is None:
+            return nbformat.reads(text, as_version=4)
+        import jupytext
+
+        nb = jupytext.reads(text, fmt=text_format)
+        nbformat.validate(nb)
+        return nb
+    except Exception as e:  # nbformat raises JSON, validation and version errors; jupytext its own
         raise ConfigError(public_location(path), f"is not a notebook nbs can read: {type(e).__name__}: {e}",
                           hint="open it in JupyterLab and save it again") from e
 

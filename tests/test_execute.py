@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
-from conftest import NBS, run_nbs, runs_of, store
+from conftest import NBS, drive, run_nbs, runs_of, store
 
 
 def _notebook(path: Path, *cells: str, parameters: str | None = None, kernel: bool = True) -> Path:
@@ -231,3 +231,26 @@ def test_a_kernel_that_never_starts_fails_the_run_and_no_cell_claims_to_have_run
     cells = json.loads((tmp_path / "products/executed/job.ipynb").read_text())["cells"]
     assert [c["metadata"]["papermill"]["status"] for c in cells] == ["failed", "pending"]
     assert cells[0]["outputs"][0]["evalue"].startswith("the kernel did not start, no cell ran")
+
+
+TEXT_NOTEBOOKS = {  # jupytext's text formats, as Ploomber's script tasks are kept; none names a kernel
+    "percent.py": '# %% tags=["parameters"]\nrows = 1\n\n# %%\nprint("rows", rows)\n',
+    "light.py": '# + tags=["parameters"]\nrows = 1\n# -\n\nprint("rows", rows)\n',
+    "notes.md": '# Notes\n\n```python tags=["parameters"]\nrows = 1\n```\n\n```python\nprint("rows", rows)\n```\n',
+}
+
+
+def test_a_text_notebook_runs_as_jupytext_reads_it_into_an_ipynb(tmp_path):
+    for name, text in TEXT_NOTEBOOKS.items():
+        (tmp_path / name).write_text(text)
+    done = drive(tmp_path, [["execute", name, "-p", "rows", "3"] for name in TEXT_NOTEBOOKS]
+                 + [["execute", "percent.py", "out.py"]])
+    for name, ran in zip(TEXT_NOTEBOOKS, done, strict=False):
+        assert ran.returncode == 0, (name, ran.stderr)
+        assert f"{name} names no kernel: it runs on python3" in ran.stderr, ran.stderr
+        executed = json.loads((tmp_path / "products" / "executed" / f"{Path(name).stem}.ipynb").read_text())
+        printed = ["".join(o.get("text", "")) for c in executed["cells"] for o in c.get("outputs", [])]
+        assert "rows 3\n" in printed and executed["metadata"]["papermill"]["parameters"] == {"rows": 3}, printed
+    refused = done[-1]
+    assert refused.returncode == 2 and "name OUTPUT out.ipynb" in refused.stderr, refused.stderr
+    assert not (tmp_path / "out.py").exists()

@@ -1,0 +1,91 @@
+"""Ploomber's own kinds of project, adopted by running `nbs` where `ploomber build` ran: each is built here, in
+a folder of its own, never copied from elsewhere (README: "From Ploomber")."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import run_nbs
+
+FUNCTIONS = {
+    "pipeline.yaml": """\
+        tasks:
+          - source: tasks.raw
+            product: out/raw.csv
+          - source: tasks.clean
+            product: out/clean.csv
+            params:
+              rows: '{{rows}}'
+          - source: tasks.report
+            product: out/report.txt
+        """,
+    "env.yaml": "rows: 2\n",
+    "tasks.py": """\
+        from pathlib import Path
+
+
+        def raw(product):
+            Path(str(product)).write_text("a\\n1\\n2\\n3\\n")
+
+
+        def clean(product, upstream, rows):
+            lines = Path(str(upstream["raw"])).read_text().splitlines()
+            Path(str(product)).write_text("\\n".join(lines[: rows + 1]) + "\\n")
+
+
+        def report(product, upstream):
+            Path(str(product)).write_text(f"{len(Path(str(upstream['clean'])).read_text().splitlines())} lines\\n")
+        """,
+}
+
+
+def _project(folder: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(textwrap.dedent(text))
+    return folder
+
+
+def _ran(done) -> str:
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert text.count(old) == 1, old
+    path.write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize("edited, old, new, again", [
+    ("raw", 'write_text("a\\n1\\n2\\n3\\n")', 'write_text("a\\n4\\n5\\n6\\n")', 3),  # and everything downstream
+    ("clean", 'lines[: rows + 1]', 'lines[: rows + 1][::-1]', 2),
+    ("report", 'f"{len(', 'f"counted {len(', 1),
+])
+def test_an_edited_function_task_runs_again_with_its_downstream_never_up_to_date(tmp_path, edited, old, new, again):
+    project = _project(tmp_path, FUNCTIONS)
+    assert "Ran 3 of 3 tasks" in _ran(run_nbs("run", cwd=project))
+    assert "All 3 tasks are up to date" in _ran(run_nbs("run", cwd=project))
+    assert (project / ".nbs" / "fresh-build.json").is_file(), "the no-op fast path was not armed: this proves nothing"
+    _edit(project / "tasks.py", old, new)
+    status = _ran(run_nbs("status", cwd=project))
+    would_run = [line.split()[0] for line in status.splitlines() if "would run" in line]
+    assert len(would_run) == again and edited in would_run, status
+    assert f"Ran {again} of 3 tasks" in _ran(run_nbs("run", cwd=project))
+    assert "All 3 tasks are up to date" in _ran(run_nbs("run", cwd=project))
+
+
+def test_a_project_without_env_yaml_builds_and_says_it_is_not_tracked(tmp_path):
+    files = {**FUNCTIONS, "pipeline.yaml": FUNCTIONS["pipeline.yaml"].replace("'{{rows}}'", "2")}
+    del files["env.yaml"]
+    project = _project(tmp_path, files)
+    built = _ran(run_nbs("run", cwd=project))
+    assert "Ran 3 of 3 tasks" in built and (project / "out" / "report.txt").read_text() == "3 lines\n"
+    # Ploomber's own executor records nothing: nbs must not claim a store it did not write, nor name a Makefile
+    assert "Not tracked in MLflow" in built and "Tracked in" not in built and "make " not in built, built
+    assert not (project / "mlflow.db").exists()
+    assert "up to date" in _ran(run_nbs("status", cwd=project))
+    refused = run_nbs("run", "-p", "rows=3", cwd=project)
+    assert refused.returncode == 2 and "env.yaml: not found" in refused.stderr, refused.stderr
