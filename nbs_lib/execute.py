@@ -347,11 +347,13 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
                          early_kernel=kernel_name if kernel_language.lower() == "python" else None)
         if options.prepare_only:
             return run.prepare()
-        head = HeadStart(run.head_start, run.stop_early_kernel)  # before MLflow is imported: see 42_head_start
+        # forked before MLflow is imported (see 42_head_start)
+        head = HeadStart(run.head_start, run.stop_early_kernel) if HeadStart.possible() else None
         try:
             return run.execute(experiment, retries, backoff, file_digest(source) if local else _digest(nb), head)
         finally:
-            head.close()
+            if head is not None:
+                head.close()
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

@@ -64,6 +64,13 @@ class HeadStart:
         theirs.close()
         self._sent = self._answered = False
 
+    @staticmethod
+    def possible() -> bool:
+        "Whether this platform can fork (not Windows): without it, the work runs in this process after MLflow opens."
+        import multiprocessing
+
+        return "fork" in multiprocessing.get_all_start_methods()
+
     def result(self, env: dict[str, str]) -> object:
         "Send `env` to the work, then wait for what it returns; a RuntimeError when its process ends without answering."
         if self._sent:
