@@ -120,12 +120,13 @@ def build_inputs(dag, root: Path, spec: list[str]) -> BuildInputs:
 
     tasks = list(dag.values())
     sources = list(dict.fromkeys(s for s in (_source_file(t, root) for t in tasks) if s is not None))
-    uncertain = next((f"the source {s} is not a file" for s in sources if not (Path(root) / s).is_file()), "")
+    reasons = [f"the source {s} is not a file" for s in sources if not (Path(root) / s).is_file()]
     for task in tasks:
         kinds = {type(p).__name__ for p in getattr(task.product, "products", [task.product]) if not isinstance(p, File)}
-        uncertain = uncertain or (f"task {task.name!r} makes a {', '.join(sorted(kinds))}, not a file" if kinds else "")
+        if kinds:
+            reasons.append(f"task {task.name!r} makes a {', '.join(sorted(kinds))}, not a file")
     return BuildInputs(
         spec=spec, sources=sources,
         data=sorted({str(t.params.to_dict()["data_path"]) for t in tasks if t.params.to_dict().get("data_path")}),
         products={t.name: {key: display_path(p, root) for key, p in product_files(t.product).items()} for t in tasks},
-        uncertain=uncertain)
+        uncertain=reasons[0] if reasons else "")

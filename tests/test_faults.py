@@ -292,7 +292,8 @@ def test_one_build_at_a_time_a_second_is_refused_or_queues_and_takes_over_from_a
         assert "Traceback" not in refused.stderr + impatient.stderr
         queued = subprocess.Popen([str(NBS), "run", "--force", "--wait"], cwd=tiny, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                  env={**os.environ, "PLOOMBER_STATS_ENABLED": "false"})
+                                  env={**{k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}},
+                                       "PLOOMBER_STATS_ENABLED": "false"})
         try:
             said = queued.stderr.readline()
             assert f"nbs: waiting for the build lock: process {build.pid} (nbs run --force -p mode=sleep)" in said, said
