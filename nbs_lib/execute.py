@@ -441,7 +441,11 @@ class _Execution:
         """In the forked process: start the kernel and import papermill, then execute once `wait` gives the
         run's environment; the failure or None, and the executed notebook's HTML page, its secrets scrubbed."""
         if self.early_kernel:
-            self._early = prestart_kernel(self.early_kernel, self.options.cwd, dict(os.environ), self.options.start_timeout)
+            try:
+                self._early = prestart_kernel(self.early_kernel, self.options.cwd, dict(os.environ),
+                                              self.options.start_timeout)
+            except Exception:  # not launched (a kernel spec naming a missing program): papermill's start says why
+                self._early = None
         import papermill  # noqa: F401  the point: its import overlaps MLflow's in the parent
 
         prepare_html_exporter()

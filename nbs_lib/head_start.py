@@ -76,10 +76,11 @@ class HeadStart:
         if self._sent:
             raise RuntimeError("a head start is used once")
         self._sent = True
-        try:
+        with contextlib.suppress(BrokenPipeError):  # the work failed before it waited: its answer is in the pipe
             self._conn.send(env)
-            kind, value = self._conn.recv()  # the work may have answered (failed) before it waited
-        except (EOFError, BrokenPipeError):
+        try:
+            kind, value = self._conn.recv()
+        except EOFError:
             self._process.join()
             code = self._process.exitcode
             how = f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"

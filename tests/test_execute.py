@@ -254,3 +254,18 @@ def test_a_text_notebook_runs_as_jupytext_reads_it_into_an_ipynb(tmp_path):
     refused = done[-1]
     assert refused.returncode == 2 and "name OUTPUT out.ipynb" in refused.stderr, refused.stderr
     assert not (tmp_path / "out.py").exists()
+
+
+def test_a_kernel_whose_program_is_missing_is_one_line_and_a_failed_run(tmp_path):
+    spec = tmp_path / "jupyter" / "kernels" / "gone"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": [str(tmp_path / "no-such-python"), "-f", "{connection_file}"],
+                                                  "display_name": "gone", "language": "python"}))
+    path = _notebook(tmp_path / "job.ipynb", "print('ran')")
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["kernelspec"] = {"name": "gone", "display_name": "gone", "language": "python"}
+    nbformat.write(nb, path)
+    done = run_nbs("execute", "job.ipynb", cwd=tmp_path, env={"JUPYTER_PATH": str(tmp_path / "jupyter")})
+    assert done.returncode == 1 and "FileNotFoundError" in done.stderr and "no-such-python" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "without saying how it went" not in done.stderr
+    assert {r.info.status for r in runs_of(tmp_path)} == {"FAILED"}
