@@ -334,19 +334,28 @@ def _use_store_of(root: Path) -> None:
 
 def cmd_execute(args: argparse.Namespace) -> int:
     "Execute one notebook on its own with papermill, recorded in MLflow like a pipeline task; papermill's command line works too."
-    from nbs_lib.execute import (
-        PapermillOptions,
-        execute_notebook,
-        gather_parameters,
-        notebook_name,
-        output_location,
-    )
-    from nbs_lib.notebook_io import STREAM, public_location, read_notebook, shown_location
+    from nbs_lib.execute import ExecutionRecords
+    from nbs_lib.head_start import start_service
 
     if args.output and args.output_path and args.output != args.output_path:
         raise ConfigError(args.output_path, f"and -o {args.output} both name the output", hint="give one of them")
-    output = args.output_path or args.output
     root = _root_or_here(args.root)
+    _use_store_of(root)
+    if args.help_notebook or args.prepare_only:  # nothing is recorded
+        return _execute(args, root, None)
+    records = start_service(ExecutionRecords, "nbs-records")  # MLflow opens there meanwhile (see 42_head_start)
+    try:
+        return _execute(args, root, records)
+    finally:
+        records.close()
+
+
+def _execute(args: argparse.Namespace, root: Path, records) -> int:
+    "`nbs execute` once MLflow opens (in `records`, None for what records nothing): the notebook read, checked, executed."
+    from nbs_lib.execute import PapermillOptions, execute_notebook, gather_parameters, notebook_name, output_location
+    from nbs_lib.notebook_io import STREAM, public_location, read_notebook, shown_location
+
+    output = args.output_path or args.output
     results = sys.stderr if output == STREAM else sys.stdout  # standard output carries the notebook
     nb = read_notebook(args.notebook)
     shown = shown_location(args.notebook, root)
@@ -366,11 +375,10 @@ def cmd_execute(args: argparse.Namespace) -> int:
         prepare_only=args.prepare_only, log_output=args.log_output, stdout_file=args.stdout_file,
         stderr_file=args.stderr_file, progress_bar=bool(args.progress_bar), start_timeout=args.start_timeout,
         request_save_on_cell_execute=args.request_save_on_cell_execute, autosave_cell_every=args.autosave_cell_every)
-    _use_store_of(root)
     _stop_on_signals()
     done = execute_notebook(args.notebook, output, params, experiment=args.experiment, timeout=args.timeout,
                             retries=args.retries, backoff=args.backoff, secrets=args.secret, root=root,
-                            options=options, nb=nb)
+                            options=options, nb=nb, records=records)
     written = shown_location(done["output"], root, output=True)
     if options.prepare_only:
         print(f"Prepared {shown} with its parameters, not executed (no run): {written}", file=results)

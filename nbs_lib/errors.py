@@ -24,6 +24,17 @@ class NbsError(Exception):
     def __str__(self) -> str:
         return f"{self.message}\n  hint: {self.hint}" if self.hint else self.message
 
+    def __reduce__(self):
+        # rebuilt from its fields, not by calling __init__ again: each subclass's __init__ takes other arguments
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(cls: type, args: tuple, fields: dict) -> NbsError:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(fields)
+    return error
+
 # %% ../notebooks/00_errors.ipynb #d836a857
 class ConfigError(NbsError):
     "A file nbs reads (pipeline.yaml, env.yaml, settings.ini, a notebook to execute) is missing or malformed."

@@ -28,10 +28,12 @@ from .credentials import declared_secrets, redact_notebook, refuse_secret_values
 from .data import writable_file, write_atomic
 from .errors import ConfigError, ExecutionError, ParameterError, PathError, TaskFailure
 from nbs_lib.head_start import (
-    HeadStart,
+    ForkedService,
+    LocalService,
     bind_environment,
     prestart_kernel,
     request_stop,
+    start_service,
     stop_kernel,
 )
 from .lineage import file_digest, run_lineage
@@ -60,6 +62,7 @@ from nbs_lib.tracking import (
     RunJournal,
     finish_run,
     get_client,
+    owner_tags,
     reap_orphans,
     start_pipeline_run,
     start_task_run,
@@ -70,7 +73,7 @@ _log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['INJECTED_PATHS', 'PROJECT_SOURCES', 'MAX_TAG_TEXT', 'notebook_language', 'parameters_cell', 'notebook_parameters',
            'check_parameters', 'papermill_value', 'gather_parameters', 'notebook_name', 'output_location',
-           'output_notebook', 'PapermillOptions', 'execute_notebook', 'failure_tags']
+           'output_notebook', 'PapermillOptions', 'execute_notebook', 'failure_tags', 'ExecutionRecords']
 
 # %% ../notebooks/15_execute.ipynb #242a574c
 INJECTED_PATHS = ("PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH")  # what --inject-paths adds, declared or not
@@ -304,11 +307,13 @@ def _check_options(options: PapermillOptions, timeout: float | None, retries: in
 def execute_notebook(notebook: str | Path, output: str | Path | None = None, params: dict | None = None, *,
                      experiment: str = "nbs", timeout: float | None = None, retries: int = 0,
                      backoff: float = 5.0, secrets: list[str] | None = None, root: str | Path = ".",
-                     show: bool = True, options: PapermillOptions | None = None, nb=None) -> dict:
+                     show: bool = True, options: PapermillOptions | None = None, nb=None,
+                     records: ForkedService | LocalService | None = None) -> dict:
     """Execute `notebook` (a path, `-` or a URL) into `output` (the same kinds), retrying a failure `retries` times; one MLflow run, a child per attempt.
 
-    `nb` is the notebook already read from `notebook` (standard input cannot be read twice). All that
-    can be refused is refused before the first run starts, so a refusal leaves nothing RUNNING."""
+    `nb` is the notebook already read from `notebook` (standard input cannot be read twice); `records`,
+    the `ExecutionRecords` service its caller started ahead (else one starts here). All that can be
+    refused is refused before the first run starts, so a refusal leaves nothing RUNNING."""
     options = options or PapermillOptions()
     root, source = Path(root).resolve(), str(notebook)
     local = location_kind(source) == "local"
@@ -347,13 +352,13 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
                          early_kernel=kernel_name if kernel_language.lower() == "python" else None)
         if options.prepare_only:
             return run.prepare()
-        # forked before MLflow is imported (see 42_head_start)
-        head = HeadStart(run.head_start, run.stop_early_kernel) if HeadStart.possible() else None
+        own = records is None
+        records = start_service(ExecutionRecords, "nbs-records") if own else records  # MLflow opens there (42_head_start)
         try:
-            return run.execute(experiment, retries, backoff, file_digest(source) if local else _digest(nb), head)
+            return run.execute(experiment, retries, backoff, file_digest(source) if local else _digest(nb), records)
         finally:
-            if head is not None:
-                head.close()
+            if own:
+                records.close()
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -384,11 +389,55 @@ def failure_tags(failure: TaskFailure) -> dict[str, str]:
     return {key: value for key, value in tags.items() if value}
 
 
-def _tag(client, run_id: str, tags: dict[str, str]) -> None:
-    "Set `tags` on the run in one request."
-    from mlflow.entities import RunTag
+class ExecutionRecords:
+    """What `nbs execute` records in MLflow, in one object made where the store is opened: a process of
+    its own (`start_service`, see 42_head_start), so that MLflow's import overlaps papermill's and the
+    kernel's start. Its methods take and return plain values; the journals stay here."""
 
-    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    def __init__(self):
+        self.client = get_client()  # MLflow's import and the store's opening: the slow part
+        self._journals: dict[str, RunJournal] = {}
+
+    def reap_orphans(self, experiment: str) -> list[str]:
+        "Mark KILLED the runs left RUNNING by processes that are gone; their ids."
+        return reap_orphans(self.client, experiment)
+
+    def start_execution(self, experiment: str, name: str, params: dict, root: Path, owner: dict) -> tuple[str, dict]:
+        "The execution run, owned by `owner` (see `owner_tags`), with the code's lineage; its id and the lineage's tags."
+        lineage, environment = run_lineage()
+        parent = start_pipeline_run(self.client, experiment, [name], params, root, tags={**lineage, **owner},
+                                    kind="execution", name=name)
+        self.client.log_text(parent, environment, "environment/requirements.txt")
+        return parent, lineage
+
+    def start_attempt(self, parent: str, name: str, shown: str, params: dict, root: Path, tags: dict,
+                      secret_values: set[str]) -> tuple[str, dict[str, str]]:
+        "An attempt's run under `parent` and its journal; the run's id and what the kernel's environment needs."
+        run_id = start_task_run(self.client, parent, name, shown, params, root, tags)
+        self._journals[run_id] = RunJournal(run_id, secret_values)
+        return run_id, self._journals[run_id].env
+
+    def close_journal(self, run_id: str) -> str | None:
+        "Replay what the kernel logged into `run_id`; why MLflow refused a record, or None."
+        return self._journals[run_id].close(self.client)
+
+    def copy_metrics(self, run_id: str, parent: str, name: str) -> None:
+        "Copy the attempt's last metrics to the execution run, prefixed with the notebook's name."
+        copy_metrics_to_parent(self.client, run_id, parent, name)
+
+    def log_notebook(self, run_id: str, path: str, html: str | None) -> None:
+        "Attach the executed notebook at `path` (its secrets already scrubbed) and its HTML page to `run_id` (rendered here when None)."
+        log_notebook(self.client, run_id, Path(path), html)
+
+    def tag(self, run_id: str, tags: dict[str, str]) -> None:
+        "Set `tags` on the run in one request."
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
+    def finish(self, run_id: str, status: str) -> None:
+        "End `run_id` with `status`."
+        finish_run(self.client, run_id, status)
 
 
 @dataclass
@@ -409,7 +458,8 @@ class _Execution:
     root: Path
     show: bool
     early_kernel: str | None = None  # a Python kernel, started while MLflow opens: its run is bound later
-    _early = None  # in the forked process, the client of that kernel
+    _early = None  # the client of that kernel, until the first attempt ends
+    _stop_requested = False  # whether that kernel was asked to shut down
     _kernel_restarts = 0  # 1 once that kernel died starting: papermill's is the one started once more
 
     def papermill(self, output: Path | None, **kwargs):
@@ -437,31 +487,18 @@ class _Execution:
             raise ExecutionError([failure])
         return {"run_id": None, "attempts": 0, "output": self.target}
 
-    def head_start(self, wait) -> tuple[TaskFailure | None, str | None]:
-        """In the forked process: start the kernel and import papermill, then execute once `wait` gives the
-        run's environment; the failure or None, and the executed notebook's HTML page, its secrets scrubbed."""
+    def start_kernel_ahead(self) -> None:
+        "Start the Python kernel and import papermill while MLflow opens in the recording process; its run is bound later."
         if self.early_kernel:
             try:
                 self._early = prestart_kernel(self.early_kernel, self.options.cwd, dict(os.environ),
                                               self.options.start_timeout)
             except Exception:  # not launched (a kernel spec naming a missing program): papermill's start says why
                 self._early = None
-        import papermill  # noqa: F401  the point: its import overlaps MLflow's in the parent
+        import papermill  # noqa: F401  the point: its import overlaps MLflow's
 
-        prepare_html_exporter()
+        prepare_html_exporter()  # the page is rendered here, where the time is spare
         self._early_kernel_step(lambda early: early.start_new_kernel_client())  # its first answer, meanwhile too
-        env = wait()
-        self._early_kernel_step(lambda early: bind_environment(early, env))
-        failure = self.run_papermill(env, self._early)
-        if self._early is not None:
-            request_stop(self._early)  # it shuts down while the page renders and the parent records the run
-        if not self.work.is_file():
-            return failure, None
-        redact_notebook(self.work, self.secret_values)
-        try:
-            return failure, render_html(self.work)
-        except Exception:  # the parent renders it again, and says why if it fails there too
-            return failure, None
 
     def _early_kernel_step(self, step) -> None:
         "`step` on the kernel started ahead; if it fails (the kernel died or hung starting), papermill starts another, as it would have."
@@ -478,7 +515,7 @@ class _Execution:
         "Shut down the kernel started ahead, if any (papermill leaves a kernel it did not start running)."
         if self._early is not None:
             early, self._early = self._early, None
-            stop_kernel(early)
+            stop_kernel(early, requested=self._stop_requested)
 
     def run_papermill(self, env: dict[str, str], early=None) -> TaskFailure | None:
         "Execute into `work` with `env` added to the kernel's (in `early`'s kernel when given); the failure, or None when it finished."
@@ -493,17 +530,19 @@ class _Execution:
                 return self.describe(e)
         return None
 
-    def execute(self, experiment: str, retries: int, backoff: float, digest: str, head: HeadStart | None = None) -> dict:
-        "Run the attempts under one execution run (the first in `head`), then deliver the last one's notebook; what was done, or an ExecutionError."
-        client = get_client()
-        for run_id in reap_orphans(client, experiment):
-            say_progress(f"marked run {run_id} KILLED: the process that ran it is gone", self.show)
-        lineage, environment = run_lineage()
-        parent = start_pipeline_run(client, experiment, [self.name], self.params, self.root, tags=lineage,
-                                    kind="execution", name=self.name)
-        client.log_text(parent, environment, "environment/requirements.txt")
+    def execute(self, experiment: str, retries: int, backoff: float, digest: str, records) -> dict:
+        "Run the attempts under one execution run, recorded through `records` (an `ExecutionRecords` service), then deliver the last one's notebook; what was done, or an ExecutionError."
+        try:
+            self.start_kernel_ahead()
+            for run_id in records.call("reap_orphans", experiment):
+                say_progress(f"marked run {run_id} KILLED: the process that ran it is gone", self.show)
+            owner = owner_tags()  # this process runs the notebook: the runs are its own, not the recording process's
+            parent, lineage = records.call("start_execution", experiment, self.name, self.params, self.root, owner)
+        except BaseException:
+            self.stop_early_kernel()
+            raise
         say_progress(f"MLflow execution run {parent} (experiment {experiment!r})", self.show)
-        tags = {**lineage, "nbs.notebook.sha256": digest}
+        tags = {**lineage, **owner, "nbs.notebook.sha256": digest}
         failures: list[TaskFailure] = []
         failure, status, tries = None, "KILLED", 0
         try:
@@ -512,7 +551,7 @@ class _Execution:
                     Path(path).write_text("", encoding="utf-8")  # the attempts append to it
             while True:
                 tries += 1
-                failure = self.attempt(client, parent, tries, tags, head if tries == 1 else None)
+                failure = self.attempt(records, parent, tries, tags)
                 if failure is None or tries > retries:
                     break
                 failures.append(failure)
@@ -528,50 +567,55 @@ class _Execution:
             status = "FAILED"  # our own bookkeeping failed; an interrupt leaves it KILLED
             raise
         finally:
-            client.set_tag(parent, "nbs.attempts", str(tries))
-            if failure is not None and status == "FAILED":
-                _tag(client, parent, failure_tags(failure))
-            finish_run(client, parent, status)
+            self.stop_early_kernel()  # an attempt that never ran leaves it
+            ended = {"nbs.attempts": str(tries), **(failure_tags(failure) if failure is not None and status == "FAILED" else {})}
+            records.call("tag", parent, ended)
+            records.call("finish", parent, status)
         if failure is not None:
             raise ExecutionError(failures + [failure],
                                  hint=f"every attempt's executed notebook is attached to its run in MLflow ({parent})")
         return {"run_id": parent, "attempts": tries, "output": self.target}
 
-    def attempt(self, client, parent: str, number: int, tags: dict, head: HeadStart | None) -> TaskFailure | None:
-        "Execute once as attempt `number`, a child run of `parent` (in `head` when given); the failure, or None when the notebook finished."
-        run_id = start_task_run(client, parent, self.name, self.shown, self.params, self.root,
-                                {**tags, "nbs.attempt": str(number)})
+    def attempt(self, records, parent: str, number: int, tags: dict) -> TaskFailure | None:
+        "Execute once as attempt `number`, a child run of `parent` (in the kernel started ahead, if any); the failure, or None when the notebook finished."
+        run_id, env = records.call("start_attempt", parent, self.name, self.shown, self.params, self.root,
+                                   {**tags, "nbs.attempt": str(number)}, self.secret_values)
         self.work.parent.mkdir(parents=True, exist_ok=True)
         self.work.unlink(missing_ok=True)  # an earlier attempt's notebook must not pass for this one's
         say_progress(f"  running  {self.shown} (attempt {number}) ...", self.show)
         started, status, failure = time.monotonic(), "KILLED", None
-        journal = RunJournal(run_id, self.secret_values)
-        html = None  # the executed notebook's page, when the forked process rendered it
-        if head is None:
-            prepare_html_exporter()  # while the kernel runs
         try:
-            try:
-                failure, html = head.result(journal.env) if head is not None else (self.run_papermill(journal.env), None)
-            except RuntimeError as e:  # the forked process died before it answered
-                failure = self.describe(e)
-            refused = journal.close(client)
+            self._early_kernel_step(lambda early: bind_environment(early, env))
+            failure = self.run_papermill(env, self._early)
+            if self._early is not None:
+                request_stop(self._early)  # it shuts down while the run is recorded
+                self._stop_requested = True
+            refused = records.call("close_journal", run_id)
             if failure is not None:
                 status = "FAILED"
             elif refused:
                 failure, status = TaskFailure(self.name, self.shown, refused, executed=self.kept()), "FAILED"
             else:
-                copy_metrics_to_parent(client, run_id, parent, self.name)
+                records.call("copy_metrics", run_id, parent, self.name)
                 status = "FINISHED"
         finally:
-            journal.close(client)  # after an interrupt too: what the notebook logged is kept
+            records.call("close_journal", run_id)  # after an interrupt too: what the notebook logged is kept
             if self.work.is_file():
                 redact_notebook(self.work, self.secret_values)
-                log_notebook(client, run_id, self.work, html)
+                records.call("log_notebook", run_id, str(self.work), self.page())
             if failure is not None:
-                _tag(client, run_id, failure_tags(failure))
-            finish_run(client, run_id, status)
+                records.call("tag", run_id, failure_tags(failure))
+            records.call("finish", run_id, status)
+            self.stop_early_kernel()  # a later attempt starts its own
             say_progress(f"  {status.lower():8} {self.name} in {time.monotonic() - started:.1f} s", self.show)
         return failure
+
+    def page(self) -> str | None:
+        "The executed notebook's HTML page, or None when it cannot be rendered (the recording process tries again, and says why)."
+        try:
+            return render_html(self.work)
+        except Exception:
+            return None
 
     def kept(self) -> str:
         "Where the executed notebook of a failed attempt can be read, as a message says it."

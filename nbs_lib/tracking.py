@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .config import artifact_location, tracking_uri
-from .errors import ServerError
+from .errors import ServerError, TrackingError
 
 # %% auto #0
 __all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'check_server', 'open_store', 'get_client',
@@ -74,8 +74,16 @@ def open_store(uri: str):
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.with_name(database.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)
+        except Exception as e:
+            if not type(e).__module__.startswith("sqlalchemy"):
+                raise
+            said = str(getattr(e, "orig", None) or e).splitlines()[0]  # SQLite's words, not the statement
+            raise TrackingError("INVALID_STATE", f"{database} cannot be opened as MLflow's store: {said}",
+                                hint="is MLFLOW_TRACKING_URI the store you meant? Move that file aside to start "
+                                     "a new store") from e
     return client
 
 

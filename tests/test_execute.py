@@ -168,7 +168,9 @@ def _cell_running(executed: Path) -> bool:
     return any(c["metadata"].get("papermill", {}).get("status") == "running" for c in cells)
 
 
-def test_sigterm_ends_the_runs_killed_and_stops_the_kernel(tmp_path):
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-process", "to-its-group"])
+def test_sigterm_ends_the_runs_killed_and_stops_the_kernel(tmp_path, to_group):
+    # an orchestrator or a terminal may signal the whole group: the process recording the runs outlives the signal
     _notebook(tmp_path / "slow.ipynb", "import time\ntime.sleep(120)")
     env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
     build = subprocess.Popen([str(NBS), "execute", "slow.ipynb"], cwd=tmp_path, env=env, stderr=subprocess.PIPE,
@@ -177,16 +179,35 @@ def test_sigterm_ends_the_runs_killed_and_stops_the_kernel(tmp_path):
         executed, deadline = tmp_path / "products" / "executed" / "slow.ipynb", time.monotonic() + 60
         while not _cell_running(executed) and time.monotonic() < deadline:  # the kernel is in the sleeping cell
             time.sleep(0.2)
-        kernels = psutil.Process(build.pid).children(recursive=True)  # the kernel, and whatever started it
-        build.send_signal(signal.SIGTERM)
+        helpers = psutil.Process(build.pid).children(recursive=True)  # the kernel, the recording process
+        assert len(helpers) >= 2, helpers
+        os.killpg(build.pid, signal.SIGTERM) if to_group else build.send_signal(signal.SIGTERM)
         assert build.wait(30) == 128 + signal.SIGTERM
-        gone, alive = psutil.wait_procs(kernels, timeout=15)
-        assert kernels and alive == [], "the kernel outlived the execution"
+        gone, alive = psutil.wait_procs(helpers, timeout=15)
+        assert alive == [], "a kernel or helper outlived the execution"
     finally:
         if build.poll() is None:
             os.killpg(build.pid, signal.SIGKILL)
             build.wait(10)
     assert {r.info.status for r in runs_of(tmp_path)} == {"KILLED"}
+
+
+def test_a_store_that_cannot_be_opened_is_one_line_and_leaves_nothing_behind(tmp_path):
+    _notebook(tmp_path / "job.ipynb", "print('ran')")
+    (tmp_path / "broken.db").write_text("not a database, whatever its name says\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'broken.db'}"}
+    with open(tmp_path / "said.txt", "w") as said:  # a file, not a pipe: a kernel left behind would hold a pipe open
+        build = subprocess.Popen([str(NBS), "execute", "job.ipynb", "out.ipynb"], cwd=tmp_path, env=env,
+                                 stdout=said, stderr=said)
+        assert build.wait(120) == 1
+    left = [p for p in psutil.process_iter(["cwd"]) if p.info["cwd"] == str(tmp_path)]  # the kernel started ahead
+    for process in left:
+        process.kill()
+    assert left == [], "a kernel outlived the execution"
+    lines = (tmp_path / "said.txt").read_text().splitlines()
+    assert lines[0] == (f"nbs: error: the tracking store failed: {tmp_path / 'broken.db'} cannot be opened as "
+                        "MLflow's store: file is not a database"), lines
+    assert len(lines) == 2 and lines[1].startswith("  hint: ") and not (tmp_path / "out.ipynb").exists()
 
 
 FIRST_START_FAILS = ("import os, sys; marker = sys.argv.pop(1)\n"
