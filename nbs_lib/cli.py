@@ -50,17 +50,18 @@ from nbs_lib.lineage import (
 from .server import DEFAULT_DB_PORT, DEFAULT_PORT
 
 # %% auto #0
-__all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'PARAMETER_FLAGS', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot',
-           'cmd_execute', 'cmd_schedule', 'cmd_server', 'cmd_task', 'cmd_export', 'cmd_promote', 'cmd_rollback',
-           'cmd_models', 'cmd_features', 'cmd_serve', 'cmd_predict', 'cmd_monitor', 'cmd_retrain', 'cmd_simulate',
-           'cmd_lineage', 'cmd_reproduce', 'cmd_new', 'cmd_check', 'build_parser', 'papermill_pairs', 'main']
+__all__ = ['TRACKED_EXECUTORS', 'MONITOR_NOTEBOOK', 'AB_SHARE', 'PARAMETER_FLAGS', 'load_dag', 'cmd_run', 'cmd_status',
+           'cmd_runs', 'cmd_plot', 'cmd_execute', 'cmd_schedule', 'cmd_server', 'cmd_task', 'cmd_export', 'cmd_promote',
+           'cmd_rollback', 'cmd_models', 'cmd_features', 'cmd_serve', 'cmd_predict', 'cmd_monitor', 'cmd_retrain',
+           'cmd_simulate', 'cmd_lineage', 'cmd_reproduce', 'cmd_new', 'cmd_check', 'build_parser', 'papermill_pairs',
+           'main']
 
 # %% ../notebooks/90_cli.ipynb #59fa4774
 def load_dag(root: Path, overrides: dict | None = None):
     "The Ploomber DAG of `root`/pipeline.yaml, rendered with `overrides` over env.yaml, its products kept in $NBS_PRODUCT_STORE too if set."
     from ploomber.spec import DAGSpec
 
-    from nbs_lib.executor import TrackedExecutor
+    from nbs_lib.executor import TrackedExecutor, tracking_in_place_of
     from nbs_lib.storage import use_product_store
 
     read_yaml_mapping(root / PIPELINE_FILE)  # syntax errors, with their line, before Ploomber's
@@ -71,6 +72,7 @@ def load_dag(root: Path, overrides: dict | None = None):
             warnings.filterwarnings("ignore", message="The following placeholders are declared in the environment "
                                     "but unused in the spec")
             dag = DAGSpec(str(root / PIPELINE_FILE), env=overrides or {}).to_dag()
+        dag.executor = tracking_in_place_of(dag.executor)  # Ploomber's serial or parallel, each task tracked
         pin_library_code(dag)
         pin_data_files(dag, root)
         if isinstance(dag.executor, TrackedExecutor):
@@ -171,13 +173,19 @@ def _print_products(products: dict[str, dict[str, str]], root: Path) -> None:
     print(f"\n{_where_tracked(root)}")
 
 
+# the executors whose builds nbs records (see executor.tracking_in_place_of), as pipeline.yaml names them
+TRACKED_EXECUTORS = {None, "serial", "parallel", "ploomber.executors.Serial", "ploomber.executors.Parallel",
+                     "ploomber.executors.serial.Serial", "ploomber.executors.parallel.Parallel",
+                     "nbs_lib.executor.TrackedExecutor"}
+
+
 def _where_tracked(root: Path) -> str:
     "Where the project at `root` records its builds and how to browse them; or that it does not."
     executor = read_yaml_mapping(root / PIPELINE_FILE).get("executor")
     named = executor.get("dotted_path") if isinstance(executor, dict) else executor
-    if named != "nbs_lib.executor.TrackedExecutor":
-        return ("Not tracked in MLflow: pipeline.yaml's executor is Ploomber's own "
-                "(executor: {dotted_path: nbs_lib.executor.TrackedExecutor} records each task)")
+    if named not in TRACKED_EXECUTORS:
+        return (f"Not tracked in MLflow: pipeline.yaml's executor {named} builds on its own "
+                "(nbs tracks Ploomber's serial and parallel, and nbs_lib.executor.TrackedExecutor)")
     uri = tracking_uri()
     if not uri.startswith("sqlite:"):
         return f"Tracked in {uri}."

@@ -52,6 +52,7 @@ from nbs_lib.notebook_io import (
 from nbs_lib.recording import (
     copy_metrics_to_parent,
     describe_failure,
+    failure_tags,
     locate_cell,
     log_notebook,
     prepare_html_exporter,
@@ -66,14 +67,15 @@ from nbs_lib.tracking import (
     reap_orphans,
     start_pipeline_run,
     start_task_run,
+    tag_run,
 )
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['INJECTED_PATHS', 'PROJECT_SOURCES', 'MAX_TAG_TEXT', 'notebook_language', 'parameters_cell', 'notebook_parameters',
-           'check_parameters', 'papermill_value', 'gather_parameters', 'notebook_name', 'output_location',
-           'output_notebook', 'PapermillOptions', 'execute_notebook', 'failure_tags', 'ExecutionRecords']
+__all__ = ['INJECTED_PATHS', 'PROJECT_SOURCES', 'notebook_language', 'parameters_cell', 'notebook_parameters', 'check_parameters',
+           'papermill_value', 'gather_parameters', 'notebook_name', 'output_location', 'output_notebook',
+           'PapermillOptions', 'execute_notebook', 'ExecutionRecords']
 
 # %% ../notebooks/15_execute.ipynb #242a574c
 INJECTED_PATHS = ("PAPERMILL_INPUT_PATH", "PAPERMILL_OUTPUT_PATH")  # what --inject-paths adds, declared or not
@@ -371,24 +373,6 @@ def _digest(nb) -> str:
     return hashlib.sha256(nbformat.writes(nb).encode("utf-8")).hexdigest()
 
 
-MAX_TAG_TEXT = 5000  # MLflow keeps 8000 characters of a tag's value
-
-
-def failure_tags(failure: TaskFailure) -> dict[str, str]:
-    "The tags a failed run carries: the exception's type and message, and the failed cell as the user sees it."
-    head, sep, rest = failure.error.partition(": ")
-    kind, message = ((failure.ename, failure.evalue) if failure.ename
-                     else (head, rest) if sep and head.isidentifier() else ("", failure.error))
-    tags = {"nbs.error.type": kind, "nbs.error.message": message[:MAX_TAG_TEXT]}
-    if failure.cell_index is not None:
-        tags["nbs.error.cell"] = str(failure.cell_index)
-    if failure.executed_cell is not None:
-        tags["nbs.error.executed_cell"] = str(failure.executed_cell)
-    if failure.first_line:
-        tags["nbs.error.cell_source"] = failure.first_line[:MAX_TAG_TEXT]
-    return {key: value for key, value in tags.items() if value}
-
-
 class ExecutionRecords:
     """What `nbs execute` records in MLflow, in one object made where the store is opened: a process of
     its own (`start_service`, see 42_head_start), so that MLflow's import overlaps papermill's and the
@@ -431,9 +415,7 @@ class ExecutionRecords:
 
     def tag(self, run_id: str, tags: dict[str, str]) -> None:
         "Set `tags` on the run in one request."
-        from mlflow.entities import RunTag
-
-        self.client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+        tag_run(self.client, run_id, tags)
 
     def finish(self, run_id: str, status: str) -> None:
         "End `run_id` with `status`."

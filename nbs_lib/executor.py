@@ -27,10 +27,12 @@ from nbs_lib.lineage import (
     product_digests,
     product_files,
     run_lineage,
+    source_path,
 )
 from nbs_lib.recording import (
     copy_metrics_to_parent,
     describe_failure,
+    failure_tags,
     locate_cell,
     log_notebook,
     say_progress,
@@ -42,6 +44,7 @@ from nbs_lib.tracking import (
     reap_orphans,
     start_pipeline_run,
     start_task_run,
+    tag_run,
 )
 
 if TYPE_CHECKING:  # for annotations only: MLflow is imported where it is used, not when this module loads
@@ -50,7 +53,8 @@ if TYPE_CHECKING:  # for annotations only: MLflow is imported where it is used, 
 # %% auto #0
 __all__ = ['JOURNAL_REPLAY_EVERY', 'PIPELINE_RUN_ENV', 'THREAD_VARIABLES', 'task_params', 'shared_params', 'executed_notebook',
            'parallel_jobs', 'non_negative', 'TrackedExecutor', 'check_joinable', 'close_joined_run',
-           'log_upstream_inputs', 'log_outputs', 'refuse_secret_parameters', 'thread_limits', 'longest_chains']
+           'log_upstream_inputs', 'log_outputs', 'refuse_secret_parameters', 'thread_limits', 'longest_chains',
+           'tracking_in_place_of']
 
 # %% ../notebooks/12_executor.ipynb #a231fd1e
 _NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM, DATA_DIGEST_PARAM}
@@ -166,7 +170,9 @@ class TrackedExecutor(Executor):
                 client.set_tag(parent, "nbs.failed_tasks", ",".join(f.task for f in build.failures))
                 finish_run(client, parent, status)
         if build.failures:
-            raise PipelineError(build.failures, hint="executed notebooks are attached to the FAILED runs in MLflow")
+            raise PipelineError(build.failures, hint="executed notebooks are attached to the FAILED runs in MLflow"
+                                if any(f.executed for f in build.failures) else
+                                "each FAILED task's run in MLflow carries its error (the nbs.error.* tags)")
         return build.reports
 
 
@@ -347,8 +353,9 @@ class _Build:
         "Start `task`'s child run, record its inputs, and give its kernel a journal of that run."
         notebook = self.notebook(task)
         tags = dict(self.lineage)
-        if hasattr(task.source, "loc"):
-            tags["nbs.notebook.sha256"] = file_digest(task.source.loc)
+        source = source_path(task)
+        if source is not None and source.is_file():  # a notebook, script or SQL file, or a function's module
+            tags["nbs.notebook.sha256" if source.suffix == ".ipynb" else "nbs.source.sha256"] = file_digest(source)
         if LIBRARY_DIGEST_PARAM in task.params:
             tags["nbs.lib.imports_sha256"] = task.params[LIBRARY_DIGEST_PARAM]
         if DATA_DIGEST_PARAM in task.params:
@@ -371,11 +378,12 @@ class _Build:
     def finish(self, task, journal: RunJournal, started: float, future: Future, interrupted: bool = False) -> bool:
         "End `task`'s run with its true status, its journal replayed and its executed notebook attached; whether it succeeded."
         status, executed, run_id = "KILLED" if interrupted else "FAILED", executed_notebook(task), journal.run_id
+        failure = None
         try:
             refused = journal.close(self.client)
             error = future.exception()
             if error is None and refused:
-                self.failures.append(TaskFailure(task.name, self.notebook(task), refused))
+                failure = TaskFailure(task.name, self.notebook(task), refused)
             elif error is None:
                 self.reports.append(future.result()[0])
                 log_outputs(self.client, run_id, task, self.root)
@@ -384,7 +392,7 @@ class _Build:
             else:
                 kept = display_path(executed, self.root) if executed is not None and executed.is_file() else ""
                 failure = describe_failure(task.name, error, self.notebook(task), kept, self.secret_values)
-                self.failures.append(locate_cell(failure, _source_notebook(task), executed) if executed else failure)
+                failure = locate_cell(failure, _source_notebook(task), executed) if executed else failure
         except KeyboardInterrupt:
             status = "KILLED"
             raise
@@ -392,6 +400,10 @@ class _Build:
             if executed is not None and executed.is_file():
                 redact_notebook(executed, self.secret_values)
                 log_notebook(self.client, run_id, executed)
+            if failure is not None:
+                self.failures.append(failure)
+            if failure is not None and status == "FAILED":  # its error on its run, whatever the kind of task
+                tag_run(self.client, run_id, failure_tags(failure))
             finish_run(self.client, run_id, status)
             say_progress(f"  {status.lower():8} {task.name} in {time.monotonic() - started:.1f} s", self.show)
         return status == "FINISHED"
@@ -399,3 +411,14 @@ class _Build:
     def notebook(self, task) -> str:
         "How progress and failures name `task`'s source: its notebook's path, or the task's name."
         return display_path(task.source.loc, self.root) if hasattr(task.source, "loc") else task.name
+
+# %% ../notebooks/12_executor.ipynb #8bb724ac
+def tracking_in_place_of(executor) -> Executor:
+    "The executor that builds a DAG whose spec declared `executor`: a TrackedExecutor doing what Ploomber's Serial (a task at a time) or Parallel (`processes` at once) would; any other, itself."
+    from ploomber.executors import Parallel, Serial
+
+    if type(executor) is Parallel:  # not a subclass: a project's own executor builds as its author wrote it
+        return TrackedExecutor(jobs=executor.processes)
+    if type(executor) is Serial:
+        return TrackedExecutor(jobs=1)
+    return executor

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import display_path
-from .lineage import file_digest, library_digest, product_files
+from .lineage import file_digest, library_digest, product_files, source_path
 
 # %% auto #0
 __all__ = ['STATE_FILE', 'BuildInputs', 'fingerprint', 'record_fresh_build', 'forget_fresh_build', 'fresh_build', 'build_inputs']
@@ -104,14 +104,8 @@ def fresh_build(root: Path, overrides: dict) -> dict[str, dict[str, str]] | None
 # %% ../notebooks/31_freshness.ipynb #98c14d74
 def _source_file(task, root: Path) -> str | None:
     "The file `task`'s source is read from, relative to `root` (a function's module); None for a source the spec holds."
-    loc = getattr(task.source, "loc", None)
-    if loc is None:
-        return None
-    path = Path(str(loc))
-    module, sep, line = str(loc).rpartition(":")
-    if not path.exists() and sep and line.isdigit():  # a Python function: its module and line
-        path = Path(module)
-    return display_path(path, root)
+    path = source_path(task)
+    return None if path is None else display_path(path, root)
 
 
 def build_inputs(dag, root: Path, spec: list[str]) -> BuildInputs:

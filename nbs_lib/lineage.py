@@ -13,7 +13,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['LIBRARY_DIGEST_PARAM', 'DATA_DIGEST_PARAM', 'file_digest', 'library_digest', 'imports_digest', 'notebook_code',
-           'installed_packages', 'run_lineage', 'product_files', 'product_digests', 'pin_library_code',
+           'installed_packages', 'run_lineage', 'product_files', 'source_path', 'product_digests', 'pin_library_code',
            'pin_data_files', 'dag_description']
 
 # %% ../notebooks/11_lineage.ipynb #f7ed63b4
@@ -123,6 +123,18 @@ def product_files(product) -> dict[str, Path]:
     if isinstance(serial, dict):
         return {key: Path(path) for key, path in serial.items()}
     return {"product": Path(serial)}
+
+
+def source_path(task) -> Path | None:
+    "The file a Ploomber task's source is read from (the module of a function, whose `loc` is `module.py:LINE`); None when the spec holds it."
+    loc = getattr(task.source, "loc", None)
+    if loc is None:
+        return None
+    path = Path(str(loc))
+    module, sep, line = str(loc).rpartition(":")
+    if not path.exists() and sep and line.isdigit():
+        path = Path(module)
+    return path
 
 
 def product_digests(product) -> dict[str, tuple[Path, str]]:

@@ -15,8 +15,8 @@ from .credentials import redact
 from .errors import TaskFailure
 
 # %% auto #0
-__all__ = ['say_progress', 'describe_failure', 'locate_cell', 'copy_metrics_to_parent', 'render_html', 'log_notebook',
-           'prepare_html_exporter']
+__all__ = ['MAX_TAG_TEXT', 'say_progress', 'describe_failure', 'locate_cell', 'failure_tags', 'copy_metrics_to_parent',
+           'render_html', 'log_notebook', 'prepare_html_exporter']
 
 # %% ../notebooks/41_recording.ipynb #03be6cdb
 def say_progress(message: str, show: bool = True) -> None:
@@ -57,6 +57,24 @@ def locate_cell(failure: TaskFailure, source, executed: Path) -> TaskFailure:
     if located is not None:
         failure.cell_index, failure.executed_cell = located  # None: papermill's injected cell
     return failure
+
+
+MAX_TAG_TEXT = 5000  # MLflow keeps 8000 characters of a tag's value
+
+
+def failure_tags(failure: TaskFailure) -> dict[str, str]:
+    "The tags a failed run carries: the exception's type and message, and the failed cell as the user sees it."
+    head, sep, rest = failure.error.partition(": ")
+    kind, message = ((failure.ename, failure.evalue) if failure.ename
+                     else (head, rest) if sep and head.isidentifier() else ("", failure.error))
+    tags = {"nbs.error.type": kind, "nbs.error.message": message[:MAX_TAG_TEXT]}
+    if failure.cell_index is not None:
+        tags["nbs.error.cell"] = str(failure.cell_index)
+    if failure.executed_cell is not None:
+        tags["nbs.error.executed_cell"] = str(failure.executed_cell)
+    if failure.first_line:
+        tags["nbs.error.cell_source"] = failure.first_line[:MAX_TAG_TEXT]
+    return {key: value for key, value in tags.items() if value}
 
 # %% ../notebooks/41_recording.ipynb #811b72b1
 def copy_metrics_to_parent(client, run_id: str, parent: str, task_name: str) -> None:

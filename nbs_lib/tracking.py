@@ -23,8 +23,8 @@ from .errors import ServerError, TrackingError
 # %% auto #0
 __all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'check_server', 'open_store', 'get_client',
            'experiment_id', 'git_state', 'owner_tags', 'process_alive', 'reap_orphans', 'start_pipeline_run',
-           'start_task_run', 'finish_run', 'active_run_id', 'journal_tags', 'log_metrics', 'log_table', 'log_tags',
-           'log_params', 'log_artifact', 'json_artifact', 'table_artifact', 'who', 'RunJournal']
+           'start_task_run', 'finish_run', 'tag_run', 'active_run_id', 'journal_tags', 'log_metrics', 'log_table',
+           'log_tags', 'log_params', 'log_artifact', 'json_artifact', 'table_artifact', 'who', 'RunJournal']
 
 # %% ../notebooks/08_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -216,6 +216,13 @@ def start_task_run(client, parent_run_id: str, task: str, notebook: str, params:
 def finish_run(client, run_id: str, status: str) -> None:
     "End `run_id` with `status`: FINISHED, FAILED or KILLED."
     client.set_terminated(run_id, status)
+
+
+def tag_run(client, run_id: str, tags: dict[str, str]) -> None:
+    "Set `tags` on `run_id` in one request."
+    from mlflow.entities import RunTag
+
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 # %% ../notebooks/08_tracking.ipynb #3ad61dee
 def active_run_id() -> str | None:

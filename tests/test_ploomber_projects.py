@@ -3,11 +3,14 @@ a folder of its own, never copied from elsewhere (README: "From Ploomber")."""
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import run_nbs
+from conftest import run_nbs, runs_of
+
+from nbs_lib.lineage import file_digest
 
 FUNCTIONS = {
     "pipeline.yaml": """\
@@ -77,15 +80,44 @@ def test_an_edited_function_task_runs_again_with_its_downstream_never_up_to_date
     assert "All 3 tasks are up to date" in _ran(run_nbs("run", cwd=project))
 
 
-def test_a_project_without_env_yaml_builds_and_says_it_is_not_tracked(tmp_path):
-    files = {**FUNCTIONS, "pipeline.yaml": FUNCTIONS["pipeline.yaml"].replace("'{{rows}}'", "2")}
+def test_a_project_as_ploomber_runs_it_is_tracked_without_an_edit(tmp_path):
+    # no env.yaml, `executor: parallel`: nbs builds it with a TrackedExecutor in Ploomber's place
+    files = {**FUNCTIONS, "pipeline.yaml": "        executor: parallel\n" + FUNCTIONS["pipeline.yaml"].replace("'{{rows}}'", "2")}
     del files["env.yaml"]
     project = _project(tmp_path, files)
-    built = _ran(run_nbs("run", cwd=project))
+    done = run_nbs("run", cwd=project)
+    built = _ran(done)
     assert "Ran 3 of 3 tasks" in built and (project / "out" / "report.txt").read_text() == "3 lines\n"
-    # Ploomber's own executor records nothing: nbs must not claim a store it did not write, nor name a Makefile
-    assert "Not tracked in MLflow" in built and "Tracked in" not in built and "make " not in built, built
-    assert not (project / "mlflow.db").exists()
+    assert "Tracked in sqlite:///mlflow.db" in built and "make " not in built and (project / "mlflow.db").is_file(), built
+    assert f"up to {os.cpu_count()} tasks at once" in done.stderr, done.stderr  # Parallel's processes: one per core
+    build, *tasks = runs_of(project)
+    assert build.data.tags["nbs.kind"] == "pipeline" and build.info.status == "FINISHED"
+    assert sorted((t.data.tags["nbs.task"], t.info.status) for t in tasks) == [
+        ("clean", "FINISHED"), ("raw", "FINISHED"), ("report", "FINISHED")]
+    for task in tasks:  # each its products' digests and its source's, the function's module
+        written = project / "out" / {"raw": "raw.csv", "clean": "clean.csv", "report": "report.txt"}[task.data.tags["nbs.task"]]
+        assert task.data.tags["nbs.output.product"].endswith(f"sha256:{file_digest(written)}"), task.data.tags
+        assert task.data.tags["nbs.source.sha256"] == file_digest(project / "tasks.py")
     assert "up to date" in _ran(run_nbs("status", cwd=project))
     refused = run_nbs("run", "-p", "rows=3", cwd=project)
     assert refused.returncode == 2 and "env.yaml: not found" in refused.stderr, refused.stderr
+
+    _edit(project / "tasks.py", 'Path(str(product)).write_text("a', 'raise ValueError("no rows today")\n    Path(str(product)).write_text("a')
+    failed = run_nbs("run", cwd=project)
+    assert failed.returncode == 1 and "ValueError: no rows today" in failed.stderr, failed.stderr
+    assert "Traceback" not in failed.stderr, failed.stderr
+    build, raw = [r for r in runs_of(project) if r.info.run_id not in {b.info.run_id for b in [build, *tasks]}]
+    assert (build.info.status, raw.data.tags["nbs.task"], raw.info.status) == ("FAILED", "raw", "FAILED")
+    assert raw.data.tags["nbs.error.type"] == "ValueError", raw.data.tags
+
+
+def test_a_project_with_an_executor_of_its_own_is_built_by_it_and_says_it_is_not_tracked(tmp_path):
+    files = {**FUNCTIONS, "pipeline.yaml": "        executor:\n          dotted_path: quiet.Quiet\n"
+             + FUNCTIONS["pipeline.yaml"].replace("'{{rows}}'", "2"),
+             "quiet.py": "from ploomber.executors import Serial\n\n\nclass Quiet(Serial):\n    pass\n"}
+    del files["env.yaml"]
+    project = _project(tmp_path, files)
+    built = _ran(run_nbs("run", cwd=project, env={"PYTHONPATH": str(project)}))
+    assert "Ran 3 of 3 tasks" in built and (project / "out" / "report.txt").read_text() == "3 lines\n"
+    assert "Not tracked in MLflow: pipeline.yaml's executor quiet.Quiet builds on its own" in built, built
+    assert "Tracked in" not in built and not (project / "mlflow.db").exists()
