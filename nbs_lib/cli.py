@@ -360,7 +360,13 @@ def cmd_execute(args: argparse.Namespace) -> int:
 
 def _execute(args: argparse.Namespace, root: Path, records) -> int:
     "`nbs execute` once MLflow opens (in `records`, None for what records nothing): the notebook read, checked, executed."
-    from nbs_lib.execute import PapermillOptions, execute_notebook, gather_parameters, notebook_name, output_location
+    from nbs_lib.execute import (
+        PapermillOptions,
+        execute_notebook,
+        gather_parameters,
+        notebook_name,
+        output_location,
+    )
     from nbs_lib.notebook_io import STREAM, public_location, read_notebook, shown_location
 
     output = args.output_path or args.output

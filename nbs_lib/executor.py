@@ -41,6 +41,7 @@ from nbs_lib.tracking import (
     RunJournal,
     finish_run,
     get_client,
+    log_scrubbed_artifact,
     reap_orphans,
     start_pipeline_run,
     start_task_run,
@@ -52,9 +53,9 @@ if TYPE_CHECKING:  # for annotations only: MLflow is imported where it is used, 
 
 # %% auto #0
 __all__ = ['JOURNAL_REPLAY_EVERY', 'PIPELINE_RUN_ENV', 'THREAD_VARIABLES', 'task_params', 'shared_params', 'executed_notebook',
-           'parallel_jobs', 'non_negative', 'TrackedExecutor', 'check_joinable', 'close_joined_run',
-           'log_upstream_inputs', 'log_outputs', 'refuse_secret_parameters', 'thread_limits', 'longest_chains',
-           'tracking_in_place_of']
+           'rendered_notebook', 'parallel_jobs', 'non_negative', 'TrackedExecutor', 'check_joinable',
+           'close_joined_run', 'log_upstream_inputs', 'log_outputs', 'refuse_secret_parameters', 'thread_limits',
+           'longest_chains', 'tracking_in_place_of']
 
 # %% ../notebooks/12_executor.ipynb #a231fd1e
 _NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM, DATA_DIGEST_PARAM}
@@ -76,9 +77,19 @@ def shared_params(tasks: list) -> dict:
 
 
 def executed_notebook(task) -> Path | None:
-    "Where the task writes its executed notebook, if it is a notebook task."
+    "Where the task writes its executed notebook as .ipynb, if it is a notebook task that keeps one."
     files = product_files(task.product)
-    return files.get("nb") or next((p for p in files.values() if p.suffix == ".ipynb"), None)
+    return next((p for p in (files.get("nb"), *files.values()) if p is not None and p.suffix == ".ipynb"), None)
+
+
+def rendered_notebook(task) -> Path | None:
+    "The executed notebook of a notebook task whose product keeps it in another format only (.html, .md, .pdf)."
+    from ploomber.tasks import NotebookRunner
+
+    if not isinstance(task, NotebookRunner) or executed_notebook(task) is not None:
+        return None
+    files = product_files(task.product)
+    return files.get("nb", files.get("product"))
 
 # %% ../notebooks/12_executor.ipynb #ea74a00a
 def parallel_jobs(jobs: int | str | None) -> int:
@@ -397,16 +408,29 @@ class _Build:
             status = "KILLED"
             raise
         finally:
-            if executed is not None and executed.is_file():
-                redact_notebook(executed, self.secret_values)
-                log_notebook(self.client, run_id, executed)
             if failure is not None:
                 self.failures.append(failure)
-            if failure is not None and status == "FAILED":  # its error on its run, whatever the kind of task
-                tag_run(self.client, run_id, failure_tags(failure))
-            finish_run(self.client, run_id, status)
-            say_progress(f"  {status.lower():8} {task.name} in {time.monotonic() - started:.1f} s", self.show)
+            try:
+                self.attach(task, run_id, executed)
+                if failure is not None and status == "FAILED":  # its error on its run, whatever the kind of task
+                    tag_run(self.client, run_id, failure_tags(failure))
+            except BaseException:
+                status = "KILLED" if status == "KILLED" else "FAILED"  # never FINISHED with its record half made
+                raise
+            finally:
+                finish_run(self.client, run_id, status)
+                say_progress(f"  {status.lower():8} {task.name} in {time.monotonic() - started:.1f} s", self.show)
         return status == "FINISHED"
+
+    def attach(self, task, run_id: str, executed: Path | None) -> None:
+        "Attach `task`'s executed notebook to its run: the .ipynb and its page, or the page alone when the task keeps no .ipynb."
+        if executed is not None and executed.is_file():
+            redact_notebook(executed, self.secret_values)
+            log_notebook(self.client, run_id, executed)
+            return
+        page = rendered_notebook(task)
+        if page is not None and page.is_file():
+            log_scrubbed_artifact(self.client, run_id, page, "notebook", self.secret_values)
 
     def notebook(self, task) -> str:
         "How progress and failures name `task`'s source: its notebook's path, or the task's name."

@@ -23,8 +23,9 @@ from .errors import ServerError, TrackingError
 # %% auto #0
 __all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'check_server', 'open_store', 'get_client',
            'experiment_id', 'git_state', 'owner_tags', 'process_alive', 'reap_orphans', 'start_pipeline_run',
-           'start_task_run', 'finish_run', 'tag_run', 'active_run_id', 'journal_tags', 'log_metrics', 'log_table',
-           'log_tags', 'log_params', 'log_artifact', 'json_artifact', 'table_artifact', 'who', 'RunJournal']
+           'start_task_run', 'finish_run', 'log_scrubbed_artifact', 'tag_run', 'active_run_id', 'journal_tags',
+           'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact', 'json_artifact', 'table_artifact',
+           'who', 'RunJournal']
 
 # %% ../notebooks/08_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -218,6 +219,17 @@ def finish_run(client, run_id: str, status: str) -> None:
     client.set_terminated(run_id, status)
 
 
+def log_scrubbed_artifact(client, run_id: str, path: Path, artifact_path: str | None, secrets: set[str]) -> None:
+    "Attach the file at `path` to `run_id`, the values in `secrets` scrubbed from it when it is text."
+    from nbs_lib.credentials import redacted_copy
+
+    if not secrets:  # nothing to look for: no second read of what may be a large file
+        client.log_artifact(run_id, str(path), artifact_path)
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        client.log_artifact(run_id, str(redacted_copy(path, secrets, scratch)), artifact_path)
+
+
 def tag_run(client, run_id: str, tags: dict[str, str]) -> None:
     "Set `tags` on `run_id` in one request."
     from mlflow.entities import RunTag
@@ -406,13 +418,8 @@ class RunJournal:
         return len(records)
 
     def _log_artifact(self, client, path: Path, artifact_path: str | None) -> None:
-        from nbs_lib.credentials import redacted_copy
-
-        if not self.secrets:  # nothing to look for: no second read of what may be a large file
-            client.log_artifact(self.run_id, str(path), artifact_path)
-            return
-        with tempfile.TemporaryDirectory() as scratch:  # the kernel scrubbed what it was given; this, what the build declares
-            client.log_artifact(self.run_id, str(redacted_copy(path, self.secrets, scratch)), artifact_path)
+        # the kernel scrubbed what it was given; this, what the build declares
+        log_scrubbed_artifact(client, self.run_id, path, artifact_path, self.secrets)
 
     def _scrubbed_table(self, path: str):
         "The table a kernel staged at `path`, the secrets scrubbed from its column names and text cells."

@@ -8,7 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import run_nbs, runs_of
+from conftest import run_nbs, runs_of, store
 
 from nbs_lib.lineage import file_digest
 
@@ -121,3 +121,39 @@ def test_a_project_with_an_executor_of_its_own_is_built_by_it_and_says_it_is_not
     assert "Ran 3 of 3 tasks" in built and (project / "out" / "report.txt").read_text() == "3 lines\n"
     assert "Not tracked in MLflow: pipeline.yaml's executor quiet.Quiet builds on its own" in built, built
     assert "Tracked in" not in built and not (project / "mlflow.db").exists()
+
+
+HTML_REPORT = {
+    "pipeline.yaml": """\
+        tasks:
+          - source: report.py
+            product:
+              nb: out/report.html
+              data: out/data.csv
+        """,
+    "report.py": """\
+        # %% tags=["parameters"]
+        upstream = None
+        product = None
+
+        # %%
+        from pathlib import Path
+        Path(product["data"]).write_text("a\\n1\\n")
+        print("rows written")
+        """,
+}
+
+
+def test_a_notebook_kept_as_html_is_attached_to_its_run_and_a_failure_is_failed(tmp_path):
+    project = _project(tmp_path, HTML_REPORT)
+    assert "Ran 1 of 1 tasks" in _ran(run_nbs("run", cwd=project))
+    (task,) = [r for r in runs_of(project) if r.data.tags["nbs.kind"] == "task"]
+    assert task.info.status == "FINISHED"
+    page = Path(store(project).download_artifacts(task.info.run_id, "notebook/report.html", str(tmp_path / "dl")))
+    assert "rows written" in page.read_text() and page.read_bytes() == (project / "out" / "report.html").read_bytes()
+
+    _edit(project / "report.py", 'print("rows written")', 'raise RuntimeError("no rows today")')
+    failed = run_nbs("run", cwd=project)
+    assert failed.returncode == 1 and "RuntimeError: no rows today" in failed.stderr, failed.stderr
+    statuses = sorted((r.data.tags["nbs.kind"], r.info.status) for r in runs_of(project))
+    assert statuses == [("pipeline", "FAILED"), ("pipeline", "FINISHED"), ("task", "FAILED"), ("task", "FINISHED")], statuses
