@@ -50,11 +50,10 @@ from nbs_lib.lineage import (
 from .server import DEFAULT_DB_PORT, DEFAULT_PORT
 
 # %% auto #0
-__all__ = ['TRACKED_EXECUTORS', 'MONITOR_NOTEBOOK', 'AB_SHARE', 'PARAMETER_FLAGS', 'load_dag', 'cmd_run', 'cmd_status',
-           'cmd_runs', 'cmd_plot', 'cmd_execute', 'cmd_schedule', 'cmd_server', 'cmd_task', 'cmd_export', 'cmd_promote',
-           'cmd_rollback', 'cmd_models', 'cmd_features', 'cmd_serve', 'cmd_predict', 'cmd_monitor', 'cmd_retrain',
-           'cmd_simulate', 'cmd_lineage', 'cmd_reproduce', 'cmd_new', 'cmd_check', 'build_parser', 'papermill_pairs',
-           'main']
+__all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'PARAMETER_FLAGS', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot',
+           'cmd_execute', 'cmd_schedule', 'cmd_server', 'cmd_task', 'cmd_export', 'cmd_promote', 'cmd_rollback',
+           'cmd_models', 'cmd_features', 'cmd_serve', 'cmd_predict', 'cmd_monitor', 'cmd_retrain', 'cmd_simulate',
+           'cmd_lineage', 'cmd_reproduce', 'cmd_new', 'cmd_check', 'build_parser', 'papermill_pairs', 'main']
 
 # %% ../notebooks/90_cli.ipynb #59fa4774
 def load_dag(root: Path, overrides: dict | None = None):
@@ -81,8 +80,12 @@ def load_dag(root: Path, overrides: dict | None = None):
         dag.render(show_progress=False)
     except Exception as e:  # Ploomber raises many types here; all mean the spec is unusable
         detail = str(e).strip().splitlines()
-        raise ConfigError(root / PIPELINE_FILE, f"{type(e).__name__}: {' '.join(detail[:6])}",
-                          hint="see the pipeline.yaml of a fresh clone for a working example") from e
+        cause = e
+        for _ in range(10):  # Ploomber's own words wrap the one that says why (bounded: a chain may loop)
+            cause = cause.__cause__ or cause.__context__ or cause
+        why = f" ({type(cause).__name__}: {str(cause).strip()[:300]})" if cause is not e else ""
+        raise ConfigError(root / PIPELINE_FILE, f"{type(e).__name__}: {' '.join(detail[:6])}{why}",
+                          hint="pipeline.yaml is Ploomber's spec: https://docs.ploomber.io/en/latest/api/spec.html says what each key takes") from e
     return dag
 
 # %% ../notebooks/90_cli.ipynb #ae1a007f
@@ -174,7 +177,7 @@ def _print_products(products: dict[str, dict[str, str]], root: Path) -> None:
 
 
 # the executors whose builds nbs records (see executor.tracking_in_place_of), as pipeline.yaml names them
-TRACKED_EXECUTORS = {None, "serial", "parallel", "ploomber.executors.Serial", "ploomber.executors.Parallel",
+_TRACKED_EXECUTORS = {None, "serial", "parallel", "ploomber.executors.Serial", "ploomber.executors.Parallel",
                      "ploomber.executors.serial.Serial", "ploomber.executors.parallel.Parallel",
                      "nbs_lib.executor.TrackedExecutor"}
 
@@ -183,7 +186,7 @@ def _where_tracked(root: Path) -> str:
     "Where the project at `root` records its builds and how to browse them; or that it does not."
     executor = read_yaml_mapping(root / PIPELINE_FILE).get("executor")
     named = executor.get("dotted_path") if isinstance(executor, dict) else executor
-    if named not in TRACKED_EXECUTORS:
+    if named not in _TRACKED_EXECUTORS:
         return (f"Not tracked in MLflow: pipeline.yaml's executor {named} builds on its own "
                 "(nbs tracks Ploomber's serial and parallel, and nbs_lib.executor.TrackedExecutor)")
     uri = tracking_uri()

@@ -74,10 +74,9 @@ def _serve(conn, parents_end, factory: Callable[[], object], parent: int) -> Non
 
 
 class ForkedService:
-    """The object `factory()` makes, made in a process forked now, its methods called from this one:
-    `call` waits for the answer (or raises the NbsError it raised there), `post` does not. That process
-    ignores SIGINT and SIGTERM (this one decides how a stop is recorded), dies with this one, and ends
-    once `close` closes the pipe."""
+    """The object `factory()` makes, made in a process forked now, its methods called from this one
+    (`call`). That process ignores SIGINT and SIGTERM (this one decides how a stop is recorded), dies
+    with this one, and ends once `close` closes the pipe."""
 
     def __init__(self, factory: Callable[[], object], name: str = "nbs-service"):
         import multiprocessing
@@ -96,16 +95,12 @@ class ForkedService:
         atexit.register(self.close)  # before multiprocessing's own exit hook, which would wait for it forever
         self._sent = 0  # calls numbered in the order sent; each answer carries its number
 
-    def post(self, method: str, *args, **kwargs) -> None:
-        "Have the service run `method` and go on: work done ahead, whose answer nobody reads (a later call that needs it fails again and says why)."
-        self._send(method, args, kwargs)
-
     def call(self, method: str, *args, **kwargs) -> object:
         "What the service's `method` returns for these arguments; what it raised, as an NbsError; a RuntimeError if the process ended."
         import pickle
 
         number = self._send(method, args, kwargs)
-        while True:  # earlier answers first: a post's, or a call's that a signal interrupted
+        while True:  # an earlier call's answer first, if a signal interrupted its wait
             try:
                 answered, ok, value = pickle.loads(self._conn.recv_bytes())
             except (EOFError, ConnectionResetError):  # reset: it died with a call unread
@@ -152,8 +147,6 @@ class LocalService:
         if self._served is None:
             self._served = self._factory()
         return getattr(self._served, method)(*args, **kwargs)
-
-    post = call  # nothing runs meanwhile here: the work ahead is done now
 
     def close(self, wait: float = 30) -> None:
         "Nothing to end."

@@ -157,3 +157,13 @@ def test_a_notebook_kept_as_html_is_attached_to_its_run_and_a_failure_is_failed(
     assert failed.returncode == 1 and "RuntimeError: no rows today" in failed.stderr, failed.stderr
     statuses = sorted((r.data.tags["nbs.kind"], r.info.status) for r in runs_of(project))
     assert statuses == [("pipeline", "FAILED"), ("pipeline", "FINISHED"), ("task", "FAILED"), ("task", "FINISHED")], statuses
+
+
+def test_a_spec_ploomber_refuses_is_one_line_with_ploombers_reason(tmp_path):
+    spec = HTML_REPORT["pipeline.yaml"].replace("product:", "bogus_key: 1\n            product:")
+    project = _project(tmp_path, {**HTML_REPORT, "pipeline.yaml": spec})
+    done = run_nbs("run", cwd=project)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    said, hint = done.stderr.strip().splitlines()
+    assert "unexpected keyword argument 'bogus_key'" in said, said  # the reason, not only Ploomber's wrapper
+    assert "docs.ploomber.io" in hint and "fresh clone" not in hint, hint
