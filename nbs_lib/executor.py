@@ -54,8 +54,8 @@ if TYPE_CHECKING:  # for annotations only: MLflow is imported where it is used, 
 # %% auto #0
 __all__ = ['JOURNAL_REPLAY_EVERY', 'PIPELINE_RUN_ENV', 'THREAD_VARIABLES', 'task_params', 'shared_params', 'executed_notebook',
            'rendered_notebook', 'parallel_jobs', 'non_negative', 'TrackedExecutor', 'check_joinable',
-           'close_joined_run', 'log_upstream_inputs', 'log_outputs', 'refuse_secret_parameters', 'thread_limits',
-           'longest_chains', 'tracking_in_place_of']
+           'close_joined_run', 'forget_last_success', 'log_upstream_inputs', 'log_outputs', 'refuse_secret_parameters',
+           'thread_limits', 'longest_chains', 'tracking_in_place_of']
 
 # %% ../notebooks/12_executor.ipynb #a231fd1e
 _NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM, DATA_DIGEST_PARAM}
@@ -243,6 +243,16 @@ def _is_data(path: Path) -> bool:
     return path.suffix != ".ipynb"  # executed notebooks are logged as notebooks, not data
 
 
+def forget_last_success(product) -> None:
+    "Delete a file product's metadata before its task runs: if the run dies mid-write, none vouches for a half-written file."
+    from ploomber.products import File
+
+    # only files: a relation's metadata lives in the task's own database, where a write from here
+    # holds a lock the task then waits on ("database is locked"); Ploomber does not delete it either
+    if all(isinstance(p, File) for p in getattr(product, "products", [product])):
+        product.metadata.delete()
+
+
 def log_upstream_inputs(client, run_id: str, task, root: Path) -> None:
     "Record the digest of every upstream data file `task` reads as an MLflow dataset input."
     from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -375,10 +385,8 @@ class _Build:
                                 self.root, tags)
         try:
             log_upstream_inputs(self.client, run_id, task, self.root)
-            # Forget the last success before running: if this run dies mid-write, no stale metadata
-            # vouches for a half-written product, and the next build runs the task again.
-            task.product.metadata.delete()
-        except OSError:  # a product folder that cannot be written to (read-only, full): the task fails here
+            forget_last_success(task.product)
+        except Exception:  # a product folder that cannot be written to (read-only, full): the task fails here
             finish_run(self.client, run_id, "FAILED")
             raise
         journal = RunJournal(run_id, self.secret_values)

@@ -4,6 +4,7 @@ a folder of its own, never copied from elsewhere (README: "From Ploomber")."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import textwrap
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def test_a_project_with_an_executor_of_its_own_is_built_by_it_and_says_it_is_not
              "quiet.py": "from ploomber.executors import Serial\n\n\nclass Quiet(Serial):\n    pass\n"}
     del files["env.yaml"]
     project = _project(tmp_path, files)
-    built = _ran(run_nbs("run", cwd=project, env={"PYTHONPATH": str(project)}))
+    built = _ran(run_nbs("run", cwd=project))
     assert "Ran 3 of 3 tasks" in built and (project / "out" / "report.txt").read_text() == "3 lines\n"
     assert "Not tracked in MLflow: pipeline.yaml's executor quiet.Quiet builds on its own" in built, built
     assert "Tracked in" not in built and not (project / "mlflow.db").exists()
@@ -167,3 +168,51 @@ def test_a_spec_ploomber_refuses_is_one_line_with_ploombers_reason(tmp_path):
     said, hint = done.stderr.strip().splitlines()
     assert "unexpected keyword argument 'bogus_key'" in said, said  # the reason, not only Ploomber's wrapper
     assert "docs.ploomber.io" in hint and "fresh clone" not in hint, hint
+
+
+SQL_ON_SQLITE = {
+    "pipeline.yaml": """\
+        meta:
+          extract_upstream: true
+          product_default_class:
+            SQLScript: SQLiteRelation
+        clients:
+          SQLScript: clients.get
+          SQLiteRelation: clients.get
+        tasks:
+          - source: sql/numbers.sql
+            product: [numbers, table]
+          - source: sql/doubled.sql
+            product: [doubled, table]
+        """,
+    "clients.py": """\
+        from ploomber.clients import SQLAlchemyClient
+
+
+        def get():
+            return SQLAlchemyClient("sqlite:///data.db")
+        """,
+    "sql/numbers.sql": """\
+        DROP TABLE IF EXISTS {{product}};
+        CREATE TABLE {{product}} AS SELECT 1 AS x UNION ALL SELECT 2;
+        """,
+    "sql/doubled.sql": """\
+        DROP TABLE IF EXISTS {{product}};
+        CREATE TABLE {{product}} AS SELECT x * 2 AS y FROM {{upstream['numbers']}};
+        """,
+}
+
+
+def test_sql_scripts_building_sqlite_tables_through_ploombers_clients_are_tracked(tmp_path):
+    # nbs writes nothing to the tasks' database: a lock held there made them fail ("database is locked")
+    project = _project(tmp_path, SQL_ON_SQLITE)
+    assert "Ran 2 of 2 tasks" in _ran(run_nbs("run", cwd=project))
+    tasks = [r for r in runs_of(project) if r.data.tags["nbs.kind"] == "task"]
+    assert sorted((t.data.tags["nbs.task"], t.info.status) for t in tasks) == [("doubled", "FINISHED"), ("numbers", "FINISHED")]
+    for task in tasks:
+        assert task.data.tags["nbs.source.sha256"] == file_digest(project / "sql" / f"{task.data.tags['nbs.task']}.sql")
+    assert "All 2 tasks are up to date" in _ran(run_nbs("run", cwd=project))
+    _edit(project / "sql" / "numbers.sql", "SELECT 2;", "SELECT 3;")
+    assert "Ran 2 of 2 tasks" in _ran(run_nbs("run", cwd=project))
+    with sqlite3.connect(project / "data.db") as db:
+        assert db.execute("SELECT y FROM doubled ORDER BY y").fetchall() == [(2,), (6,)]
