@@ -14,15 +14,16 @@ import threading
 from pathlib import Path
 
 import nbformat
+from jupyter_core.utils import run_sync
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
 from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, NotebookExecutionManager
 
-from .tracking import JOURNAL_ENV, journal_tags
+from .tracking import JOURNAL_ENV, journal_metrics, journal_tags
 
 # %% auto #0
-__all__ = ['ERROR_MARKER_TAG', 'KERNEL_DIED_AT_START', 'exit_note', 'locate_failed_cell', 'mark_unfinished', 'mark_not_started',
-           'flag_sys_exit', 'kill_kernels', 'QuickSaveManager', 'NbsEngine']
+__all__ = ['ERROR_MARKER_TAG', 'METRICS_TAG', 'KERNEL_DIED_AT_START', 'exit_note', 'locate_failed_cell', 'assigned_names',
+           'mark_unfinished', 'mark_not_started', 'flag_sys_exit', 'kill_kernels', 'QuickSaveManager', 'NbsEngine']
 
 # %% ../notebooks/10_engine.ipynb #e93744e3
 # papermill.execute's tag of the two cells it adds above a failure (that module loads this engine
@@ -57,6 +58,38 @@ def locate_failed_cell(source, executed) -> tuple[int | None, int] | None:
     if role(executed["cells"][failed]) == "injected":
         return injected, failed
     return (kept[position] if position < len(kept) else None), failed
+
+# %% ../notebooks/10_engine.ipynb #aae4a10f
+METRICS_TAG = "metrics"  # a cell so tagged: each number it assigns to a name is recorded as a metric
+# evaluated in the kernel for each name: the value as a float's text, or None when it is no number
+_NUMBER_OF = ("(lambda v: repr(float(v)) if isinstance(v, __import__('numbers').Real) and not isinstance(v, bool) "
+              "else None)({})")
+
+
+def assigned_names(source: str) -> list[str]:
+    "The names a cell's top-level statements assign (`a = ...`, `a: float = ...`, `a += ...`, `a, b = ...`), in order."
+    import ast
+
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    try:  # magics and shell escapes become Python first, as the kernel runs them
+        tree = ast.parse(TransformerManager().transform_cell(source))
+    except SyntaxError:
+        return []
+    names: list[str] = []
+
+    def collect(target) -> None:
+        if isinstance(target, ast.Name):
+            names.append(target.id)
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            for element in target.elts:
+                collect(element)
+
+    for node in tree.body:
+        for target in (node.targets if isinstance(node, ast.Assign)
+                       else [node.target] if isinstance(node, (ast.AnnAssign, ast.AugAssign)) else []):
+            collect(target)
+    return list(dict.fromkeys(names))
 
 # %% ../notebooks/10_engine.ipynb #1d74ffbf
 def mark_unfinished(nb_man, error: BaseException) -> int | None:
@@ -112,6 +145,34 @@ class _KillableClient(PapermillNotebookClient):
     that dies before it answers `kernel_info` started once more."""
 
     kernel_restarts = 0
+    metrics_journal: str | None = None  # the run journal the numbers of `metrics` cells go to
+
+    async def async_execute_cell(self, cell, cell_index, execution_count=None, store_history=True):
+        cell = await super().async_execute_cell(cell, cell_index, execution_count, store_history)
+        if self.metrics_journal and METRICS_TAG in cell.metadata.get("tags", []):
+            await self._record_metrics(cell)
+        return cell
+
+    execute_cell = run_sync(async_execute_cell)  # nbclient binds its own in its class body: papermill calls this one
+
+    async def _record_metrics(self, cell) -> None:
+        "Record the numbers the `metrics` cell `cell` assigned, read from the kernel by a silent request."
+        import ast
+
+        from jupyter_core.utils import ensure_async
+
+        names = assigned_names(cell.source)
+        if not names or self.nb.metadata.get("language_info", {}).get("name", "python") != "python":
+            return
+        msg_id = await ensure_async(self.kc.execute("", silent=True, store_history=False,
+                                                    user_expressions={n: _NUMBER_OF.format(n) for n in names}))
+        reply = await self.async_wait_for_reply(msg_id)
+        found = (reply or {}).get("content", {}).get("user_expressions", {})
+        texts = {n: ast.literal_eval(found[n]["data"]["text/plain"]) for n in names
+                 if found.get(n, {}).get("status") == "ok"}
+        values = {n: float(text) for n, text in texts.items() if text is not None}
+        if values:
+            journal_metrics(self.metrics_journal, values)
 
     def start_new_kernel(self, **kwargs) -> None:
         self._start_kwargs = kwargs
@@ -243,6 +304,7 @@ class NbsEngine(NBClientEngine):
                                  log_output=log_output, stdout_file=stdout_file,
                                  stderr_file=stderr_file, **kwargs)
         client.kernel_restarts = kernel_restarts  # a kernel is started once more, not once more again
+        client.metrics_journal = (kernel_env or {}).get(JOURNAL_ENV)
         client.kc = kernel_client
         try:
             client.execute(env={**os.environ, **(kernel_env or {})})

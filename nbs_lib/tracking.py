@@ -23,9 +23,9 @@ from .errors import ServerError, TrackingError
 # %% auto #0
 __all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'check_server', 'open_store', 'get_client',
            'experiment_id', 'git_state', 'owner_tags', 'process_alive', 'reap_orphans', 'start_pipeline_run',
-           'start_task_run', 'finish_run', 'log_scrubbed_artifact', 'tag_run', 'active_run_id', 'journal_tags',
-           'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact', 'json_artifact', 'table_artifact',
-           'who', 'RunJournal']
+           'start_task_run', 'finish_run', 'log_scrubbed_artifact', 'tag_run', 'active_run_id', 'journal_metrics',
+           'journal_tags', 'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact', 'json_artifact',
+           'table_artifact', 'who', 'RunJournal']
 
 # %% ../notebooks/08_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -253,6 +253,11 @@ def _append(journal: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")  # one write of one line: the reader takes whole lines only
 
 
+def journal_metrics(journal: str | Path, values: dict[str, float], step: int = 0) -> None:
+    "Record `values` as metrics of the run of the journal folder `journal` (from its kernel, or from the engine running it)."
+    _append(Path(journal), {"kind": "metrics", "values": values, "step": step, "timestamp": int(time.time() * 1000)})
+
+
 def journal_tags(journal: str | Path, tags: dict[str, object]) -> None:
     "Tag the run of the journal folder `journal` with `tags`, from outside its kernel (the engine that started it)."
     _append(Path(journal), {"kind": "tags", "values": {k: str(v) for k, v in tags.items()}})
@@ -265,10 +270,11 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> dict[str,
     if run_id is None:
         print("not tracked (no nbs run):", ", ".join(f"{k}={v:g}" for k, v in values.items()))
         return values
-    now, journal = int(time.time() * 1000), _journal()
+    journal = _journal()
     if journal is not None:
-        _append(journal, {"kind": "metrics", "values": values, "step": step or 0, "timestamp": now})
+        journal_metrics(journal, values, step or 0)
         return values
+    now = int(time.time() * 1000)
     _send_batch(get_client(), run_id, metrics=[(k, v, now, step or 0) for k, v in values.items()])
     return values
 

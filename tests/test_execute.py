@@ -290,3 +290,20 @@ def test_a_kernel_whose_program_is_missing_is_one_line_and_a_failed_run(tmp_path
     assert done.returncode == 1 and "FileNotFoundError" in done.stderr and "no-such-python" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "without saying how it went" not in done.stderr
     assert {r.info.status for r in runs_of(tmp_path)} == {"FAILED"}
+
+
+def test_a_cell_tagged_metrics_records_the_numbers_it_assigns_without_an_import(tmp_path):
+    path = _notebook(tmp_path / "scored.ipynb", "import numpy as np\nscores = np.array([0.75, 0.25])",
+                     "accuracy = scores.mean()\nn_rows: int = 40\nlabel = 'holdout'\nbest, worst = scores\nflag = True")
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[1].metadata["tags"] = ["metrics"]
+    nbformat.write(nb, path)
+    done = run_nbs("execute", "scored.ipynb", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    runs = _by_kind(tmp_path)
+    (attempt,) = runs["task"]
+    # numbers only: the text and the boolean are left out; numpy's too, as floats
+    assert attempt.data.metrics == {"accuracy": 0.5, "n_rows": 40.0, "best": 0.75, "worst": 0.25}
+    assert runs["execution"][0].data.metrics["scored.accuracy"] == 0.5
+    executed = nbformat.read(tmp_path / "products" / "executed" / "scored.ipynb", as_version=4)
+    assert [c.execution_count for c in executed.cells if c.cell_type == "code"][-2:] == [1, 2], "the reading ran no cell"
