@@ -39,7 +39,8 @@ def describe_failure(task: str, exc: BaseException, notebook: str, executed: str
     root = exc
     while root.__cause__ is not None:
         root = root.__cause__
-    return TaskFailure(task, notebook, redact(f"{type(root).__name__}: {root}", secrets), executed=executed)
+    said = " ".join(str(root).split())  # one line: a shell script's error spans its stdout and stderr
+    return TaskFailure(task, notebook, redact(f"{type(root).__name__}: {said}", secrets), executed=executed)
 
 
 def locate_cell(failure: TaskFailure, source, executed: Path) -> TaskFailure:

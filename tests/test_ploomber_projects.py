@@ -216,3 +216,24 @@ def test_sql_scripts_building_sqlite_tables_through_ploombers_clients_are_tracke
     assert "Ran 2 of 2 tasks" in _ran(run_nbs("run", cwd=project))
     with sqlite3.connect(project / "data.db") as db:
         assert db.execute("SELECT y FROM doubled ORDER BY y").fetchall() == [(2,), (6,)]
+
+
+def test_a_shell_task_is_tracked_and_its_failure_is_one_line_on_a_failed_run(tmp_path):
+    project = _project(tmp_path, {
+        "pipeline.yaml": """\
+            clients:
+              ShellScript: ploomber.clients.ShellClient
+            tasks:
+              - source: make.sh
+                product: out/made.txt
+            """,
+        "make.sh": "mkdir -p out\necho made > {{product}}\n"})
+    assert "Ran 1 of 1 tasks" in _ran(run_nbs("run", cwd=project))
+    assert (project / "out" / "made.txt").read_text() == "made\n"
+    _edit(project / "make.sh", "echo made > {{product}}\n", "echo half > {{product}}\necho broken >&2\nexit 3\n")
+    failed = run_nbs("run", cwd=project)
+    assert failed.returncode == 1, failed.stderr
+    said = [line for line in failed.stderr.splitlines() if line.startswith("nbs: error:")]
+    assert len(said) == 1 and "stderr: broken exit status 3" in said[0], failed.stderr
+    statuses = sorted((r.data.tags["nbs.kind"], r.info.status) for r in runs_of(project))
+    assert statuses == [("pipeline", "FAILED"), ("pipeline", "FINISHED"), ("task", "FAILED"), ("task", "FINISHED")], statuses
