@@ -131,13 +131,42 @@ def _env_values(root: Path) -> dict:
     return read_yaml_mapping(root / ENV_FILE) if (root / ENV_FILE).is_file() else {}
 
 
+# Ploomber's own placeholders, which it fills itself: never a value to set with -p
+_PLOOMBER_PLACEHOLDERS = {"here", "cwd", "root", "user", "now", "git", "git_hash"}
+
+
+def _spec_placeholders(root: Path) -> list[str]:
+    "The {{NAME}} placeholders pipeline.yaml's values use (not its comments), Ploomber's own and {{env.*}} left out."
+    def texts(node) -> list[str]:
+        if isinstance(node, dict):
+            return [t for key, value in node.items() for t in texts(key) + texts(value)]
+        if isinstance(node, list):
+            return [t for item in node for t in texts(item)]
+        return [node] if isinstance(node, str) else []
+
+    found = [name for text in texts(read_yaml_mapping(root / PIPELINE_FILE))
+             for name in re.findall(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}", text)]
+    return [name for name in dict.fromkeys(found) if name not in _PLOOMBER_PLACEHOLDERS]
+
+
 def _parameters(args: argparse.Namespace) -> tuple[Path, dict, dict]:
     "The project root, env.yaml's values, and the values --env-file, --params-json and -p set over them."
     root = find_project_root(args.root)
     declared = _env_values(root)
-    if not (root / ENV_FILE).is_file() and (args.param or args.env_file or getattr(args, "params_json", None)):
-        raise ConfigError(root / ENV_FILE, "not found: -p, --env-file and --params-json set values env.yaml declares",
-                          hint="write env.yaml with NAME: DEFAULT for each value to set, used as {{NAME}} in pipeline.yaml")
+    if not (root / ENV_FILE).is_file():
+        if args.env_file or getattr(args, "params_json", None):
+            raise ConfigError(root / ENV_FILE, "not found: --env-file and --params-json set values env.yaml declares",
+                              hint="write env.yaml with NAME: DEFAULT for each value to set, used as {{NAME}} in "
+                                   "pipeline.yaml; or set each with -p NAME=VALUE")
+        # a Ploomber project without env.yaml: -p fills pipeline.yaml's placeholders, read as YAML
+        placeholders = _spec_placeholders(root)
+        overrides = parse_overrides(args.param, dict.fromkeys(placeholders), declared_in="pipeline.yaml as {{NAME}}")
+        unset = [name for name in placeholders if name not in overrides]
+        if unset:
+            raise ConfigError(root / PIPELINE_FILE, f"uses {{{{{unset[0]}}}}}, which has no value",
+                              hint=f"set it with -p {unset[0]}=VALUE, or declare {unset[0]}: DEFAULT in env.yaml")
+        _check_environment_reads(root, overrides)
+        return root, {}, overrides
     overrides = _overrides(args, declared)
     _check_environment_reads(root, {**declared, **overrides})
     return root, declared, overrides

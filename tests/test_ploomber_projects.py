@@ -100,8 +100,8 @@ def test_a_project_as_ploomber_runs_it_is_tracked_without_an_edit(tmp_path):
         assert task.data.tags["nbs.output.product"].endswith(f"sha256:{file_digest(written)}"), task.data.tags
         assert task.data.tags["nbs.source.sha256"] == file_digest(project / "tasks.py")
     assert "up to date" in _ran(run_nbs("status", cwd=project))
-    refused = run_nbs("run", "-p", "rows=3", cwd=project)
-    assert refused.returncode == 2 and "env.yaml: not found" in refused.stderr, refused.stderr
+    refused = run_nbs("run", "-p", "rows=3", cwd=project)  # pipeline.yaml has no {{rows}} here
+    assert refused.returncode == 2 and "parameter 'rows' is not declared in pipeline.yaml" in refused.stderr, refused.stderr
 
     _edit(project / "tasks.py", 'Path(str(product)).write_text("a', 'raise ValueError("no rows today")\n    Path(str(product)).write_text("a')
     failed = run_nbs("run", cwd=project)
@@ -237,3 +237,18 @@ def test_a_shell_task_is_tracked_and_its_failure_is_one_line_on_a_failed_run(tmp
     assert len(said) == 1 and "stderr: broken exit status 3" in said[0], failed.stderr
     statuses = sorted((r.data.tags["nbs.kind"], r.info.status) for r in runs_of(project))
     assert statuses == [("pipeline", "FAILED"), ("pipeline", "FINISHED"), ("task", "FAILED"), ("task", "FINISHED")], statuses
+
+
+def test_without_env_yaml_p_fills_the_placeholders_of_pipeline_yaml(tmp_path):
+    files = dict(FUNCTIONS)
+    del files["env.yaml"]
+    project = _project(tmp_path, files)
+    unset = run_nbs("run", cwd=project)
+    assert unset.returncode == 2 and unset.stderr.splitlines() == [
+        f"nbs: error: {project / 'pipeline.yaml'}: uses {{{{rows}}}}, which has no value",
+        "  hint: set it with -p rows=VALUE, or declare rows: DEFAULT in env.yaml"], unset.stderr
+    assert "Ran 3 of 3 tasks" in _ran(run_nbs("run", "-p", "rows=1", cwd=project))
+    assert (project / "out" / "clean.csv").read_text() == "a\n1\n"  # a number, as YAML reads it
+    status = _ran(run_nbs("status", "-p", "rows=2", cwd=project))
+    assert "parameter rows changed: 1 -> 2" in status, status
+    assert "All 3 tasks are up to date" in _ran(run_nbs("run", "-p", "rows=1", cwd=project))
