@@ -26,6 +26,18 @@ def _notebook(path: Path, *cells: str, parameters: str | None = None, kernel: bo
     return path
 
 
+def _job_on_kernel(folder: Path, name: str, argv: list[str]) -> Path:
+    "job.ipynb in `folder`, naming the kernel `name` that starts with `argv`, installed under folder/jupyter (JUPYTER_PATH)."
+    spec = folder / "jupyter" / "kernels" / name
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": name, "language": "python"}))
+    path = _notebook(folder / "job.ipynb", "print('ran')")
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["kernelspec"] = {"name": name, "display_name": name, "language": "python"}
+    nbformat.write(nb, path)
+    return path
+
+
 def _by_kind(root: Path) -> dict[str, list]:
     found: dict[str, list] = {}
     for run in runs_of(root):
@@ -218,15 +230,9 @@ FIRST_START_FAILS = ("import os, sys; marker = sys.argv.pop(1)\n"
 def test_a_kernel_that_dies_before_it_answers_is_started_once_more_and_the_run_says_so(tmp_path):
     import sys
 
-    spec = tmp_path / "jupyter" / "kernels" / "flaky"  # exits at its first start, as a lost port race does
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({"argv": [sys.executable, "-c", FIRST_START_FAILS,
-                                                            str(tmp_path / "started-once"), "-f", "{connection_file}"],
-                                                   "display_name": "flaky", "language": "python"}))
-    path = _notebook(tmp_path / "job.ipynb", "print('ran')")
-    nb = nbformat.read(path, as_version=4)
-    nb.metadata["kernelspec"] = {"name": "flaky", "display_name": "flaky", "language": "python"}
-    nbformat.write(nb, path)
+    # exits at its first start, as a lost port race does
+    _job_on_kernel(tmp_path, "flaky", [sys.executable, "-c", FIRST_START_FAILS, str(tmp_path / "started-once"),
+                                       "-f", "{connection_file}"])
     done = run_nbs("execute", "job.ipynb", cwd=tmp_path, env={"JUPYTER_PATH": str(tmp_path / "jupyter")})
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "started-once").is_file(), "the first start did not happen: this test would prove nothing"
@@ -278,14 +284,7 @@ def test_a_text_notebook_runs_as_jupytext_reads_it_into_an_ipynb(tmp_path):
 
 
 def test_a_kernel_whose_program_is_missing_is_one_line_and_a_failed_run(tmp_path):
-    spec = tmp_path / "jupyter" / "kernels" / "gone"
-    spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({"argv": [str(tmp_path / "no-such-python"), "-f", "{connection_file}"],
-                                                  "display_name": "gone", "language": "python"}))
-    path = _notebook(tmp_path / "job.ipynb", "print('ran')")
-    nb = nbformat.read(path, as_version=4)
-    nb.metadata["kernelspec"] = {"name": "gone", "display_name": "gone", "language": "python"}
-    nbformat.write(nb, path)
+    _job_on_kernel(tmp_path, "gone", [str(tmp_path / "no-such-python"), "-f", "{connection_file}"])
     done = run_nbs("execute", "job.ipynb", cwd=tmp_path, env={"JUPYTER_PATH": str(tmp_path / "jupyter")})
     assert done.returncode == 1 and "FileNotFoundError" in done.stderr and "no-such-python" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "without saying how it went" not in done.stderr
