@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import gc
+import logging
 import math
 import os
 import re
@@ -415,7 +416,7 @@ def _execute(args: argparse.Namespace, root: Path, records) -> int:
     params = gather_parameters(nb, shown, pairs=args.param, raw=args.parameters_raw, yaml_texts=args.parameters_yaml,
                                files=args.parameters_file, base64_texts=args.parameters_base64, injected=injected,
                                language=args.language)
-    _papermill_logging(args.log_level, args.log_output)
+    _papermill_logging(args.log_level, args.log_output, public_location(args.notebook))
     options = PapermillOptions(
         kernel_name=args.kernel, language=args.language, cwd=args.cwd, report_mode=args.report_mode,
         prepare_only=args.prepare_only, log_output=args.log_output, stdout_file=args.stdout_file,
@@ -435,20 +436,32 @@ def _execute(args: argparse.Namespace, root: Path, records) -> int:
     return 0
 
 
-def _papermill_logging(level: str | None, log_output: bool) -> None:
-    "Let papermill's log reach stderr at `level` (INFO with --log-output, which logs the cells' output there); else only its errors."
-    import logging
+class _InputNamed(logging.Filter):
+    "papermill's log line naming the input notebook as given: nbs hands papermill the notebook already read, logged as 'NotebookNode object'."
 
+    given = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Input Notebook:  NotebookNode"):  # standard input cannot be read twice
+            record.msg, record.args = f"Input Notebook:  {self.given}", None
+        return True
+
+
+def _papermill_logging(level: str | None, log_output: bool, given: str) -> None:
+    "Let papermill's log reach stderr at `level` (INFO with --log-output, which logs the cells' output there), naming the input notebook `given`; else only its errors."
     papermill = logging.getLogger("papermill")
     if level is None and not log_output:  # nbs says what happens in its own lines
         papermill.setLevel(logging.ERROR)
         return
     papermill.setLevel(level or "INFO")
-    if not any(getattr(h, "nbs_cli", False) for h in papermill.handlers):
+    said = next((h for h in papermill.handlers if getattr(h, "nbs_cli", False)), None)
+    if said is None:
         said = logging.StreamHandler()
         said.setFormatter(logging.Formatter("%(message)s"))
         said.nbs_cli = True
+        said.addFilter(_InputNamed())
         papermill.addHandler(said)
+    said.filters[0].given = given
 
 
 def _notebook_help(nb, shown: str, language: str | None) -> int:

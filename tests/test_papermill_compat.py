@@ -334,3 +334,21 @@ def test_a_password_in_a_notebook_url_is_never_printed_or_stored(tmp_path):
     stored = json.dumps([(r.data.params, r.data.tags) for r in runs])
     assert token not in said and token not in stored and "[secret]" in stored
 
+
+
+def test_log_output_names_the_input_notebook_as_papermill_does(tmp_path):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('logged')")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "job.ipynb")
+    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
+    said = {}
+    for name, command in (("papermill", [str(PAPERMILL), "job.ipynb", "pm.ipynb", "--no-progress-bar"]),
+                          ("nbs", [str(NBS), "execute", "job.ipynb", "nbs.ipynb"])):
+        done = subprocess.run([*command, "--log-output"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        said[name] = done.stderr.splitlines()
+    for line in ("Input Notebook:  job.ipynb", "logged"):  # nbs hands papermill the notebook it read, not its path
+        assert line in said["papermill"] and line in said["nbs"], said
