@@ -138,15 +138,10 @@ _PLOOMBER_PLACEHOLDERS = {"here", "cwd", "root", "user", "now", "git", "git_hash
 
 def _spec_placeholders(root: Path) -> list[str]:
     "The {{NAME}} placeholders pipeline.yaml's values use (not its comments), Ploomber's own and {{env.*}} left out."
-    def texts(node) -> list[str]:
-        if isinstance(node, dict):
-            return [t for key, value in node.items() for t in texts(key) + texts(value)]
-        if isinstance(node, list):
-            return [t for item in node for t in texts(item)]
-        return [node] if isinstance(node, str) else []
+    import json
 
-    found = [name for text in texts(read_yaml_mapping(root / PIPELINE_FILE))
-             for name in re.findall(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}", text)]
+    text = json.dumps(read_yaml_mapping(root / PIPELINE_FILE), default=str)  # every key and value, comments gone
+    found = re.findall(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}", text)
     return [name for name in dict.fromkeys(found) if name not in _PLOOMBER_PLACEHOLDERS]
 
 
@@ -459,9 +454,10 @@ def _papermill_logging(level: str | None, log_output: bool, given: str) -> None:
         said = logging.StreamHandler()
         said.setFormatter(logging.Formatter("%(message)s"))
         said.nbs_cli = True
-        said.addFilter(_InputNamed())
+        said.nbs_input = _InputNamed()
+        said.addFilter(said.nbs_input)
         papermill.addHandler(said)
-    said.filters[0].given = given
+    said.nbs_input.given = given
 
 
 def _notebook_help(nb, shown: str, language: str | None) -> int:
