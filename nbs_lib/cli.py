@@ -112,11 +112,11 @@ def _prepare_environment(root: Path) -> None:
     os.environ.setdefault("PLOOMBER_STATS_ENABLED", "false")
 
 
-def _overrides(args: argparse.Namespace, declared: dict) -> dict:
-    "The values --env-file, --params-json and -p set over env.yaml's `declared` ones, each declared and of its type."
-    from_file = merge_env_file(Path(args.env_file).resolve(), declared) if args.env_file else {}
-    given = json_overrides(args.params_json, declared) if getattr(args, "params_json", None) else {}
-    return {**from_file, **given, **parse_overrides(args.param, declared)}
+def _overrides(args: argparse.Namespace, declared: dict, declared_in: str = ENV_FILE) -> dict:
+    "The values --env-file, --params-json and -p set over the `declared` ones (env.yaml's), each declared and of its type."
+    from_file = merge_env_file(Path(args.env_file).resolve(), declared, declared_in) if args.env_file else {}
+    given = json_overrides(args.params_json, declared, declared_in) if getattr(args, "params_json", None) else {}
+    return {**from_file, **given, **parse_overrides(args.param, declared, declared_in)}
 
 
 def _check_environment_reads(root: Path, values: dict) -> None:
@@ -150,13 +150,10 @@ def _parameters(args: argparse.Namespace) -> tuple[Path, dict, dict]:
     root = find_project_root(args.root)
     declared = _env_values(root)
     if not (root / ENV_FILE).is_file():
-        if args.env_file or getattr(args, "params_json", None):
-            raise ConfigError(root / ENV_FILE, "not found: --env-file and --params-json set values env.yaml declares",
-                              hint="write env.yaml with NAME: DEFAULT for each value to set, used as {{NAME}} in "
-                                   "pipeline.yaml; or set each with -p NAME=VALUE")
-        # a Ploomber project without env.yaml: -p fills pipeline.yaml's placeholders, read as YAML
+        # a Ploomber project without env.yaml: --env-file, --params-json and -p fill pipeline.yaml's
+        # placeholders, of any type (read as YAML from -p)
         placeholders = _spec_placeholders(root)
-        overrides = parse_overrides(args.param, dict.fromkeys(placeholders), declared_in="pipeline.yaml as {{NAME}}")
+        overrides = _overrides(args, dict.fromkeys(placeholders), "pipeline.yaml as {{NAME}}")
         unset = [name for name in placeholders if name not in overrides]
         if unset:
             raise ConfigError(root / PIPELINE_FILE, f"uses {{{{{unset[0]}}}}}, which has no value",
@@ -277,11 +274,16 @@ def _build(args: argparse.Namespace, root: Path, declared: dict, overrides: dict
                           hint=f"tasks: {', '.join(dag)}")
     _stop_on_signals()
     forget_fresh_build(root)
-    if args.only:
-        report = dag.build_partially(args.only, force=args.force, skip_upstream=True)
-    else:
-        report = dag.build(force=args.force, show_progress=True)
-    inputs = build_inputs(dag, root, [PIPELINE_FILE, ENV_FILE, *([str(env_file)] if env_file else [])])
+    from nbs_lib.executor import close_clients
+
+    try:
+        if args.only:
+            report = dag.build_partially(args.only, force=args.force, skip_upstream=True)
+        else:
+            report = dag.build(force=args.force, show_progress=True, close_clients=False)
+        inputs = build_inputs(dag, root, [PIPELINE_FILE, ENV_FILE, *([str(env_file)] if env_file else [])])
+    finally:
+        close_clients(dag)
     if not args.only:  # every task is up to date now
         record_fresh_build(root, inputs, overrides)
     outcome = report.to_dict()

@@ -113,7 +113,7 @@ def check_type(name: str, value: object, default: object, shown: object = None) 
     raise ParameterError(name, f"expects {expected.__name__} (default {default!r}), got {raw!r}")
 
 # %% ../notebooks/01_config.ipynb #bdedda42
-def json_overrides(text: str, declared: dict) -> dict:
+def json_overrides(text: str, declared: dict, declared_in: str = "env.yaml") -> dict:
     "Typed values from a JSON object of parameters (what an orchestrator passes); each declared and of its default's type."
     import json
 
@@ -125,7 +125,7 @@ def json_overrides(text: str, declared: dict) -> dict:
         raise ParameterError("--params-json", f"must be a JSON object of name: value, not {type(values).__name__}")
     for name in values:
         if name not in declared:
-            raise ParameterError(name, "is not declared in env.yaml", valid=list(declared))
+            raise ParameterError(name, f"is not declared in {declared_in}", valid=list(declared))
     return {name: check_type(name, value, declared[name]) for name, value in values.items()}
 
 # %% ../notebooks/01_config.ipynb #9e0ccceb
@@ -143,12 +143,12 @@ def artifact_location(uri: str) -> str | None:
     return (database.parent / "mlartifacts").resolve().as_uri()
 
 # %% ../notebooks/01_config.ipynb #a1196c48
-def merge_env_file(path: Path, declared: dict) -> dict:
-    "The values of the YAML file at `path`, each declared in env.yaml and of its default's type."
+def merge_env_file(path: Path, declared: dict, declared_in: str = "env.yaml") -> dict:
+    "The values of the YAML file at `path`, each declared (in env.yaml, or `declared_in`) and of its default's type."
     values = read_yaml_mapping(path)
     for name, value in values.items():
         if name not in declared:
-            raise ParameterError(name, f"in {path} is not declared in env.yaml", valid=list(declared))
+            raise ParameterError(name, f"in {path} is not declared in {declared_in}", valid=list(declared))
         check_type(name, value, declared[name])
     return values
 

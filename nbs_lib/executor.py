@@ -6,8 +6,12 @@
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +23,7 @@ from .config import display_path
 from .credentials import declared_secrets, redact_notebook, refuse_secret_values
 from .engine import kill_kernels
 from .errors import ConfigError, PipelineError, TaskFailure
+from .head_start import die_with
 from nbs_lib.lineage import (
     DATA_DIGEST_PARAM,
     LIBRARY_DIGEST_PARAM,
@@ -55,7 +60,8 @@ if TYPE_CHECKING:  # for annotations only: MLflow is imported where it is used, 
 __all__ = ['JOURNAL_REPLAY_EVERY', 'PIPELINE_RUN_ENV', 'THREAD_VARIABLES', 'task_params', 'shared_params', 'executed_notebook',
            'rendered_notebook', 'parallel_jobs', 'non_negative', 'TrackedExecutor', 'check_joinable',
            'close_joined_run', 'forget_last_success', 'log_upstream_inputs', 'log_outputs', 'refuse_secret_parameters',
-           'thread_limits', 'longest_chains', 'tracking_in_place_of']
+           'thread_limits', 'longest_chains', 'build_in_fork', 'kill_forked_builds', 'tracking_in_place_of',
+           'close_clients']
 
 # %% ../notebooks/12_executor.ipynb #a231fd1e
 _NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM, DATA_DIGEST_PARAM}
@@ -120,8 +126,10 @@ class TrackedExecutor(Executor):
 
     def __init__(self, experiment: str = "nbs", cell_timeout: float | None = None,
                  secrets: list[str] | None = None, jobs: int | str = 1, retries: int | str = 0,
-                 retry_delay: float | str = 300, task_timeout: float | str = 0):
+                 retry_delay: float | str = 300, task_timeout: float | str = 0, build_in_subprocess: bool = True):
         self.experiment = experiment
+        # as in Ploomber's Serial: a function task is built in a process forked for it (see build_in_fork)
+        self.build_in_subprocess = bool(build_in_subprocess)
         self.cell_timeout = cell_timeout or None
         self.secrets = list(secrets or [])
         self.jobs = parallel_jobs(jobs)
@@ -168,7 +176,7 @@ class TrackedExecutor(Executor):
         say_progress(f"MLflow pipeline run {parent} (experiment {self.experiment!r}, "
              f"up to {self.jobs} task{'s' if self.jobs > 1 else ''} at once)", show_progress)
         build = _Build(client, parent, root, lineage, set(secret_values.values()), self.cell_timeout,
-                       show_progress)
+                       show_progress, self.build_in_subprocess)
         status = "KILLED"
         try:
             build.run(scheduled, self.jobs)
@@ -309,7 +317,7 @@ def longest_chains(tasks: list) -> dict[str, int]:
 
 @dataclass
 class _Build:
-    "The bookkeeping of one build: runs started and ended by the main thread, tasks run by workers."
+    "The bookkeeping of one build: runs started and ended by the thread that called it, tasks run by workers (or by that thread, one at a time)."
 
     client: object
     parent: str
@@ -318,9 +326,12 @@ class _Build:
     secret_values: set[str]
     cell_timeout: float | None
     show: bool
+    fork_functions: bool = True
     reports: list = field(default_factory=list)
     failures: list[TaskFailure] = field(default_factory=list)
     kernel_threads: dict[str, str] = field(default_factory=dict)  # thread limits for each kernel
+    live: dict[str, RunJournal] = field(default_factory=dict)  # the journals of the tasks started and not yet finished
+    replay_lock: threading.Lock = field(default_factory=threading.Lock)  # a journal is replayed by one thread at a time
 
     def run(self, tasks: list, jobs: int) -> None:
         "Run `tasks` (in topological order), each once all its scheduled upstream tasks succeeded."
@@ -331,7 +342,10 @@ class _Build:
         # end before its longest chain does (tune -> train-tuned -> evaluate -> register).
         waiting, succeeded, broken = sorted(tasks, key=lambda t: -chain[t.name]), set(), set()
         running: dict[Future, tuple] = {}
-        with ThreadPoolExecutor(jobs, thread_name_prefix="nbs-task") as pool:
+        # One at a time, tasks run on this thread, as under Ploomber's Serial: a client bound to the
+        # thread that made it (SQLite in memory, SQLAlchemy's pool) is used there.
+        pool = ThreadPoolExecutor(jobs, thread_name_prefix="nbs-task") if jobs > 1 else _OnThisThread()
+        with pool, self.replaying():
             try:
                 while waiting or running:
                     for task in list(waiting):
@@ -349,23 +363,52 @@ class _Build:
                                 broken.add(task.name)
                                 say_progress(f"  failed   {task.name}: {type(e).__name__}: {e}", self.show)
                                 continue
-                            running[pool.submit(task._build, catch_exceptions=True)] = (task, journal, started)
+                            future = pool.submit(self.build, task, journal)
+                            running[future] = (task, journal, started)
+                            if future.done() and not isinstance(future.exception(), Exception | None):
+                                raise future.exception()  # interrupted on this thread: its run ends KILLED below
                     if not running:
                         break
                     for future in wait(running, JOURNAL_REPLAY_EVERY, return_when=FIRST_COMPLETED).done:
                         task, journal, started = running.pop(future)
                         ok = self.finish(task, journal, started, future)
                         (succeeded if ok else broken).add(task.name)
-                    for _, journal, _ in running.values():  # what the running tasks logged, in MLflow
-                        journal.replay(self.client)
             except BaseException:
                 self.stop(running)
                 raise
 
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        "While the block runs, a thread logs in MLflow what the running tasks logged, every JOURNAL_REPLAY_EVERY s."
+        done = threading.Event()
+
+        def replay() -> None:
+            while not done.wait(JOURNAL_REPLAY_EVERY):
+                with self.replay_lock:
+                    for journal in self.live.values():
+                        journal.replay(self.client)
+
+        replayer = threading.Thread(target=replay, name="nbs-replay", daemon=True)
+        replayer.start()
+        try:
+            yield
+        finally:
+            done.set()
+            replayer.join()
+
+    def build(self, task, journal: RunJournal) -> tuple:
+        "Build `task`: a function in a process forked for it, its run's journal in that process's environment; any other here."
+        if self.fork_functions and callable(getattr(task.source, "primitive", None)):
+            return build_in_fork(task, {**self.kernel_threads, **journal.env})
+        return task._build(catch_exceptions=True)
+
     def stop(self, running: dict[Future, tuple]) -> None:
-        "Kill the kernels of the running tasks, wait for their threads, and end their runs KILLED."
-        while not all(f.done() for f in running):
-            kill_kernels()  # again and again: a worker may have been starting a kernel
+        "Kill the kernels and processes of the running tasks, wait for their threads, and end their runs KILLED."
+        while True:  # again and again: a worker may have been starting a kernel or a process
+            kill_kernels()
+            kill_forked_builds()
+            if all(f.done() for f in running):
+                break
             wait(running, timeout=0.5)
         for future, (task, journal, started) in running.items():
             self.finish(task, journal, started, future, interrupted=True)
@@ -390,6 +433,8 @@ class _Build:
             finish_run(self.client, run_id, "FAILED")
             raise
         journal = RunJournal(run_id, self.secret_values)
+        with self.replay_lock:
+            self.live[task.name] = journal
         _use_nbs_engine(task, self.cell_timeout, {**self.kernel_threads, **journal.env})
         say_progress(f"  running  {task.name} ({notebook}) ...", self.show)
         return journal
@@ -399,7 +444,9 @@ class _Build:
         status, executed, run_id = "KILLED" if interrupted else "FAILED", executed_notebook(task), journal.run_id
         failure = None
         try:
-            refused = journal.close(self.client)
+            with self.replay_lock:
+                self.live.pop(task.name, None)
+                refused = journal.close(self.client)
             error = future.exception()
             if error is None and refused:
                 failure = TaskFailure(task.name, self.notebook(task), refused)
@@ -442,7 +489,110 @@ class _Build:
 
     def notebook(self, task) -> str:
         "How progress and failures name `task`'s source: its notebook's path, or the task's name."
-        return display_path(task.source.loc, self.root) if hasattr(task.source, "loc") else task.name
+        where = getattr(task.source, "loc", None)  # None for a source given as text (a SQL string)
+        return display_path(where, self.root) if where else task.name
+
+# %% ../notebooks/12_executor.ipynb #f1a463be
+class _OnThisThread:
+    "An executor of one that runs what is submitted at once, on the calling thread; an interrupt is kept on the future, for the caller to raise."
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # an interrupt too: the caller ends its task's run KILLED, then raises it
+            future.set_exception(e)
+        return future
+
+    def __enter__(self) -> _OnThisThread:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        return None
+
+
+_forked_builds: set = set()  # the processes building function tasks now, killed with the kernels on an interrupt
+_forked_lock = threading.Lock()
+
+
+def build_in_fork(task, env: dict[str, str]) -> tuple:
+    """Build `task` in a process forked for it, `env` added to that process's environment, as Ploomber's Serial builds
+    a function task; its report and product metadata, or its error raised here with its innermost cause."""
+    import multiprocessing
+
+    from ploomber.exceptions import TaskBuildError
+
+    sys.stdout.flush()  # else text still buffered here is written twice, once by each process
+    sys.stderr.flush()
+    context = multiprocessing.get_context("fork")  # the task as it is here: rendered, its client made
+    receiver, sender = context.Pipe(duplex=False)
+    # not a daemon: a task's function may start processes of its own (joblib, multiprocessing)
+    child = context.Process(target=_build_and_send, args=(task, env, sender, os.getpid()), name=f"nbs-task-{task.name}")
+    with _forked_lock:
+        child.start()
+        _forked_builds.add(child)
+    sender.close()  # else the pipe stays open here and a child that dies is never seen to
+    try:
+        built, value = receiver.recv()
+    except EOFError:  # it ended without a word: killed, crashed, or os._exit in the function
+        child.join()
+        code = child.exitcode
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        built, value = False, ChildProcessError(f"the process building it ended ({how}) before the task did")
+    except BaseException:  # an interrupt: the build stops here
+        child.kill()
+        raise
+    finally:
+        child.join()
+        receiver.close()
+        with _forked_lock:
+            _forked_builds.discard(child)
+    if built:
+        report, metadata = value
+        task.product.metadata.update_locally(metadata)
+        task.exec_status = TaskStatus.Executed
+        return report, metadata
+    task.exec_status = TaskStatus.Errored
+    raise TaskBuildError(f"Error building task {task.name!r}") from value
+
+
+def _build_and_send(task, env: dict[str, str], sender, parent: int) -> None:
+    "In the forked process: build `task` with `env` set, send (True, what _build returns) or (False, its error), exit."
+    die_with(parent)
+    os.environ.update(env)  # the task's run: nbs_lib.tracking.log_metrics in the function reports to it
+    try:
+        answer = (True, task._build(catch_exceptions=True))
+    except BaseException as e:  # what the parent raises as the task's error
+        answer = (False, _portable_cause(e))
+    try:
+        sender.send(answer)
+    except Exception as e:  # a report that does not pickle
+        sender.send((False, RuntimeError(f"nbs could not send the build's outcome back: {type(e).__name__}: {e}")))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # not multiprocessing's exit, which waits for threads the function may have left running
+
+
+def _portable_cause(error: BaseException) -> BaseException:
+    "The innermost cause of `error` as it pickles, or a RuntimeError that names its type and says its words."
+    import pickle
+
+    root = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    try:
+        return pickle.loads(pickle.dumps(root))
+    except Exception:  # an exception whose class takes other arguments than its message
+        return RuntimeError(f"{type(root).__name__}: {root}")
+
+
+def kill_forked_builds() -> int:
+    "SIGKILL every process building a function task now; how many."
+    with _forked_lock:
+        children = list(_forked_builds)
+    for child in children:
+        child.kill()
+    return len(children)
 
 # %% ../notebooks/12_executor.ipynb #8bb724ac
 def tracking_in_place_of(executor) -> Executor:
@@ -452,5 +602,21 @@ def tracking_in_place_of(executor) -> Executor:
     if type(executor) is Parallel:  # not a subclass: a project's own executor builds as its author wrote it
         return TrackedExecutor(jobs=executor.processes)
     if type(executor) is Serial:
-        return TrackedExecutor(jobs=1)
+        return TrackedExecutor(jobs=1, build_in_subprocess=executor._build_in_subprocess)
     return executor
+
+# %% ../notebooks/12_executor.ipynb #d67765a0
+def close_clients(dag) -> None:
+    "Close every client of `dag` once, a SQLAlchemy client's connection before its engine (Ploomber's own order has SQLAlchemy log a traceback for SQLite in memory)."
+    from ploomber.clients import SQLAlchemyClient
+
+    clients = [*dag.clients.values(), *(c for task in dag.values() for c in (task.client, task.product.client))]
+    closed: list = []
+    for client in clients:
+        if client is None or any(client is seen for seen in closed):
+            continue
+        closed.append(client)
+        if isinstance(client, SQLAlchemyClient) and client._connection is not None:
+            client._connection.close()  # back to its pool while the pool's database is still open
+            client._connection = None
+        client.close()

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from .errors import NbsError, as_nbs_error
 
 # %% auto #0
-__all__ = ['ForkedService', 'LocalService', 'start_service', 'prestart_kernel', 'bind_environment', 'request_stop', 'stop_kernel']
+__all__ = ['die_with', 'ForkedService', 'LocalService', 'start_service', 'prestart_kernel', 'bind_environment', 'request_stop',
+           'stop_kernel']
 
 # %% ../notebooks/42_head_start.ipynb #4bcf4c97
-def _die_with(parent: int) -> None:
+def die_with(parent: int) -> None:
     "Have this forked process killed when `parent` ends (Linux), even by SIGKILL."
     if sys.platform.startswith("linux"):
         import ctypes
@@ -51,7 +52,7 @@ def _serve(conn, parents_end, factory: Callable[[], object], parent: int) -> Non
     for sig in _STOPS:  # Ctrl-C reaches the whole group: the parent says how a stop is recorded
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)  # blocked since the fork: one sent meanwhile is dropped now
-    _die_with(parent)
+    die_with(parent)
     try:
         served, failed = factory(), None
     except Exception as e:  # every call says why (a store that cannot be opened)

@@ -29,6 +29,8 @@ FUNCTIONS = {
     "tasks.py": """\
         from pathlib import Path
 
+        from nbs_lib.tracking import log_metrics
+
 
         def raw(product):
             Path(str(product)).write_text("a\\n1\\n2\\n3\\n")
@@ -40,7 +42,9 @@ FUNCTIONS = {
 
 
         def report(product, upstream):
-            Path(str(product)).write_text(f"{len(Path(str(upstream['clean'])).read_text().splitlines())} lines\\n")
+            lines = len(Path(str(upstream["clean"])).read_text().splitlines())
+            log_metrics({"lines": lines})  # on the task's run: functions run in a process that knows it
+            Path(str(product)).write_text(f"{lines} lines\\n")
         """,
 }
 
@@ -66,7 +70,7 @@ def _edit(path: Path, old: str, new: str) -> None:
 @pytest.mark.parametrize("edited, old, new, again", [
     ("raw", 'write_text("a\\n1\\n2\\n3\\n")', 'write_text("a\\n4\\n5\\n6\\n")', 3),  # and everything downstream
     ("clean", 'lines[: rows + 1]', 'lines[: rows + 1][::-1]', 2),
-    ("report", 'f"{len(', 'f"counted {len(', 1),
+    ("report", 'f"{lines} lines', 'f"counted {lines} lines', 1),
 ])
 def test_an_edited_function_task_runs_again_with_its_downstream_never_up_to_date(tmp_path, edited, old, new, again):
     project = _project(tmp_path, FUNCTIONS)
@@ -99,6 +103,8 @@ def test_a_project_as_ploomber_runs_it_is_tracked_without_an_edit(tmp_path):
         written = project / "out" / {"raw": "raw.csv", "clean": "clean.csv", "report": "report.txt"}[task.data.tags["nbs.task"]]
         assert task.data.tags["nbs.output.product"].endswith(f"sha256:{file_digest(written)}"), task.data.tags
         assert task.data.tags["nbs.source.sha256"] == file_digest(project / "tasks.py")
+    assert {t.data.tags["nbs.task"]: t.data.metrics for t in tasks}["report"] == {"lines": 3.0}
+    assert build.data.metrics == {"report.lines": 3.0}
     assert "up to date" in _ran(run_nbs("status", cwd=project))
     refused = run_nbs("run", "-p", "rows=3", cwd=project)  # pipeline.yaml has no {{rows}} here
     assert refused.returncode == 2 and "parameter 'rows' is not declared in pipeline.yaml" in refused.stderr, refused.stderr
@@ -218,6 +224,26 @@ def test_sql_scripts_building_sqlite_tables_through_ploombers_clients_are_tracke
         assert db.execute("SELECT y FROM doubled ORDER BY y").fetchall() == [(2,), (6,)]
 
 
+def test_sql_tasks_on_sqlite_in_memory_share_the_database_and_leave_no_traceback(tmp_path):
+    # Ploomber's serial builds them on one thread, the one whose connection holds the database; its own
+    # close then has SQLAlchemy log a traceback, which nbs's does not
+    files = {**SQL_ON_SQLITE, "clients.py": SQL_ON_SQLITE["clients.py"].replace("sqlite:///data.db", "sqlite://"),
+             "pipeline.yaml": """\
+        clients:
+          SQLScript: clients.get
+        tasks:
+          - source: sql/numbers.sql
+            product: [numbers, table]
+          - source: sql/doubled.sql
+            product: [doubled, table]
+        """}
+    project = _project(tmp_path, files)
+    done = run_nbs("run", cwd=project)
+    assert "Ran 2 of 2 tasks" in _ran(done) and "Traceback" not in done.stderr, done.stderr
+    tasks = [r for r in runs_of(project) if r.data.tags["nbs.kind"] == "task"]
+    assert sorted((t.data.tags["nbs.task"], t.info.status) for t in tasks) == [("doubled", "FINISHED"), ("numbers", "FINISHED")]
+
+
 def test_a_shell_task_is_tracked_and_its_failure_is_one_line_on_a_failed_run(tmp_path):
     project = _project(tmp_path, {
         "pipeline.yaml": """\
@@ -252,3 +278,8 @@ def test_without_env_yaml_p_fills_the_placeholders_of_pipeline_yaml(tmp_path):
     status = _ran(run_nbs("status", "-p", "rows=2", cwd=project))
     assert "parameter rows changed: 1 -> 2" in status, status
     assert "All 3 tasks are up to date" in _ran(run_nbs("run", "-p", "rows=1", cwd=project))
+    (project / "staging.yaml").write_text("rows: 2\n")  # --env-file fills them too: a second environment's values
+    assert "Ran 2 of 3 tasks" in _ran(run_nbs("run", "--env-file", "staging.yaml", cwd=project))
+    (project / "staging.yaml").write_text("rows: 1\nrow: 2\n")
+    unknown = run_nbs("run", "--env-file", "staging.yaml", cwd=project)
+    assert unknown.returncode == 2 and "'row' in" in unknown.stderr and "is not declared in pipeline.yaml" in unknown.stderr, unknown.stderr
