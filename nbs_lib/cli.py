@@ -84,7 +84,8 @@ def load_dag(root: Path, overrides: dict | None = None):
         cause = e
         for _ in range(10):  # Ploomber's own words wrap the one that says why (bounded: a chain may loop)
             cause = cause.__cause__ or cause.__context__ or cause
-        why = f" ({type(cause).__name__}: {str(cause).strip()[:300]})" if cause is not e else ""
+        said = " ".join(str(cause).split())[:300]  # one line: a cause may say what to install on a second
+        why = f" ({type(cause).__name__}: {said})" if cause is not e else ""
         raise ConfigError(root / PIPELINE_FILE, f"{type(e).__name__}: {' '.join(detail[:6])}{why}",
                           hint="pipeline.yaml is Ploomber's spec: https://docs.ploomber.io/en/latest/api/spec.html says what each key takes") from e
     return dag

@@ -174,6 +174,11 @@ def test_a_spec_ploomber_refuses_is_one_line_with_ploombers_reason(tmp_path):
     said, hint = done.stderr.strip().splitlines()
     assert "unexpected keyword argument 'bogus_key'" in said, said  # the reason, not only Ploomber's wrapper
     assert "docs.ploomber.io" in hint and "fresh clone" not in hint, hint
+    # a reason over two lines (what to install, then how: nbconvert's PDF exporter without pyppeteer) is one line
+    (project / "pipeline.yaml").write_text(spec.replace("bogus_key: 1\n", "nbconvert_exporter_name: webpdf\n"))
+    done = run_nbs("run", cwd=project)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 2, done.stderr
+    assert "pyppeteer is required to use webpdf, install it with: pip install" in done.stderr, done.stderr
 
 
 SQL_ON_SQLITE = {
