@@ -51,7 +51,7 @@ from nbs_lib.lineage import (
 from .server import DEFAULT_DB_PORT, DEFAULT_PORT
 
 # %% auto #0
-__all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'PARAMETER_FLAGS', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot',
+__all__ = ['JOBS', 'MONITOR_NOTEBOOK', 'AB_SHARE', 'PARAMETER_FLAGS', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot',
            'cmd_execute', 'cmd_schedule', 'cmd_server', 'cmd_task', 'cmd_export', 'cmd_promote', 'cmd_rollback',
            'cmd_models', 'cmd_features', 'cmd_serve', 'cmd_predict', 'cmd_monitor', 'cmd_retrain', 'cmd_simulate',
            'cmd_lineage', 'cmd_reproduce', 'cmd_new', 'cmd_check', 'build_parser', 'papermill_pairs', 'main']
@@ -61,7 +61,7 @@ def load_dag(root: Path, overrides: dict | None = None):
     "The Ploomber DAG of `root`/pipeline.yaml, rendered with `overrides` over env.yaml, its products kept in $NBS_PRODUCT_STORE too if set."
     from ploomber.spec import DAGSpec
 
-    from nbs_lib.executor import TrackedExecutor, tracking_in_place_of
+    from nbs_lib.executor import TrackedExecutor, parallel_jobs, tracking_in_place_of
     from nbs_lib.storage import use_product_store
 
     read_yaml_mapping(root / PIPELINE_FILE)  # syntax errors, with their line, before Ploomber's
@@ -88,6 +88,13 @@ def load_dag(root: Path, overrides: dict | None = None):
         why = f" ({type(cause).__name__}: {said})" if cause is not e else ""
         raise ConfigError(root / PIPELINE_FILE, f"{type(e).__name__}: {' '.join(detail[:6])}{why}",
                           hint="pipeline.yaml is Ploomber's spec: https://docs.ploomber.io/en/latest/api/spec.html says what each key takes") from e
+    jobs = (overrides or {}).get(JOBS)
+    if jobs is not None and JOBS not in _spec_placeholders(root):  # nbs's own setting, not a value of the spec
+        if not isinstance(dag.executor, TrackedExecutor):
+            raise ConfigError(root / PIPELINE_FILE, f"-p {JOBS}={jobs} sets how many tasks nbs runs at once, but the "
+                              f"executor {type(dag.executor).__name__} decides that itself",
+                              hint="leave -p jobs out, or build with Ploomber's serial or parallel executor")
+        dag.executor.jobs = parallel_jobs(jobs)
     return dag
 
 # %% ../notebooks/90_cli.ipynb #ae1a007f
@@ -146,6 +153,9 @@ def _spec_placeholders(root: Path) -> list[str]:
     return [name for name in dict.fromkeys(found) if name not in _PLOOMBER_PLACEHOLDERS]
 
 
+JOBS = "jobs"  # `-p jobs=N`: tasks at once, in any project, whether or not it declares `jobs` itself (load_dag)
+
+
 def _parameters(args: argparse.Namespace) -> tuple[Path, dict, dict]:
     "The project root, env.yaml's values, and the values --env-file, --params-json and -p set over them."
     root = find_project_root(args.root)
@@ -154,14 +164,14 @@ def _parameters(args: argparse.Namespace) -> tuple[Path, dict, dict]:
         # a Ploomber project without env.yaml: --env-file, --params-json and -p fill pipeline.yaml's
         # placeholders, of any type (read as YAML from -p)
         placeholders = _spec_placeholders(root)
-        overrides = _overrides(args, dict.fromkeys(placeholders), "pipeline.yaml as {{NAME}}")
+        overrides = _overrides(args, {JOBS: 0, **dict.fromkeys(placeholders)}, "pipeline.yaml as {{NAME}}")
         unset = [name for name in placeholders if name not in overrides]
         if unset:
             raise ConfigError(root / PIPELINE_FILE, f"uses {{{{{unset[0]}}}}}, which has no value",
                               hint=f"set it with -p {unset[0]}=VALUE, or declare {unset[0]}: DEFAULT in env.yaml")
         _check_environment_reads(root, overrides)
         return root, {}, overrides
-    overrides = _overrides(args, declared)
+    overrides = _overrides(args, {JOBS: 0, **declared})
     _check_environment_reads(root, {**declared, **overrides})
     return root, declared, overrides
 

@@ -386,7 +386,10 @@ class _Build:
             while not done.wait(JOURNAL_REPLAY_EVERY):
                 with self.replay_lock:
                     for journal in self.live.values():
-                        journal.replay(self.client)
+                        try:
+                            journal.replay(self.client)
+                        except Exception:  # a journal it cannot read: read again when its task ends, and raised there
+                            continue
 
         replayer = threading.Thread(target=replay, name="nbs-replay", daemon=True)
         replayer.start()
@@ -528,8 +531,8 @@ def build_in_fork(task, env: dict[str, str]) -> tuple:
     receiver, sender = context.Pipe(duplex=False)
     # not a daemon: a task's function may start processes of its own (joblib, multiprocessing)
     child = context.Process(target=_build_and_send, args=(task, env, sender, os.getpid()), name=f"nbs-task-{task.name}")
-    with _forked_lock:
-        child.start()
+    child.start()
+    with _forked_lock:  # an interrupt from now on kills it (kill_forked_builds); stop() calls that until the build ends
         _forked_builds.add(child)
     sender.close()  # else the pipe stays open here and a child that dies is never seen to
     try:

@@ -106,14 +106,18 @@ def test_a_project_as_ploomber_runs_it_is_tracked_without_an_edit(tmp_path):
     assert {t.data.tags["nbs.task"]: t.data.metrics for t in tasks}["report"] == {"lines": 3.0}
     assert build.data.metrics == {"report.lines": 3.0}
     assert "up to date" in _ran(run_nbs("status", cwd=project))
+    one_at_a_time = run_nbs("run", "--force", "-p", "jobs=1", cwd=project)  # over `parallel`'s processes
+    assert "Ran 3 of 3 tasks" in _ran(one_at_a_time) and "up to 1 task at once" in one_at_a_time.stderr
+    assert "expects int" in run_nbs("run", "-p", "jobs=two", cwd=project).stderr
     refused = run_nbs("run", "-p", "rows=3", cwd=project)  # pipeline.yaml has no {{rows}} here
     assert refused.returncode == 2 and "parameter 'rows' is not declared in pipeline.yaml" in refused.stderr, refused.stderr
 
+    before = {r.info.run_id for r in runs_of(project)}
     _edit(project / "tasks.py", 'Path(str(product)).write_text("a', 'raise ValueError("no rows today")\n    Path(str(product)).write_text("a')
     failed = run_nbs("run", cwd=project)
     assert failed.returncode == 1 and "ValueError: no rows today" in failed.stderr, failed.stderr
     assert "Traceback" not in failed.stderr, failed.stderr
-    build, raw = [r for r in runs_of(project) if r.info.run_id not in {b.info.run_id for b in [build, *tasks]}]
+    build, raw = [r for r in runs_of(project) if r.info.run_id not in before]
     assert (build.info.status, raw.data.tags["nbs.task"], raw.info.status) == ("FAILED", "raw", "FAILED")
     assert raw.data.tags["nbs.error.type"] == "ValueError", raw.data.tags
 
@@ -128,6 +132,8 @@ def test_a_project_with_an_executor_of_its_own_is_built_by_it_and_says_it_is_not
     assert "Ran 3 of 3 tasks" in built and (project / "out" / "report.txt").read_text() == "3 lines\n"
     assert "Not tracked in MLflow: pipeline.yaml's executor quiet.Quiet builds on its own" in built, built
     assert "Tracked in" not in built and not (project / "mlflow.db").exists()
+    refused = run_nbs("run", "-p", "jobs=2", cwd=project)  # never a setting silently ignored
+    assert refused.returncode == 2 and "the executor Quiet decides that itself" in refused.stderr, refused.stderr
 
 
 HTML_REPORT = {
