@@ -85,29 +85,53 @@ def test_an_edited_function_task_runs_again_with_its_downstream_never_up_to_date
     assert "All 3 tasks are up to date" in _ran(run_nbs("run", cwd=project))
 
 
+# a grid of function tasks: each candidate its own task, in a process of its own
+GRID = {
+    "pipeline.yaml": """\
+          - source: tasks.fit
+            name: fit-[[n]]
+            product: out/fit-[[n]].txt
+            grid:
+              n: [1, 2]
+        """,
+    "tasks.py": """\
+
+
+        def fit(product, upstream, n):
+            log_metrics({"n": n, "pid": os.getpid()})
+            Path(str(product)).write_text(Path(str(upstream["clean"])).read_text() * n)
+        """,
+}
+
+
 def test_a_project_as_ploomber_runs_it_is_tracked_without_an_edit(tmp_path):
     # no env.yaml, `executor: parallel`: nbs builds it with a TrackedExecutor in Ploomber's place
-    files = {**FUNCTIONS, "pipeline.yaml": "        executor: parallel\n" + FUNCTIONS["pipeline.yaml"].replace("'{{rows}}'", "2")}
+    files = {**FUNCTIONS, "pipeline.yaml": "        executor: parallel\n" + FUNCTIONS["pipeline.yaml"].replace("'{{rows}}'", "2").rstrip(" ")
+             + GRID["pipeline.yaml"], "tasks.py": "import os\n" + textwrap.dedent(FUNCTIONS["tasks.py"]) + textwrap.dedent(GRID["tasks.py"])}
     del files["env.yaml"]
     project = _project(tmp_path, files)
     done = run_nbs("run", cwd=project)
     built = _ran(done)
-    assert "Ran 3 of 3 tasks" in built and (project / "out" / "report.txt").read_text() == "3 lines\n"
+    assert "Ran 5 of 5 tasks" in built and (project / "out" / "report.txt").read_text() == "3 lines\n"
+    assert (project / "out" / "fit-2-1.txt").read_text() == "a\n1\n2\n" * 2  # Ploomber numbers a grid's products
     assert "Tracked in sqlite:///mlflow.db" in built and "make " not in built and (project / "mlflow.db").is_file(), built
     assert f"up to {os.cpu_count()} tasks at once" in done.stderr, done.stderr  # Parallel's processes: one per core
     build, *tasks = runs_of(project)
     assert build.data.tags["nbs.kind"] == "pipeline" and build.info.status == "FINISHED"
     assert sorted((t.data.tags["nbs.task"], t.info.status) for t in tasks) == [
-        ("clean", "FINISHED"), ("raw", "FINISHED"), ("report", "FINISHED")]
+        ("clean", "FINISHED"), ("fit-1", "FINISHED"), ("fit-2", "FINISHED"), ("raw", "FINISHED"), ("report", "FINISHED")]
     for task in tasks:  # each its products' digests and its source's, the function's module
-        written = project / "out" / {"raw": "raw.csv", "clean": "clean.csv", "report": "report.txt"}[task.data.tags["nbs.task"]]
+        written = project / "out" / {"raw": "raw.csv", "clean": "clean.csv", "report": "report.txt", "fit-1": "fit-1-0.txt",
+                                     "fit-2": "fit-2-1.txt"}[task.data.tags["nbs.task"]]
         assert task.data.tags["nbs.output.product"].endswith(f"sha256:{file_digest(written)}"), task.data.tags
         assert task.data.tags["nbs.source.sha256"] == file_digest(project / "tasks.py")
-    assert {t.data.tags["nbs.task"]: t.data.metrics for t in tasks}["report"] == {"lines": 3.0}
-    assert build.data.metrics == {"report.lines": 3.0}
+    metrics = {t.data.tags["nbs.task"]: t.data.metrics for t in tasks}
+    assert metrics["report"] == {"lines": 3.0} and (metrics["fit-1"]["n"], metrics["fit-2"]["n"]) == (1.0, 2.0)
+    assert metrics["fit-1"]["pid"] != metrics["fit-2"]["pid"]  # each candidate in a process of its own
+    assert build.data.metrics["report.lines"] == 3.0 and build.data.metrics["fit-2.n"] == 2.0
     assert "up to date" in _ran(run_nbs("status", cwd=project))
     one_at_a_time = run_nbs("run", "--force", "-p", "jobs=1", cwd=project)  # over `parallel`'s processes
-    assert "Ran 3 of 3 tasks" in _ran(one_at_a_time) and "up to 1 task at once" in one_at_a_time.stderr
+    assert "Ran 5 of 5 tasks" in _ran(one_at_a_time) and "up to 1 task at once" in one_at_a_time.stderr
     assert "expects int" in run_nbs("run", "-p", "jobs=two", cwd=project).stderr
     refused = run_nbs("run", "-p", "rows=3", cwd=project)  # pipeline.yaml has no {{rows}} here
     assert refused.returncode == 2 and "parameter 'rows' is not declared in pipeline.yaml" in refused.stderr, refused.stderr
