@@ -115,13 +115,12 @@ def large_data(project: Path, env: dict, sizes: list[int]) -> Figure:
     return figure
 
 
-def ploomber_noop(project: Path, env: dict, repeat: int, warm_up: bool = True) -> list[float]:
-    "`ploomber build` with everything up to date, after the full build that makes it so (unless not `warm_up`: --smoke)."
+def ploomber_noop(project: Path, env: dict, repeat: int) -> list[float]:
+    "`ploomber build` with everything up to date, after the full build that makes it so."
     # Ploomber's own state differs from ours (nbs pins the library's and the data's digests as
     # parameters), so its first build runs every task; what is timed is the ones after. That
     # first build is also the warm-up of every later benchmark: store created, caches warm.
-    if warm_up:
-        run_process([str(BIN / "ploomber"), "build"], project, env)
+    run_process([str(BIN / "ploomber"), "build"], project, env)
     return [run_process([str(BIN / "ploomber"), "build"], project, env)[0] for _ in range(repeat)]
 
 

@@ -83,8 +83,7 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
         figures += overhead.execute_vs_papermill(1 if smoke else 10, env)
     if {"noop", "pipeline", "grid", "tracking", "large"} & set(chosen):
         say("ploomber build, then its no-op builds")
-        # --smoke times the build that runs every task: it checks the code, and saves a whole build
-        ploomber_seconds = pipeline.ploomber_noop(project, env, 1 if smoke else 3, warm_up=not smoke)
+        ploomber_seconds = pipeline.ploomber_noop(project, env, 1 if smoke else 3)
     if {"pipeline", "grid", "tracking", "noop"} & set(chosen):
         say("forced pipeline against plain python, default data")
         figure, built_mib, plain_mib = pipeline.pipeline_vs_plain(
