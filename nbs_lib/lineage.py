@@ -5,6 +5,7 @@
 # %% ../notebooks/11_lineage.ipynb #65248a76
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -41,32 +42,77 @@ def library_digest(package: str = "nbs_lib") -> dict[str, str]:
 LIBRARY_DIGEST_PARAM = "nbs_lib_digest"  # the task parameter that carries `imports_digest`
 DATA_DIGEST_PARAM = "nbs_data_digest"  # the task parameter that carries the digest of its `data_path` file
 
-
-def _imported(code: str, package: str) -> set[str]:
-    "Modules of `package` that `code` imports (`from package.m import`, `import package.m`, relative)."
-    names = set()
-    for match in re.finditer(rf"^\s*(?:from\s+(?:{package}\.|\.)(\w+)\s+import|import\s+{package}\.(\w+)"
-                             rf"|from\s+{package}\s+import\s+([\w ,]+))", code, re.MULTILINE):
-        direct, dotted, members = match.groups()
-        names.update([direct or dotted] if direct or dotted else
-                     [m.strip() for m in members.split(",")])
-    return names
+_IMPORT_LINE = re.compile(r"[ \t]*(?:from[ \t]+[\w.]+[ \t]+import\b|import[ \t]+\w)")
 
 
-def imports_digest(code: str, package: str = "nbs_lib", library: dict | None = None) -> str | None:
-    "Digest of the modules of `package` that `code` imports, directly or through each other; None if none."
+def _import_statements(code: str) -> list[ast.stmt]:
+    """The import statements of `code`, each parsed by Python on its own: over several lines too, in functions too.
+    Only they are parsed (a notebook's `%magic` lines, a cell that cannot run and the rest of the code never are)."""
+    statements = []
+    lines = code.splitlines()
+    for first in (number for number, line in enumerate(lines) if _IMPORT_LINE.match(line)):
+        for last in range(first, min(first + 100, len(lines))):  # `from x import (\n a,\n b,\n)` spans lines
+            try:
+                statements += ast.parse("\n".join(lines[first:last + 1]).strip()).body
+                break
+            except SyntaxError:
+                continue
+    return [s for s in statements if isinstance(s, ast.Import | ast.ImportFrom)]
+
+
+def _module_keys(folder: Path, dotted: str) -> set[str]:
+    "The `library_digest` keys of the module `dotted` below the package at `folder` and of the subpackages holding it: 'ml.train', 'ml.__init__'."
+    parts, keys = dotted.split("."), set()
+    for depth in range(1, len(parts) + 1):  # a subpackage's __init__ runs before any module in it
+        if (folder.joinpath(*parts[:depth], "__init__.py")).is_file():
+            keys.add(".".join([*parts[:depth], "__init__"]))
+    if (folder.joinpath(*parts[:-1], f"{parts[-1]}.py")).is_file():
+        keys.add(dotted)
+    return keys
+
+
+def _imported(code: str, package: str, folder: Path, importer: str = "") -> set[str]:
+    """The `library_digest` keys of the modules of `package` (at `folder`) that `code` imports: absolute and relative
+    imports at any depth; `importer` is the key of the module `code` is, for its relative imports."""
+    here = importer.removesuffix(".__init__") if importer.endswith("__init__") else importer.rpartition(".")[0]
+    found: set[str] = set()
+    for node in _import_statements(code):
+        if isinstance(node, ast.Import):
+            targets = [alias.name.removeprefix(f"{package}.") for alias in node.names if alias.name.startswith(f"{package}.")]
+        elif node.level:  # relative: `from . import x`, `from ..core.errors import E`
+            parents = here.split(".") if here else []
+            if node.level - 1 > len(parents):
+                continue
+            base = ".".join([*parents[:len(parents) - node.level + 1], *([node.module] if node.module else [])])
+            targets = [*([base] if base else []), *(f"{base}.{alias.name}" if base else alias.name for alias in node.names)]
+        elif node.module == package or (node.module or "").startswith(f"{package}."):
+            base = node.module.removeprefix(package).lstrip(".")
+            # `from package.ml import train` imports the module ml.train; `from package.ml.train import fit`, a name
+            targets = [*([base] if base else []), *(f"{base}.{alias.name}" if base else alias.name for alias in node.names)]
+        else:
+            continue
+        for target in targets:
+            found |= _module_keys(folder, target)
+    return found
+
+
+def imports_digest(code: str, package: str = "nbs_lib", library: dict | None = None,
+                   known: dict[str, set[str]] | None = None) -> str | None:
+    "Digest of the modules of `package` that `code` imports, directly or through each other; None if none. `known`: what each module imports, filled as read (one dict for a whole DAG reads each module once)."
     from importlib import import_module
 
     library = library or library_digest(package)  # pass it in to hash the package only once
+    known = {} if known is None else known
     folder = Path(import_module(package).__file__).parent
-    todo, seen = _imported(code, package), set()
+    todo, seen = _imported(code, package, folder), set()
     while todo:
-        name = todo.pop()
-        path = folder / f"{name}.py"
-        if name in seen or not path.is_file():
+        key = todo.pop()
+        if key in seen:
             continue
-        seen.add(name)
-        todo |= _imported(path.read_text(encoding="utf-8"), package)
+        seen.add(key)
+        if key not in known:
+            known[key] = _imported((folder / (key.replace(".", "/") + ".py")).read_text(encoding="utf-8"), package, folder, key)
+        todo |= known[key]
     if not seen:
         return None
     listing = "".join(f"{m}={library[m]}\n" for m in sorted(seen))
@@ -147,12 +193,12 @@ def pin_library_code(dag, package: str = "nbs_lib") -> None:
     "Give each notebook task of `dag` the digest of the library code it imports, as a parameter."
     # Ploomber re-runs a task whose parameters changed, and everything downstream of it: with
     # the digest as a parameter, editing a library module re-runs exactly the tasks importing it.
-    library = library_digest(package)
+    library, known = library_digest(package), {}
     for task in dag.values():
         loc = getattr(task.source, "loc", None)
         if loc is None or not str(loc).endswith(".ipynb"):
             continue
-        digest = imports_digest(notebook_code(loc), package, library)
+        digest = imports_digest(notebook_code(loc), package, library, known)
         if digest is not None:
             # Params are read-only in Ploomber's public API; this private setter is the one
             # Ploomber itself uses. ploomber is pinned to 0.23.3, and tests cover this path.
