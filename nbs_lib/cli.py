@@ -323,10 +323,17 @@ def _report_build(products: dict[str, dict[str, str]], said: str, as_json: bool,
 
 def cmd_status(args: argparse.Namespace) -> int:
     "Show which tasks are up to date and, for the others, why they would run."
-    from nbs_lib.report import pipeline_status
+    root, _, overrides = _parameters(args)
+    _prepare_environment(root)
+    # what a no-op `nbs run` reads: when nothing changed since the last build, every task is up to date, told
+    # without loading Ploomber; otherwise Ploomber's own status, each reason said
+    unchanged = fresh_build(root, overrides)
+    if unchanged is not None:
+        rows = [{"task": task, "up_to_date": True, "why": []} for task in unchanged]
+    else:
+        from nbs_lib.report import pipeline_status
 
-    _, _, dag = _project_dag(args)
-    rows = pipeline_status(dag)
+        rows = pipeline_status(load_dag(root, overrides))
     width = max(12, *(len(row["task"]) for row in rows))
     for row in rows:
         state = "up to date" if row["up_to_date"] else "would run"

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -303,6 +304,11 @@ def test_status_says_what_would_run_and_why(built):
     assert done.returncode == 0, done.stderr
     assert [line.split()[:4] for line in done.stdout.splitlines()] == [
         [t, "up", "to", "date"] for t in TASKS]
+    # told from what a no-op `nbs run` reads, without loading Ploomber (a fifth of a second, not seconds)
+    probe = subprocess.run([sys.executable, "-c", "import sys\nfrom nbs_lib.cli import main\nmain(['status'])\n"
+                            "print('ploomber' in sys.modules, file=sys.stderr)"], cwd=root, capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(root), "PLOOMBER_STATS_ENABLED": "false"})
+    assert probe.stdout == done.stdout and probe.stderr.strip() == "False", probe.stderr
     changed = [" ".join(line.split()) for line in run_nbs("status", "-p", "seed=7", cwd=root).stdout.splitlines()]
     assert changed[0] == "ingest up to date" and changed[3] == "feature_tables up to date"
     assert changed[4] == "features would run parameter seed changed: 42 -> 7"
