@@ -38,6 +38,7 @@ from nbs_lib.recording import (
     copy_metrics_to_parent,
     describe_failure,
     failure_tags,
+    innermost_cause,
     locate_cell,
     log_notebook,
     say_progress,
@@ -580,9 +581,7 @@ def _portable_cause(error: BaseException) -> BaseException:
     "The innermost cause of `error` as it pickles, or a RuntimeError that names its type and says its words."
     import pickle
 
-    root = error
-    while root.__cause__ is not None:
-        root = root.__cause__
+    root = innermost_cause(error)
     try:
         return pickle.loads(pickle.dumps(root))
     except Exception:  # an exception whose class takes other arguments than its message

@@ -15,8 +15,8 @@ from .credentials import redact
 from .errors import TaskFailure
 
 # %% auto #0
-__all__ = ['MAX_TAG_TEXT', 'say_progress', 'describe_failure', 'locate_cell', 'failure_tags', 'copy_metrics_to_parent',
-           'render_html', 'log_notebook', 'prepare_html_exporter']
+__all__ = ['MAX_TAG_TEXT', 'say_progress', 'innermost_cause', 'describe_failure', 'locate_cell', 'failure_tags',
+           'copy_metrics_to_parent', 'render_html', 'log_notebook', 'prepare_html_exporter']
 
 # %% ../notebooks/41_recording.ipynb #03be6cdb
 def say_progress(message: str, show: bool = True) -> None:
@@ -25,6 +25,13 @@ def say_progress(message: str, show: bool = True) -> None:
         print(message, file=sys.stderr, flush=True)
 
 # %% ../notebooks/41_recording.ipynb #567f83e5
+def innermost_cause(error: BaseException) -> BaseException:
+    "The exception at the end of `error`'s `raise ... from` chain: what went wrong, under the wrappers that say where."
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def describe_failure(task: str, exc: BaseException, notebook: str, executed: str = "",
                      secrets: set[str] | None = None) -> TaskFailure:
     "A TaskFailure for the task named `task` from the chain of `exc` (papermill's cell error when there is one), `secrets` scrubbed from what it says."
@@ -36,9 +43,7 @@ def describe_failure(task: str, exc: BaseException, notebook: str, executed: str
             return TaskFailure(task, notebook, redact(str(cause), secrets), cause.cell_index, cause.ename,
                                redact(str(cause.evalue), secrets), executed, redact(getattr(cause, "source", ""), secrets))
         cause = cause.__cause__ or cause.__context__
-    root = exc
-    while root.__cause__ is not None:
-        root = root.__cause__
+    root = innermost_cause(exc)
     said = " ".join(str(root).split())  # one line: a shell script's error spans its stdout and stderr
     return TaskFailure(task, notebook, redact(f"{type(root).__name__}: {said}", secrets), executed=executed)
 
