@@ -79,18 +79,18 @@ def _imported(code: str, package: str, folder: Path, importer: str = "") -> set[
     for node in _import_statements(code):
         if isinstance(node, ast.Import):
             targets = [alias.name.removeprefix(f"{package}.") for alias in node.names if alias.name.startswith(f"{package}.")]
-        elif node.level:  # relative: `from . import x`, `from ..core.errors import E`
-            parents = here.split(".") if here else []
-            if node.level - 1 > len(parents):
+        else:
+            if node.level:  # relative: `from . import x`, `from ..core.errors import E`
+                parents = here.split(".") if here else []
+                if node.level - 1 > len(parents):
+                    continue
+                base = ".".join([*parents[:len(parents) - node.level + 1], *([node.module] if node.module else [])])
+            elif node.module == package or (node.module or "").startswith(f"{package}."):
+                base = node.module.removeprefix(package).lstrip(".")
+            else:
                 continue
-            base = ".".join([*parents[:len(parents) - node.level + 1], *([node.module] if node.module else [])])
-            targets = [*([base] if base else []), *(f"{base}.{alias.name}" if base else alias.name for alias in node.names)]
-        elif node.module == package or (node.module or "").startswith(f"{package}."):
-            base = node.module.removeprefix(package).lstrip(".")
             # `from package.ml import train` imports the module ml.train; `from package.ml.train import fit`, a name
             targets = [*([base] if base else []), *(f"{base}.{alias.name}" if base else alias.name for alias in node.names)]
-        else:
-            continue
         for target in targets:
             found |= _module_keys(folder, target)
     return found
