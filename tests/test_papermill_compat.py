@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,16 +102,11 @@ def both(tmp_path_factory) -> tuple[Path, dict[str, tuple]]:
     for side in ("pm", "nbs"):
         _lay_out(base / side)
     env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
-    def through_papermill() -> dict[str, subprocess.CompletedProcess]:
-        return {name: subprocess.run([str(PAPERMILL), *_argv(name, case), "--no-progress-bar"], cwd=base / "pm",
-                                     env=env, capture_output=True, text=True, timeout=120)
-                for name, case in CASES.items()}
-
-    with ThreadPoolExecutor(1) as beside:  # papermill's side while nbs's runs: each mostly waits for its kernels
-        papermill_side = beside.submit(through_papermill)
-        nbs = dict(zip(CASES, drive(base / "nbs", [["execute", *_argv(name, case)] for name, case in CASES.items()]),
-                       strict=True))
-        papermill = papermill_side.result()
+    papermill = {name: subprocess.run([str(PAPERMILL), *_argv(name, case), "--no-progress-bar"], cwd=base / "pm",
+                                      env=env, capture_output=True, text=True, timeout=120)
+                 for name, case in CASES.items()}
+    nbs = dict(zip(CASES, drive(base / "nbs", [["execute", *_argv(name, case)] for name, case in CASES.items()]),
+                   strict=True))
 
     def executed(side: str, name: str) -> dict | None:
         path = base / side / _argv(name, CASES[name])[1]
