@@ -78,12 +78,14 @@ PYTEST_PARALLEL := -n 3 --dist loadfile
 test: $(STAMP) $(CHROMIUM) postgresql $(AIRFLOW_STAMP) ## everything CI checks: hygiene, lint, nbdev_test, pytest (browser, PostgreSQL, MLflow server and Airflow included)
 	$(BIN)/nbs check
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest $(PYTEST_PARALLEL)
 
 test-fast: $(STAMP) $(CHROMIUM) ## the inner loop (a few minutes): hygiene, lint, nbdev_test and the tests that build no pipeline
 	$(BIN)/nbs check
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest $(PYTEST_PARALLEL) -m "not build"
 

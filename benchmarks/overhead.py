@@ -15,14 +15,14 @@ def tracking_per_task(project: Path, repeat: int) -> Figure:
     "The bookkeeping nbs does for one task against the same records made with MLflow's own API."
     import mlflow
 
-    from nbs_lib.recording import copy_metrics_to_parent, log_notebook
-    from nbs_lib.tracking import (
+    from nbs_lib.core.tracking import (
         finish_run,
         log_metrics,
         open_store,
         start_pipeline_run,
         start_task_run,
     )
+    from nbs_lib.pipeline.recording import copy_metrics_to_parent, log_notebook
 
     notebook = project / "products" / "executed" / "evaluate.ipynb"  # a real one: tables and three plots
     uri = f"sqlite:///{project}/tracking-bench.db"

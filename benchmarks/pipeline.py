@@ -19,7 +19,7 @@ def build_order(project: Path) -> list[str]:
     "The executed notebooks of `project`'s last build, in an order that runs every task after its upstream."
     import os
 
-    from nbs_lib.cli import load_dag
+    from nbs_lib.pipeline.dag import load_dag
 
     here = Path.cwd()
     os.chdir(project)

@@ -3,7 +3,7 @@
 Each argument is an executed notebook of `nbs run` (so its parameters and upstream product paths
 are already injected); their code cells run in the order given, each notebook in a fresh
 namespace, with no kernel, no papermill, no Ploomber and no tracking (NBS_RUN_ID unset, so the
-notebooks' nbs_lib.tracking calls log nothing). What the notebooks themselves do, such as
+notebooks' nbs_lib.core.tracking calls log nothing). What the notebooks themselves do, such as
 registering the model, they still do.
 Usage: python benchmarks/plain.py products/executed/ingest.ipynb products/executed/eda.ipynb ...
 """

@@ -34,11 +34,11 @@ def register(root: Path) -> list[dict]:
     "Train and register the model in ROOT/mlflow.db; records of the holdout table to send."
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
     os.chdir(root)
-    from nbs_lib.data import load_builtin
-    from nbs_lib.features import split_holdout
-    from nbs_lib.registry import register_model
-    from nbs_lib.tracking import open_store
-    from nbs_lib.train import train_model
+    from nbs_lib.core.data import load_builtin
+    from nbs_lib.core.tracking import open_store
+    from nbs_lib.ml.features import split_holdout
+    from nbs_lib.ml.train import train_model
+    from nbs_lib.registry.versions import register_model
 
     open_store(os.environ["MLFLOW_TRACKING_URI"])
     train, test = split_holdout(load_builtin(), "target", 0.2, 42)

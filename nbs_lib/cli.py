@@ -18,7 +18,7 @@ import time
 import warnings
 from pathlib import Path
 
-from nbs_lib.config import (
+from nbs_lib.core.config import (
     DECLARED_ENV,
     DEFAULT_TRACKING_URI,
     ENV_FILE,
@@ -32,7 +32,7 @@ from nbs_lib.config import (
     read_yaml_mapping,
     tracking_uri,
 )
-from nbs_lib.errors import (
+from nbs_lib.core.errors import (
     ConfigError,
     Interrupted,
     NbsError,
@@ -40,62 +40,25 @@ from nbs_lib.errors import (
     ServerError,
     as_nbs_error,
 )
-from .freshness import build_inputs, forget_fresh_build, fresh_build, record_fresh_build
-from nbs_lib.lineage import (
+from nbs_lib.core.lineage import (
     DATA_DIGEST_PARAM,
     LIBRARY_DIGEST_PARAM,
-    pin_data_files,
-    pin_library_code,
     product_files,
 )
-from .server import DEFAULT_DB_PORT, DEFAULT_PORT
+from .pipeline.dag import JOBS, env_values, load_dag, spec_placeholders
+from nbs_lib.pipeline.freshness import (
+    build_inputs,
+    forget_fresh_build,
+    fresh_build,
+    record_fresh_build,
+)
+from .team.server import DEFAULT_DB_PORT, DEFAULT_PORT
 
 # %% auto #0
-__all__ = ['JOBS', 'MONITOR_NOTEBOOK', 'AB_SHARE', 'PARAMETER_FLAGS', 'load_dag', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot',
-           'cmd_execute', 'cmd_schedule', 'cmd_server', 'cmd_task', 'cmd_export', 'cmd_promote', 'cmd_rollback',
-           'cmd_models', 'cmd_features', 'cmd_serve', 'cmd_predict', 'cmd_monitor', 'cmd_retrain', 'cmd_simulate',
-           'cmd_lineage', 'cmd_reproduce', 'cmd_new', 'cmd_check', 'build_parser', 'papermill_pairs', 'main']
-
-# %% ../notebooks/90_cli.ipynb #59fa4774
-def load_dag(root: Path, overrides: dict | None = None):
-    "The Ploomber DAG of `root`/pipeline.yaml, rendered with `overrides` over env.yaml, its products kept in $NBS_PRODUCT_STORE too if set."
-    from ploomber.spec import DAGSpec
-
-    from nbs_lib.executor import TrackedExecutor, parallel_jobs, tracking_in_place_of
-    from nbs_lib.storage import use_product_store
-
-    read_yaml_mapping(root / PIPELINE_FILE)  # syntax errors, with their line, before Ploomber's
-    try:
-        with warnings.catch_warnings():
-            # env.yaml also holds settings of nbs's own commands (retrain_triggers, alert_webhook, ...), which no
-            # task uses; a name nobody declares is refused by parse_overrides, so this warning tells nothing
-            warnings.filterwarnings("ignore", message="The following placeholders are declared in the environment "
-                                    "but unused in the spec")
-            dag = DAGSpec(str(root / PIPELINE_FILE), env=overrides or {}).to_dag()
-        dag.executor = tracking_in_place_of(dag.executor)  # Ploomber's serial or parallel, each task tracked
-        pin_library_code(dag)
-        pin_data_files(dag, root)
-        if isinstance(dag.executor, TrackedExecutor):
-            dag.executor.parameters = {**_env_values(root), **(overrides or {})}
-        use_product_store(dag, root)
-        dag.render(show_progress=False)
-    except Exception as e:  # Ploomber raises many types here; all mean the spec is unusable
-        detail = str(e).strip().splitlines()
-        cause = e
-        for _ in range(10):  # Ploomber's own words wrap the one that says why (bounded: a chain may loop)
-            cause = cause.__cause__ or cause.__context__ or cause
-        said = " ".join(str(cause).split())[:300]  # one line: a cause may say what to install on a second
-        why = f" ({type(cause).__name__}: {said})" if cause is not e else ""
-        raise ConfigError(root / PIPELINE_FILE, f"{type(e).__name__}: {' '.join(detail[:6])}{why}",
-                          hint="pipeline.yaml is Ploomber's spec: https://docs.ploomber.io/en/latest/api/spec.html says what each key takes") from e
-    jobs = (overrides or {}).get(JOBS)
-    if jobs is not None and JOBS not in _spec_placeholders(root):  # nbs's own setting, not a value of the spec
-        if not isinstance(dag.executor, TrackedExecutor):
-            raise ConfigError(root / PIPELINE_FILE, f"-p {JOBS}={jobs} sets how many tasks nbs runs at once, but the "
-                              f"executor {type(dag.executor).__name__} decides that itself",
-                              hint="leave -p jobs out, or build with Ploomber's serial or parallel executor")
-        dag.executor.jobs = parallel_jobs(jobs)
-    return dag
+__all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'PARAMETER_FLAGS', 'cmd_run', 'cmd_status', 'cmd_runs', 'cmd_plot', 'cmd_execute',
+           'cmd_schedule', 'cmd_server', 'cmd_task', 'cmd_export', 'cmd_promote', 'cmd_rollback', 'cmd_models',
+           'cmd_features', 'cmd_serve', 'cmd_predict', 'cmd_monitor', 'cmd_retrain', 'cmd_simulate', 'cmd_lineage',
+           'cmd_reproduce', 'cmd_new', 'cmd_check', 'build_parser', 'papermill_pairs', 'main']
 
 # %% ../notebooks/90_cli.ipynb #ae1a007f
 def _stop_on_signals() -> None:
@@ -135,35 +98,14 @@ def _check_environment_reads(root: Path, values: dict) -> None:
     check_env_placeholders(values, values.get(DECLARED_ENV), secrets if isinstance(secrets, list) else None)
 
 
-def _env_values(root: Path) -> dict:
-    "The values env.yaml declares; none when the project has none (a Ploomber project need not)."
-    return read_yaml_mapping(root / ENV_FILE) if (root / ENV_FILE).is_file() else {}
-
-
-# Ploomber's own placeholders, which it fills itself: never a value to set with -p
-_PLOOMBER_PLACEHOLDERS = {"here", "cwd", "root", "user", "now", "git", "git_hash"}
-
-
-def _spec_placeholders(root: Path) -> list[str]:
-    "The {{NAME}} placeholders pipeline.yaml's values use (not its comments), Ploomber's own and {{env.*}} left out."
-    import json
-
-    text = json.dumps(read_yaml_mapping(root / PIPELINE_FILE), default=str)  # every key and value, comments gone
-    found = re.findall(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}", text)
-    return [name for name in dict.fromkeys(found) if name not in _PLOOMBER_PLACEHOLDERS]
-
-
-JOBS = "jobs"  # `-p jobs=N`: tasks at once, in any project, whether or not it declares `jobs` itself (load_dag)
-
-
 def _parameters(args: argparse.Namespace) -> tuple[Path, dict, dict]:
     "The project root, env.yaml's values, and the values --env-file, --params-json and -p set over them."
     root = find_project_root(args.root)
-    declared = _env_values(root)
+    declared = env_values(root)
     if not (root / ENV_FILE).is_file():
         # a Ploomber project without env.yaml: --env-file, --params-json and -p fill pipeline.yaml's
         # placeholders, of any type (read as YAML from -p)
-        placeholders = _spec_placeholders(root)
+        placeholders = spec_placeholders(root)
         overrides = _overrides(args, {JOBS: 0, **dict.fromkeys(placeholders)}, "pipeline.yaml as {{NAME}}")
         unset = [name for name in placeholders if name not in overrides]
         if unset:
@@ -212,7 +154,7 @@ def _print_products(products: dict[str, dict[str, str]], root: Path) -> None:
 # the executors whose builds nbs records (see executor.tracking_in_place_of), as pipeline.yaml names them
 _TRACKED_EXECUTORS = {None, "serial", "parallel", "ploomber.executors.Serial", "ploomber.executors.Parallel",
                      "ploomber.executors.serial.Serial", "ploomber.executors.parallel.Parallel",
-                     "nbs_lib.executor.TrackedExecutor"}
+                     "nbs_lib.pipeline.executor.TrackedExecutor"}
 
 
 def _where_tracked(root: Path) -> str:
@@ -221,7 +163,7 @@ def _where_tracked(root: Path) -> str:
     named = executor.get("dotted_path") if isinstance(executor, dict) else executor
     if named not in _TRACKED_EXECUTORS:
         return (f"Not tracked in MLflow: pipeline.yaml's executor {named} builds on its own "
-                "(nbs tracks Ploomber's serial and parallel, and nbs_lib.executor.TrackedExecutor)")
+                "(nbs tracks Ploomber's serial and parallel, and nbs_lib.pipeline.executor.TrackedExecutor)")
     uri = tracking_uri()
     if not uri.startswith("sqlite:"):
         return f"Tracked in {uri}."
@@ -233,8 +175,8 @@ def _where_tracked(root: Path) -> str:
 
 def _check_candidates(dag, values: dict) -> None:
     "Refuse a grid candidate or a tuned model that cannot be trained (unknown estimator, parameters it does not take), before any kernel starts."
-    from nbs_lib.columns import TASKS, is_per_task
-    from nbs_lib.train import check_candidate
+    from nbs_lib.ml.columns import TASKS, is_per_task
+    from nbs_lib.ml.train import check_candidate
 
     task = values.get("task", "auto")
     if task not in ("auto", *TASKS):
@@ -254,8 +196,8 @@ def _check_candidates(dag, values: dict) -> None:
 
 
 def _build_lock(root: Path, args: argparse.Namespace, shared: bool = False):
-    "The project's build lock for this command, waiting as --wait says (see nbs_lib.lock)."
-    from nbs_lib.lock import build_lock
+    "The project's build lock for this command, waiting as --wait says (see nbs_lib.pipeline.lock)."
+    from nbs_lib.pipeline.lock import build_lock
 
     return build_lock(root, args.command_line, wait=getattr(args, "wait", None), shared=shared)
 
@@ -285,7 +227,7 @@ def _build(args: argparse.Namespace, root: Path, declared: dict, overrides: dict
                           hint=f"tasks: {', '.join(dag)}")
     _stop_on_signals()
     forget_fresh_build(root)
-    from nbs_lib.executor import close_clients
+    from nbs_lib.pipeline.executor import close_clients
 
     try:
         if args.only:
@@ -308,7 +250,7 @@ def _report_build(products: dict[str, dict[str, str]], said: str, as_json: bool,
     "Print what a build ran and made, then what it came to (`build_summary`); all of it as one JSON object with `as_json`."
     import json
 
-    from nbs_lib.summary import build_summary, format_summary
+    from nbs_lib.pipeline.summary import build_summary, format_summary
 
     summary = build_summary({task: {key: Path(path) for key, path in files.items()} for task, files in products.items()})
     if as_json:
@@ -331,7 +273,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if unchanged is not None:
         rows = [{"task": task, "up_to_date": True, "why": []} for task in unchanged]
     else:
-        from nbs_lib.report import pipeline_status
+        from nbs_lib.pipeline.report import pipeline_status
 
         rows = pipeline_status(load_dag(root, overrides))
     width = max(12, *(len(row["task"]) for row in rows))
@@ -343,11 +285,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     "List the latest pipeline runs with their status, commit and key metrics."
-    from nbs_lib.report import format_runs, recent_runs
-    from nbs_lib.tracking import get_client, reap_orphans
+    from nbs_lib.core.tracking import get_client, reap_orphans
+    from nbs_lib.pipeline.report import format_runs, recent_runs
 
     root = find_project_root(args.root)
-    experiment = _env_values(root).get("experiment", "nbs")
+    experiment = env_values(root).get("experiment", "nbs")
     _prepare_environment(root)
     client = get_client()
     for run_id in reap_orphans(client, experiment):
@@ -364,8 +306,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     "Draw the pipeline as a PNG: tasks in dependency order, coloured by whether they would run."
-    from nbs_lib.data import writable_file
-    from nbs_lib.report import plot_dag
+    from nbs_lib.core.data import writable_file
+    from nbs_lib.pipeline.report import plot_dag
 
     root, values, dag = _project_dag(args)
     output = (writable_file(args.output, "pipeline.png") if args.output  # a folder takes it by this name
@@ -390,8 +332,8 @@ def _use_store_of(root: Path) -> None:
 
 def cmd_execute(args: argparse.Namespace) -> int:
     "Execute one notebook on its own with papermill, recorded in MLflow like a pipeline task; papermill's command line works too."
-    from nbs_lib.execute import ExecutionRecords
-    from nbs_lib.head_start import start_service
+    from nbs_lib.pipeline.execute import ExecutionRecords
+    from nbs_lib.pipeline.head_start import start_service
 
     if args.output and args.output_path and args.output != args.output_path:
         raise ConfigError(args.output_path, f"and -o {args.output} both name the output", hint="give one of them")
@@ -408,14 +350,14 @@ def cmd_execute(args: argparse.Namespace) -> int:
 
 def _execute(args: argparse.Namespace, root: Path, records) -> int:
     "`nbs execute` once MLflow opens (in `records`, None for what records nothing): the notebook read, checked, executed."
-    from nbs_lib.execute import (
+    from nbs_lib.pipeline.execute import (
         PapermillOptions,
         execute_notebook,
         gather_parameters,
         notebook_name,
         output_location,
     )
-    from nbs_lib.notebook_io import STREAM, public_location, read_notebook, shown_location
+    from nbs_lib.pipeline.notebook_io import STREAM, public_location, read_notebook, shown_location
 
     output = args.output_path or args.output
     results = sys.stderr if output == STREAM else sys.stdout  # standard output carries the notebook
@@ -484,7 +426,7 @@ def _notebook_help(nb, shown: str, language: str | None) -> int:
     "Print the parameters `nb` declares, as papermill's --help-notebook does: 0, or 1 when it has no parameters cell."
     from papermill.translators import papermill_translators
 
-    from nbs_lib.execute import notebook_language, parameters_cell
+    from nbs_lib.pipeline.execute import notebook_language, parameters_cell
 
     print(f"Parameters inferred for notebook '{shown}':")
     cell = parameters_cell(nb)
@@ -509,7 +451,7 @@ def _notebook_help(nb, shown: str, language: str | None) -> int:
 # %% ../notebooks/90_cli.ipynb #c730d102
 def cmd_schedule(args: argparse.Namespace) -> int:
     "Jobs on cron schedules (schedules.yaml): list them, run the scheduler, print crontab lines, fire one."
-    from nbs_lib.schedule import (
+    from nbs_lib.pipeline.schedule import (
         SCHEDULE_FILE,
         Firing,
         crontab_lines,
@@ -552,8 +494,8 @@ def _client_settings(state: dict) -> str:
 
 def _migrate(root: Path, source: str | None) -> int:
     "Copy the runs and registered models of `source` (default: the project's mlflow.db) to the server."
-    from nbs_lib.migrate import migrate_store
-    from nbs_lib.tracking import open_store
+    from nbs_lib.core.tracking import open_store
+    from nbs_lib.team.migrate import migrate_store
 
     target = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not target.startswith(("http://", "https://")):
@@ -574,7 +516,7 @@ def _migrate(root: Path, source: str | None) -> int:
 
 def cmd_server(args: argparse.Namespace) -> int:
     "The team's MLflow tracking server (PostgreSQL, basic auth): run it until Ctrl-C, start, stop, show it, or migrate to it."
-    from nbs_lib.server import server_state, start_server, stop_server
+    from nbs_lib.team.server import server_state, start_server, stop_server
 
     root = find_project_root(args.root)
     if args.action == "migrate":
@@ -611,20 +553,20 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 # %% ../notebooks/90_cli.ipynb #b2f69330
 def _tracked_dag(root: Path, overrides: dict):
-    from nbs_lib.executor import TrackedExecutor
+    from nbs_lib.pipeline.executor import TrackedExecutor
 
     dag = load_dag(root, overrides)
     if not isinstance(dag.executor, TrackedExecutor):
-        raise ConfigError(root / PIPELINE_FILE, "the executor is not nbs_lib.executor.TrackedExecutor",
-                          hint="executor: {dotted_path: nbs_lib.executor.TrackedExecutor, ...}")
+        raise ConfigError(root / PIPELINE_FILE, "the executor is not nbs_lib.pipeline.executor.TrackedExecutor",
+                          hint="executor: {dotted_path: nbs_lib.pipeline.executor.TrackedExecutor, ...}")
     return dag
 
 
 def cmd_task(args: argparse.Namespace) -> int:
     "One step of a pipeline run that an orchestrator drives: open the run, run one task in it, close it."
-    from nbs_lib.executor import PIPELINE_RUN_ENV, close_joined_run
-    from nbs_lib.storage import fetch_upstream_products
-    from nbs_lib.tracking import get_client
+    from nbs_lib.core.tracking import get_client
+    from nbs_lib.pipeline.executor import PIPELINE_RUN_ENV, close_joined_run
+    from nbs_lib.pipeline.storage import fetch_upstream_products
 
     if args.action != "begin" and not args.pipeline_run:
         raise ParameterError("--pipeline-run", f"is needed by `nbs task {args.action}`: the run id `nbs task begin` printed")
@@ -663,14 +605,14 @@ def cmd_task(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     "Write the pipeline as an Apache Airflow DAG file: one Airflow task per pipeline task, params from env.yaml."
-    from nbs_lib.dag_export import (
+    from nbs_lib.core.data import writable_file
+    from nbs_lib.team.dag_export import (
         airflow_dag_source,
         dag_tasks,
         env_descriptions,
         spec_placeholders,
         write_dag_file,
     )
-    from nbs_lib.data import writable_file
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,250}", args.dag_id):
         raise ParameterError("--dag-id", f"{args.dag_id!r}: Airflow takes letters, digits, '_', '-' and '.' only")
@@ -696,14 +638,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 # %% ../notebooks/90_cli.ipynb #ad0e6e1a
 def _registry_client(args: argparse.Namespace):
     _use_store_of(_root_or_here(args.root))
-    from nbs_lib.tracking import get_client
+    from nbs_lib.core.tracking import get_client
 
     return get_client()
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
     "Make a version the champion by hand, recording who and why (the gate is bypassed, on the record)."
-    from nbs_lib.registry import promote
+    from nbs_lib.registry.versions import promote
 
     entry = promote(_registry_client(args), args.name, args.version, args.why)
     print(f"{args.name} version {entry['version']} is champion ({entry['by']}, {entry['at']}: {entry['why']})")
@@ -712,7 +654,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     "Give champion back to the version that held it before the current one."
-    from nbs_lib.registry import rollback
+    from nbs_lib.registry.versions import rollback
 
     entry = rollback(_registry_client(args), args.name, args.why)
     print(f"{args.name} version {entry['version']} is champion again ({entry['by']}, {entry['at']}: {entry['why']})")
@@ -723,7 +665,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     "Registered models: their latest versions with aliases, holdout metric and gate decision, and the champion history."
     import json
 
-    from nbs_lib.registry import champion_history
+    from nbs_lib.registry.versions import champion_history
 
     client = _registry_client(args)
     names = [args.name] if args.name else sorted(m.name for m in client.search_registered_models())
@@ -761,8 +703,8 @@ def cmd_features(args: argparse.Namespace) -> int:
     "The feature catalogue: every feature with its definition, type, owner, description, last statistics, importance in the champion and the models using it."
     import json
 
-    from nbs_lib.data import write_atomic
-    from nbs_lib.feature_store import (
+    from nbs_lib.core.data import write_atomic
+    from nbs_lib.ml.feature_store import (
         catalogue,
         catalogue_html,
         champion_importance,
@@ -838,7 +780,7 @@ def _feature_repo(given: str | None, root: Path, values: dict) -> Path | None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     "Serve a registered model over HTTP on 127.0.0.1: /predict, /feedback, /health, /ready, /metadata, /reload."
-    from nbs_lib.serve import serve
+    from nbs_lib.serving.serve import serve
 
     if args.canary is None and args.canary_weight is not None:
         raise ConfigError("--canary-weight", "needs --canary VERSION", hint="name the version the weight sends requests to")
@@ -852,7 +794,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     "Score a CSV or Parquet file with a registered model, in chunks, into a CSV or Parquet file."
-    from nbs_lib.scoring import check_files, load_served, predict_file
+    from nbs_lib.serving.scoring import check_files, load_served, predict_file
 
     check_files(args.input, args.output)  # before the model takes seconds to load
     root, values = _settings(args, inside=False)
@@ -871,9 +813,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     "Report on the served model from the prediction log (drift, live performance, volume, data quality) and on feature skew, tracked in MLflow."
     import json
 
-    from nbs_lib.execute import execute_notebook
-    from nbs_lib.feature_store import feature_view_name
-    from nbs_lib.monitoring import check_window, since_time
+    from nbs_lib.ml.feature_store import feature_view_name
+    from nbs_lib.monitoring.live import check_window, since_time
+    from nbs_lib.pipeline.execute import execute_notebook
 
     if args.since:
         since_time(args.since)  # refused here, before a kernel starts, not in the notebook
@@ -931,10 +873,10 @@ def _retrain_check(root: Path, declared: dict, log: Path, client, run_id: str) -
     "Evaluate the triggers on the champion in service; record each on the run. The triggers, the state, the predictions."
     from mlflow.entities import Metric, RunTag
 
-    from nbs_lib.drift import detect_drift
-    from nbs_lib.monitoring import inputs_table, recent, scores
-    from nbs_lib.predictions import read_predictions
-    from nbs_lib.retrain import champion_in_service, check_triggers
+    from nbs_lib.monitoring.drift import detect_drift
+    from nbs_lib.monitoring.live import inputs_table, recent, scores
+    from nbs_lib.monitoring.retrain import champion_in_service, check_triggers
+    from nbs_lib.serving.predictions import read_predictions
 
     predictions = recent(read_predictions(log))
     name = declared.get("model_name", "nbs-classifier")
@@ -966,7 +908,7 @@ def _read_product(path: Path):
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     "Check the retraining triggers and record why; retrain (the pipeline on its data plus new labels) if one fires."
-    from nbs_lib.retrain import check_trigger_settings
+    from nbs_lib.monitoring.retrain import check_trigger_settings
 
     root, declared = _settings(args)
     check_trigger_settings(declared.get("retrain_triggers") or {})
@@ -985,12 +927,12 @@ def _retrain(args: argparse.Namespace, root: Path, declared: dict, log: Path, pr
     import json
     import subprocess
 
-    from nbs_lib.alerts import raise_alert
-    from nbs_lib.data import save_table
-    from nbs_lib.lock import LOCK_FD_ENV
-    from nbs_lib.registry import load_version, rollback
-    from nbs_lib.retrain import compare_on_feedback, training_data
-    from nbs_lib.tracking import finish_run, get_client, start_pipeline_run
+    from nbs_lib.core.data import save_table
+    from nbs_lib.core.tracking import finish_run, get_client, start_pipeline_run
+    from nbs_lib.monitoring.alerts import raise_alert
+    from nbs_lib.monitoring.retrain import compare_on_feedback, training_data
+    from nbs_lib.pipeline.lock import LOCK_FD_ENV
+    from nbs_lib.registry.versions import load_version, rollback
 
     client = get_client()
     experiment = f"{declared.get('experiment', 'nbs')}-monitoring"
@@ -1058,8 +1000,8 @@ def _retrain(args: argparse.Namespace, root: Path, declared: dict, log: Path, pr
 # %% ../notebooks/90_cli.ipynb #d46c747c
 def cmd_simulate(args: argparse.Namespace) -> int:
     "Replay the data to a running nbs serve as batches with feedback, injecting drift from a chosen batch."
-    from nbs_lib.data import load_dataset
-    from nbs_lib.simulate import simulate
+    from nbs_lib.core.data import load_dataset
+    from nbs_lib.serving.simulate import simulate
 
     root, declared = _settings(args, inside=False)
     target = declared.get("target", "target")
@@ -1075,7 +1017,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     "Where a registered version came from: data digests, pipeline run, task runs and notebooks at a commit, gate, aliases."
     import json
 
-    from nbs_lib.provenance import format_lineage, model_lineage
+    from nbs_lib.registry.provenance import format_lineage, model_lineage
 
     chain = model_lineage(_registry_client(args), args.uri)
     print(json.dumps(chain, indent=2, default=str) if args.json else format_lineage(chain))
@@ -1088,8 +1030,13 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from nbs_lib.reproduce import check_data_files, format_comparison, recorded_build, reproduce
-    from nbs_lib.tracking import finish_run, start_pipeline_run
+    from nbs_lib.core.tracking import finish_run, start_pipeline_run
+    from nbs_lib.registry.reproduce import (
+        check_data_files,
+        format_comparison,
+        recorded_build,
+        reproduce,
+    )
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     root = find_project_root(args.root)
@@ -1129,8 +1076,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 # %% ../notebooks/90_cli.ipynb #8b7a5d72
 def cmd_new(args: argparse.Namespace) -> int:
     "Scaffold a pipeline task notebook (added to pipeline.yaml) or a library notebook, numbered in dependency order."
-    from nbs_lib.hygiene import export_notebooks
-    from nbs_lib.scaffold import new_module, new_task
+    from nbs_lib.dev.hygiene import export_notebooks
+    from nbs_lib.dev.scaffold import new_module, new_task
 
     root = find_project_root(args.root)
     if args.kind == "task":
@@ -1151,7 +1098,7 @@ def cmd_new(args: argparse.Namespace) -> int:
 # %% ../notebooks/90_cli.ipynb #aa943727
 def cmd_check(args: argparse.Namespace) -> int:
     "Check notebooks are clean, nbs_lib matches them, and env.yml matches requirements.lock."
-    from nbs_lib.hygiene import export_drift, lock_mismatch, unclean_notebooks
+    from nbs_lib.dev.hygiene import export_drift, lock_mismatch, unclean_notebooks
 
     root = find_project_root(args.root)
     checks = {
@@ -1310,7 +1257,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="seconds before the first retry, doubled before each next one (default 5)")
     tracked.add_argument("--experiment", default="nbs", help="MLflow experiment of the run (default nbs)")
     tracked.add_argument("--secret", action="append", default=[], metavar="NAME",
-                         help="a secret the notebook reads with nbs_lib.credentials.secret: its value is "
+                         help="a secret the notebook reads with nbs_lib.core.credentials.secret: its value is "
                               "refused as a parameter and scrubbed from what is stored (repeatable)")
     tracked.add_argument("--root", type=Path, help="folder whose mlflow.db records the run (default: "
                          "the nearest folder holding pipeline.yaml, else the current folder)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nbs_lib.data import load_dataset
+from nbs_lib.core.data import load_dataset
 
 
 def main() -> int:

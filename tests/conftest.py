@@ -178,7 +178,7 @@ def drive(project: Path, argvs: list[list[str]], env: dict | None = None) -> lis
 
 def store(root: Path):
     "An MlflowClient on the embedded store of the project at `root` (safe while `nbs` creates it)."
-    from nbs_lib.tracking import open_store
+    from nbs_lib.core.tracking import open_store
 
     return open_store(f"sqlite:///{root}/mlflow.db")
 
@@ -351,7 +351,7 @@ def log_predictions(path: Path, model, table, start, version: int = 1, name: str
 
     import numpy as np
 
-    from nbs_lib.predictions import PredictionLog
+    from nbs_lib.serving.predictions import PredictionLog
 
     log = PredictionLog(path)
     labels = []

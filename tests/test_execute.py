@@ -46,14 +46,14 @@ def _by_kind(root: Path) -> dict[str, list]:
 
 
 REPORT = """\
-from nbs_lib.tracking import log_metrics, log_table
+from nbs_lib.core.tracking import log_metrics, log_table
 log_metrics({"total": rows * factor})
 log_table({"row": list(range(rows))}, "rows")
 print("label:", label)"""
 
 
 def test_a_notebook_without_parameters_cell_or_kernel_name(tmp_path):
-    _notebook(tmp_path / "plain.ipynb", "print('hello')\nfrom nbs_lib.tracking import log_metrics\n"
+    _notebook(tmp_path / "plain.ipynb", "print('hello')\nfrom nbs_lib.core.tracking import log_metrics\n"
               "log_metrics({'answer': 42})", kernel=False)
     done = run_nbs("execute", "plain.ipynb", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -122,7 +122,7 @@ def test_bad_input_is_refused_before_any_run(tmp_path):
 
 
 def test_a_secret_cannot_be_a_parameter_and_is_scrubbed(tmp_path):
-    _notebook(tmp_path / "job.ipynb", "from nbs_lib.credentials import secret\nprint('using', secret('JOB_TOKEN'))",
+    _notebook(tmp_path / "job.ipynb", "from nbs_lib.core.credentials import secret\nprint('using', secret('JOB_TOKEN'))",
               parameters="url = ''")
     env_token = "tok-9f8e7d6c"
     (tmp_path / ".env").write_text(f"JOB_TOKEN={env_token}\n")

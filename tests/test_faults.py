@@ -30,19 +30,19 @@ if mode == "sleep":
     time.sleep(120)
 if mode == "leak":
     import tempfile
-    from nbs_lib.credentials import secret
-    from nbs_lib.tracking import log_artifact
+    from nbs_lib.core.credentials import secret
+    from nbs_lib.core.tracking import log_artifact
     token = secret("NBS_TEST_TOKEN")
     print("connecting with", token)
     log = Path(tempfile.mkdtemp()) / "connection.log"
     log.write_text(f"token={token}\\n")
     log_artifact(log)
-    from nbs_lib.tracking import log_metrics, log_table, log_tags
+    from nbs_lib.core.tracking import log_metrics, log_table, log_tags
     log_table({"connection": [f"token={token}"]}, "connections")
     log_tags({"nbs.connected_with": token})
     log_metrics({f"latency_{token}": 1.0})
 if mode == "leakraise":
-    from nbs_lib.credentials import secret
+    from nbs_lib.core.credentials import secret
     raise ConnectionError(f"the server refused {secret('NBS_TEST_TOKEN')}")
 if mode == "halfwrite":
     Path(product["data"]).write_text("half")
@@ -52,7 +52,7 @@ Path(product["data"]).write_text(mode)"""
 
 PIPELINE = """\
 executor:
-  dotted_path: nbs_lib.executor.TrackedExecutor
+  dotted_path: nbs_lib.pipeline.executor.TrackedExecutor
   experiment: '{{experiment}}'
   cell_timeout: '{{cell_timeout}}'
   secrets: [NBS_TEST_TOKEN]

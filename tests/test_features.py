@@ -22,8 +22,8 @@ from conftest import (
     wait_ready,
 )
 
-from nbs_lib.data import save_table
-from nbs_lib.feature_store import definitions, open_feature_store, training_set
+from nbs_lib.core.data import save_table
+from nbs_lib.ml.feature_store import definitions, open_feature_store, training_set
 
 TTL_DAYS = SHARED_DEFAULTS["feature_ttl_days"]  # the shared build's: a value can be made stale by hand
 
@@ -137,7 +137,7 @@ def test_serving_by_entity_key_answers_as_by_raw_features_and_refuses_bad_keys(b
     finally:
         stop_server(process)
     # the log holds the values the model got, as for requests with records
-    from nbs_lib.predictions import read_predictions
+    from nbs_lib.serving.predictions import read_predictions
 
     logged = read_predictions(built / "predictions.db")
     first = logged[logged["request_id"] == by_key.json()["request_id"]]
@@ -160,7 +160,7 @@ def test_the_catalogue_lists_every_feature_of_the_champion_with_its_importance(s
         assert row["importance"] == pytest.approx(importance[name]), name
         assert f"nbs-classifier v{champion.version} (" in row["models"] and "champion" in row["models"]
         assert row["type"] == "Float64" and row["owner"] and row["description"] and row["rows"] == 569
-        assert row["definition"].startswith("nbs_lib/feature_store.py:") and row["definition"].endswith("(feature_table)")
+        assert row["definition"].startswith("nbs_lib/ml/feature_store.py:") and row["definition"].endswith("(feature_table)")
     assert listed["worst area"]["description"].startswith("mean of the three largest values")
     text = run_nbs("features", cwd=built)
     assert text.returncode == 0 and f"importance {importance.iloc[0]:.4g} in the champion of nbs-classifier" in text.stdout

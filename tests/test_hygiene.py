@@ -15,7 +15,7 @@ def test_clean_copy_passes(project):
 
 
 def test_notebook_with_outputs_fails(project):
-    path = project / "notebooks" / "02_data.ipynb"
+    path = project / "notebooks" / "01_data.ipynb"
     nb = json.loads(path.read_text())
     code = next(c for c in nb["cells"] if c["cell_type"] == "code")
     code["execution_count"] = 1
@@ -24,7 +24,7 @@ def test_notebook_with_outputs_fails(project):
     done = run_nbs("check", cwd=project)
     assert done.returncode == 1
     assert "FAIL  notebooks carry no outputs" in done.stdout
-    assert "notebooks/02_data.ipynb: outputs in cells" in done.stdout
+    assert "notebooks/01_data.ipynb: outputs in cells" in done.stdout
 
 
 def test_stray_cell_metadata_fails_but_parameters_tag_is_kept(project):
@@ -39,19 +39,19 @@ def test_stray_cell_metadata_fails_but_parameters_tag_is_kept(project):
 
 
 def test_hand_edit_in_nbs_lib_fails(project):
-    with open(project / "nbs_lib" / "data.py", "a") as f:
+    with open(project / "nbs_lib" / "core" / "data.py", "a") as f:
         f.write("\ndef sneaky() -> int:\n    return 1\n")
     done = run_nbs("check", cwd=project)
     assert done.returncode == 1
-    assert "nbs_lib/data.py: differs from what its notebook exports" in done.stdout
+    assert "nbs_lib/core/data.py: differs from what its notebook exports" in done.stdout
 
 
 def test_notebook_edit_not_exported_fails(project):
-    path = project / "notebooks" / "02_data.ipynb"
+    path = project / "notebooks" / "01_data.ipynb"
     path.write_text(path.read_text().replace("569 rows, 30 numeric features", "569 rows"))
     done = run_nbs("check", cwd=project)
     assert done.returncode == 1
-    assert "nbs_lib/data.py: differs" in done.stdout
+    assert "nbs_lib/core/data.py: differs" in done.stdout
 
 
 def test_env_yml_out_of_step_with_lock_fails(project):

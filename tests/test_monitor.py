@@ -28,11 +28,11 @@ START = datetime(2026, 11, 29, 0, 0, tzinfo=UTC)
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> dict:
     "A project whose champion was trained on products/data/train.parquet, as `make run` leaves it."
-    from nbs_lib.data import dataset_digest, load_builtin
-    from nbs_lib.features import split_holdout
-    from nbs_lib.registry import promote, register_model
-    from nbs_lib.tracking import get_client
-    from nbs_lib.train import train_model
+    from nbs_lib.core.data import dataset_digest, load_builtin
+    from nbs_lib.core.tracking import get_client
+    from nbs_lib.ml.features import split_holdout
+    from nbs_lib.ml.train import train_model
+    from nbs_lib.registry.versions import promote, register_model
 
     root = copy_project(tmp_path_factory.mktemp("monitor") / "project")
     train, test = split_holdout(load_builtin(), TARGET, 0.2, 42)

@@ -198,7 +198,7 @@ def test_serving_takes_nulls_and_feedback_of_the_task(built):
         refused = httpx.post(f"{url}/feedback", json={"id": body["ids"][0], "label": wrong})
         assert refused.status_code == 422 and refused.json()["field"] == "label", refused.text
         # the replay sends the model's inputs only (no ID or date columns) and the labels as they are
-        from nbs_lib.simulate import simulate
+        from nbs_lib.serving.simulate import simulate
 
         replayed = simulate(url, table, target, batches=1, batch_size=20, request_size=20, show=False)
         assert replayed[0]["labels"] == 20 and ("rmse" if task == "regression" else "accuracy") in replayed[0]
@@ -212,7 +212,7 @@ def test_monitored_and_retrained_on_its_feedback(built, tmp_path):
     judges by the task's measure: a regressor's absolute errors, a classifier's right answers (with text classes, and
     inputs that carry an ID and a date the model never sees). The built-in data's path is tests/test_monitor.py's
     and tests/test_retrain.py's."""
-    from nbs_lib.simulate import simulate
+    from nbs_lib.serving.simulate import simulate
 
     root = copy_build(built["root"], tmp_path / "project")  # the module's build stays as it is
     name, table, target, task = built["name"], built["table"], built["target"], built["task"]

@@ -185,7 +185,7 @@ def test_evaluate_explains_the_chosen_model_by_permutation_importance(built, tmp
 def test_lineage_of_every_task_run(built, tmp_path):
     import hashlib
 
-    from nbs_lib.lineage import file_digest, library_digest
+    from nbs_lib.core.lineage import file_digest, library_digest
 
     root, _ = built
     runs = runs_of(root)
@@ -258,7 +258,7 @@ def test_executed_notebook_holds_injected_parameters_and_outputs(built):
 def test_model_registered_as_champion_and_serves_like_the_product(built):
     import mlflow.pyfunc
 
-    from nbs_lib.train import load_model
+    from nbs_lib.ml.train import load_model
 
     root, _ = built
     client = store(root)
@@ -269,7 +269,7 @@ def test_model_registered_as_champion_and_serves_like_the_product(built):
     assert gate["promote"] and gate["reason"].startswith("thresholds met, roc_auc ") and gate["baseline"] == 0.5
     assert gate["reason"].endswith("beats the baseline's 0.5000 by more than 0.0, no champion yet"), gate
     assert json.loads(champion.tags["nbs.gate.promote"]) is True
-    from nbs_lib.data import dataset_digest
+    from nbs_lib.core.data import dataset_digest
 
     pipeline_run = client.get_run(champion.run_id).data.tags["mlflow.parentRunId"]
     assert champion.tags["nbs.pipeline_run"] == pipeline_run
@@ -371,8 +371,8 @@ def test_parameter_override_reruns_only_affected_tasks(rebuilt):
 
 
 def test_promote_and_rollback_by_hand_are_recorded(rebuilt):
-    from nbs_lib.registry import register_model
-    from nbs_lib.train import load_model
+    from nbs_lib.ml.train import load_model
+    from nbs_lib.registry.versions import register_model
 
     root = rebuilt
     train = pd.read_parquet(root / "products/data/train.parquet")
@@ -401,22 +401,28 @@ def test_library_edit_reruns_exactly_the_tasks_that_import_it(rebuilt):
     from pathlib import Path
 
     root = rebuilt
-    notebook = root / "notebooks/17_scoring.ipynb"
-    source = notebook.read_text()
-    edited = source.replace("One input column of a model's signature.", "One input column of a model's signature (edited).", 1)
-    assert edited != source
-    notebook.write_text(edited)
     env = {k: v for k, v in os.environ.items() if k != "IN_TEST"}
-    subprocess.run([str(Path(sys.executable).with_name("nbdev_export"))], cwd=root, env=env, check=True)
-    assert "(edited)" in (root / "nbs_lib/scoring.py").read_text()
-    before = {r.info.run_id for r in runs_of(root)}
-    done = run_nbs("run", cwd=root)
-    assert done.returncode == 0, done.stdout + done.stderr
-    new = [r for r in runs_of(root) if r.info.run_id not in before]
-    # no task notebook imports nbs_lib.scoring: 60_register does through nbs_lib.provenance; catalogue runs
-    # because it is downstream of register
-    assert sorted(r.data.tags.get("nbs.task") for r in new if r.data.tags["nbs.kind"] == "task") == [
-        "catalogue", "register"]
+
+    def edit_and_run(notebook: str, text: str, module: str) -> list[str]:
+        "Edit a docstring in a library notebook, export, build: the tasks that ran again."
+        path = root / "notebooks" / notebook
+        source = path.read_text()
+        edited = source.replace(text, text.removesuffix(".") + " (edited).", 1)
+        assert edited != source
+        path.write_text(edited)
+        subprocess.run([str(Path(sys.executable).with_name("nbdev_export"))], cwd=root, env=env, check=True)
+        assert "(edited)" in (root / "nbs_lib" / module).read_text()
+        before = {r.info.run_id for r in runs_of(root)}
+        done = run_nbs("run", cwd=root)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return sorted(r.data.tags.get("nbs.task") for r in runs_of(root)
+                      if r.info.run_id not in before and r.data.tags["nbs.kind"] == "task")
+
+    # serving code is no task's: no task notebook imports it, directly or through the library
+    assert edit_and_run("50_scoring.ipynb", "One input column of a model's signature.", "serving/scoring.py") == []
+    # only 60_register imports nbs_lib.registry.provenance; catalogue runs because it is downstream of register
+    assert edit_and_run("41_provenance.ipynb", "`model_lineage` as the lines `nbs lineage` prints.",
+                        "registry/provenance.py") == ["catalogue", "register"]
     assert "All 15 tasks are up to date" in run_nbs("run", cwd=root).stdout
 
 

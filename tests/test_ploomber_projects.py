@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import run_nbs, runs_of, store
 
-from nbs_lib.lineage import file_digest
+from nbs_lib.core.lineage import file_digest
 
 FUNCTIONS = {
     "pipeline.yaml": """\
@@ -29,7 +29,7 @@ FUNCTIONS = {
     "tasks.py": """\
         from pathlib import Path
 
-        from nbs_lib.tracking import log_metrics
+        from nbs_lib.core.tracking import log_metrics
 
 
         def raw(product):

@@ -11,7 +11,7 @@ import pytest
 from conftest import commit, copy_build, copy_project, run_nbs, runs_of, store, trim_pipeline
 from sklearn.datasets import load_breast_cancer
 
-from nbs_lib.lineage import file_digest
+from nbs_lib.core.lineage import file_digest
 
 URI = "models:/nbs-classifier/1"
 pytestmark = pytest.mark.build

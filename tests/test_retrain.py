@@ -17,8 +17,8 @@ TARGET, NAME = "target", "nbs-classifier"
 @pytest.fixture
 def project(tmp_path) -> dict:
     "A project with the products a build leaves (raw and training tables) and no model yet."
-    from nbs_lib.data import load_builtin
-    from nbs_lib.features import split_holdout
+    from nbs_lib.core.data import load_builtin
+    from nbs_lib.ml.features import split_holdout
 
     root = copy_project(tmp_path / "project")
     data = load_builtin()
@@ -31,8 +31,8 @@ def project(tmp_path) -> dict:
 
 def champion(root: Path, model, train, why: str = "by the test") -> int:
     "Register `model` in the project's store and make it champion; its version."
-    from nbs_lib.registry import promote, register_model
-    from nbs_lib.tracking import get_client
+    from nbs_lib.core.tracking import get_client
+    from nbs_lib.registry.versions import promote, register_model
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
@@ -48,7 +48,7 @@ def latest(root: Path, kind: str):
 
 
 def test_no_trigger_fires_on_fresh_data_and_nothing_is_retrained(project):
-    from nbs_lib.train import train_model
+    from nbs_lib.ml.train import train_model
 
     root, train, test = project["root"], project["train"], project["test"]
     model = train_model(train, TARGET)
@@ -68,7 +68,7 @@ def test_no_trigger_fires_on_fresh_data_and_nothing_is_retrained(project):
 
 @pytest.mark.build
 def test_new_labels_trigger_a_retrain_that_the_gate_promotes(project):
-    from nbs_lib.train import train_model
+    from nbs_lib.ml.train import train_model
 
     root, data, train = project["root"], project["data"], project["train"]
     trim_pipeline(root)  # the retraining build: 7 tasks from data to a registered version
@@ -118,7 +118,7 @@ def webhook():
 
 
 def test_a_worse_champion_is_rolled_back_by_monitoring(project, webhook):
-    from nbs_lib.train import train_model
+    from nbs_lib.ml.train import train_model
 
     root, train, test = project["root"], project["train"], project["test"]
     url, received = webhook

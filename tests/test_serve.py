@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from conftest import NBS, run_nbs, start_server, stop_server, store, wait_ready
 
-from nbs_lib.predictions import read_predictions
+from nbs_lib.serving.predictions import read_predictions
 
 NAME = "serving-test"
 TARGET = "target"
@@ -26,11 +26,11 @@ TARGET = "target"
 def registry(tmp_path_factory) -> dict:
     """Three versions through the gate: a weak first champion, a model of shuffled labels the gate
     refuses, and a strong one it promotes. Tracked in ROOT/mlflow.db like a project's."""
-    from nbs_lib.data import load_builtin
-    from nbs_lib.evaluate import holdout_metrics
-    from nbs_lib.features import split_holdout
-    from nbs_lib.registry import apply_gate, register_model
-    from nbs_lib.train import train_model
+    from nbs_lib.core.data import load_builtin
+    from nbs_lib.ml.evaluate import holdout_metrics
+    from nbs_lib.ml.features import split_holdout
+    from nbs_lib.ml.train import train_model
+    from nbs_lib.registry.versions import apply_gate, register_model
 
     root = tmp_path_factory.mktemp("serving")
     train, test = split_holdout(load_builtin(), TARGET, 0.2, 42)
@@ -110,7 +110,7 @@ def test_predictions_are_the_versions_own(server, registry):
 
 
 def test_explain_is_refused_whichever_version_draws_when_the_canary_cannot_explain(server, registry):
-    from nbs_lib.serve import goes_to_canary
+    from nbs_lib.serving.serve import goes_to_canary
 
     champion_key = next(k for k in (f"x-{i}" for i in range(100)) if not goes_to_canary(k, 0.2))
     canary_key = next(k for k in (f"x-{i}" for i in range(100)) if goes_to_canary(k, 0.2))
@@ -125,7 +125,7 @@ def test_explain_is_refused_whichever_version_draws_when_the_canary_cannot_expla
 
 def _explained_like_the_library(url: str, registry) -> None:
     "A linear version's explanations over HTTP are those ServedModel.explain computes, largest first."
-    from nbs_lib.scoring import ServedModel
+    from nbs_lib.serving.scoring import ServedModel
 
     rows = registry["test"].head(3)
     answer = httpx.post(f"{url}/predict", json={"records": records(rows), "explain": True})
@@ -412,10 +412,10 @@ def test_serve_refuses_bad_options_before_binding(tmp_path):
 
 
 def test_simulated_traffic_with_a_shift_is_logged_and_its_drift_detected(server, registry):
-    from nbs_lib.data import load_builtin
-    from nbs_lib.drift import detect_drift
-    from nbs_lib.monitoring import inputs_table
-    from nbs_lib.simulate import simulate
+    from nbs_lib.core.data import load_builtin
+    from nbs_lib.monitoring.drift import detect_drift
+    from nbs_lib.monitoring.live import inputs_table
+    from nbs_lib.serving.simulate import simulate
 
     shifted = ["mean radius", "mean texture", "worst area"]
     summaries = simulate(server, load_builtin(), TARGET, batches=3, batch_size=60, drift="shift", drift_from=2,

@@ -26,7 +26,7 @@ from conftest import (
     trim_pipeline,
 )
 
-from nbs_lib.tracking import process_alive
+from nbs_lib.core.tracking import process_alive
 
 AIRFLOW = ROOT / ".venv-airflow" / "bin" / "airflow"
 ADMIN = "admin"

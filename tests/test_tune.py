@@ -8,7 +8,7 @@ import re
 import optuna
 from conftest import SHARED_DEFAULTS, commit, copy_build, run_nbs, runs_of, store
 
-from nbs_lib.registry import load_version
+from nbs_lib.registry.versions import load_version
 
 TRIALS = SHARED_DEFAULTS["tune_trials"]  # the study of the shared build
 
