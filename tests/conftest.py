@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from nbs_lib.core.processes import stop_group, wait_until_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = Path(sys.executable).with_name("nbs")
@@ -209,24 +210,13 @@ def start_server(*args: str, cwd: Path, timeout: float = 90) -> tuple[subprocess
         first = process.stdout.readline()
         assert " on http://127.0.0.1:" in first, f"nbs serve did not start: {first}"
         url = first.split(" on ")[-1].split(";")[0].strip()
-        deadline = time.monotonic() + timeout
-        while not _answers(f"{url}/health"):
-            assert time.monotonic() < deadline, "nbs serve never answered /health"
-            time.sleep(0.2)
+        why = wait_until_answers(f"{url}/health", process, timeout, interval=0.2)
+        assert why is None, f"nbs serve {why}"
     except BaseException:
         code, out, err = stop_server(process)
         print(f"nbs serve exited {code}: {out}{err}")
         raise
     return process, url
-
-
-def _answers(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(url).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def wait_ready(url: str, timeout: float = 90) -> dict:
@@ -242,14 +232,8 @@ def wait_ready(url: str, timeout: float = 90) -> dict:
 
 def stop_server(process: subprocess.Popen) -> tuple[int, str, str]:
     "Stop a server started by `start_server` (SIGTERM to its group, then SIGKILL); its exit code and output."
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        out, err = process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, err = process.communicate()
-    except ProcessLookupError:
-        out, err = process.communicate()
+    stop_group(process.pid)
+    out, err = process.communicate()
     return process.returncode, out, err
 
 
@@ -269,11 +253,8 @@ def start_service(command: list[str], ready_url: str, cwd: Path, log: Path, env:
         process = subprocess.Popen(command, cwd=cwd, env={**os.environ, **(env or {})}, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + timeout
-        while not _answers(ready_url):
-            assert process.poll() is None, f"{command[0]} exited {process.returncode}: {log.read_text()[-2000:]}"
-            assert time.monotonic() < deadline, f"{ready_url} did not answer in {timeout} s: {log.read_text()[-2000:]}"
-            time.sleep(0.3)
+        why = wait_until_answers(ready_url, process, timeout)
+        assert why is None, f"{command[0]} {why}: {log.read_text()[-2000:]}"
     except BaseException:
         stop_service(process)
         raise
@@ -282,14 +263,8 @@ def start_service(command: list[str], ready_url: str, cwd: Path, log: Path, env:
 
 def stop_service(process: subprocess.Popen) -> int:
     "Stop a process started by `start_service`: SIGTERM to its group, SIGKILL after 20 s; its exit code."
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        return process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        return process.wait()
-    except ProcessLookupError:
-        return process.wait()
+    stop_group(process.pid)
+    return process.wait()
 
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by `make test`; Playwright never downloads a browser here

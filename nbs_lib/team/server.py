@@ -5,12 +5,10 @@
 # %% ../../notebooks/72_server.ipynb #fc7722e0
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import ServerError
+from ..core.processes import answers, stop_group, wait_until_answers
 from ..core.tracking import process_alive
 
 # %% auto #0
@@ -299,32 +298,6 @@ def server_state(root: Path) -> dict | None:
     state = json.loads(files.state.read_text(encoding="utf-8"))
     return state if _still_ours(state) else None
 
-
-def _healthy(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-def _stop_group(pid: int, wait: float = 20) -> None:
-    "SIGTERM to the process group led by `pid`, SIGKILL when any of it still runs after `wait` seconds."
-    import psutil
-
-    try:
-        group = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        os.killpg(pid, signal.SIGTERM)
-    except (psutil.NoSuchProcess, ProcessLookupError):
-        return
-    deadline = time.monotonic() + wait
-    while any(process_alive(p.pid) for p in group) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if any(process_alive(p.pid) for p in group):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-
 # %% ../../notebooks/72_server.ipynb #91f8de10
 def start_server(root: Path, port: int = DEFAULT_PORT, db_port: int = DEFAULT_DB_PORT,
                  admin_password: str | None = None, timeout: float = 120) -> dict:
@@ -346,23 +319,18 @@ def start_server(root: Path, port: int = DEFAULT_PORT, db_port: int = DEFAULT_DB
     try:
         create_databases(files, db_port)
         url = server_url(port)
-        if _healthy(url):
+        if answers(f"{url}/health"):
             raise ServerError("mlflow", f"something else already answers at {url}", hint="choose --port")
         with open(files.server_log, "w", encoding="utf-8") as log:
             process = subprocess.Popen(server_command(files, port, db_port), cwd=files.folder, stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True,
                                        env={**os.environ, **server_environment(files, admin_password)})
-        deadline = time.monotonic() + timeout
-        while not _healthy(url):
-            if process.poll() is not None:
-                raise ServerError("mlflow", f"the server exited with code {process.returncode} while starting",
-                                  log=files.server_log)
-            if time.monotonic() > deadline:
-                raise ServerError("mlflow", f"no answer at {url}/health after {timeout:.0f} s", log=files.server_log)
-            time.sleep(0.3)
+        why = wait_until_answers(f"{url}/health", process, timeout)
+        if why:
+            raise ServerError("mlflow", f"the server {why}", log=files.server_log)
     except BaseException:
         if process is not None:
-            _stop_group(process.pid)
+            stop_group(process.pid)
         stop_postgres(files, bin_dir)
         raise
     state = {"url": url, "pid": process.pid, "pid_started": _started_at(process.pid), "port": port, "db_port": db_port,
@@ -378,7 +346,7 @@ def stop_server(root: Path) -> list[str]:
     if files.state.is_file():
         state = json.loads(files.state.read_text(encoding="utf-8"))
         if _still_ours(state):  # never a signal to a process that merely got the same pid
-            _stop_group(state["pid"])
+            stop_group(state["pid"])
             stopped.append(f"MLflow server {state['url']} (pid {state['pid']})")
         files.state.unlink()
     if files.data.is_dir() and stop_postgres(files, postgres_bin_dir()):
