@@ -787,8 +787,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     root, values = _settings(args, inside=False)
     _use_store_of(root)
     log = None if args.no_prediction_log else _log_path(args.prediction_log, root)
-    serve(_model_uri(args, values), args.port, args.canary, 0.1 if args.canary_weight is None else args.canary_weight,
-          log, args.max_body_bytes, args.max_records, _feature_repo(args.feature_repo, root, values))
+    said = serve(_model_uri(args, values), args.port, args.canary, 0.1 if args.canary_weight is None else args.canary_weight,
+                 log, args.max_body_bytes, args.max_records, _feature_repo(args.feature_repo, root, values),
+                 ready=lambda where: print(f"nbs serve: {where}", flush=True))  # the first line of stdout: scripts wait for it
+    print(f"nbs serve: {said}", flush=True)
     return 0
 
 
@@ -1350,7 +1352,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "columns, prediction, proba_<class>, model_name, model_version")
     predict.add_argument("--model", **model_option)
     predict.add_argument("--chunk-rows", type=_positive, default=50_000, metavar="N", help="rows scored at a time (default 50000)")
-    predict.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     predict.add_argument("--root", **registry_root)
     parameter_options(predict)
     predict.set_defaults(handler=cmd_predict)
@@ -1457,7 +1458,22 @@ def build_parser() -> argparse.ArgumentParser:
                            description=cmd_check.__doc__)
     check.add_argument("--root", type=Path, help=root_help)
     check.set_defaults(handler=cmd_check)
+    _add_verbosity(parser)
     return parser
+
+
+def _add_verbosity(parser: argparse.ArgumentParser) -> None:
+    "-q and -v on every command that does something: the leaves of the command tree."
+    # argparse names no public way to walk its subcommands; the click CLI (issue 22) replaces this
+    commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    if commands is not None:
+        for command in dict.fromkeys(commands.choices.values()):
+            _add_verbosity(command)
+        return
+    said = parser.add_mutually_exclusive_group()
+    said.add_argument("-q", "--quiet", action="store_true",
+                      help="warnings and errors only: no progress lines (nor nbs predict's progress bar)")
+    said.add_argument("-v", "--verbose", action="store_true", help="nbs_lib's debug lines too")
 
 
 PARAMETER_FLAGS = ("-p", "--param", "--parameters")
@@ -1491,9 +1507,40 @@ def papermill_pairs(argv: list[str]) -> list[str]:
     return words
 
 
+class _Said(logging.Formatter):
+    "A progress line as it is; a warning or an error after `nbs: `, like the command's own errors."
+
+    def format(self, record: logging.LogRecord) -> str:
+        said = super().format(record)
+        return f"nbs: {said}" if record.levelno >= logging.WARNING else said
+
+
+class _ToStderr(logging.StreamHandler):
+    "To whatever sys.stderr is when a line is said (stdout stays for what a command answers), as print(file=sys.stderr) does."
+
+    @property
+    def stream(self):
+        import sys  # at exit, logging flushes its handlers after a namespace may be gone (a notebook's is)
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _given) -> None:
+        "StreamHandler sets it once; the line goes to sys.stderr as it is then."
+
+
+def _show_library_log(quiet: bool, verbose: bool) -> None:
+    "What a person sees of nbs_lib's log on stderr: progress, warnings and errors; with -q (or --json) no progress; with -v debug lines too."
+    library = logging.getLogger("nbs_lib")
+    library.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    if not any(isinstance(h, _ToStderr) for h in library.handlers):  # once, though tests call main many times
+        said = _ToStderr()
+        said.setFormatter(_Said("%(message)s"))
+        library.addHandler(said)
+
+
 def main(argv: list[str] | None = None) -> int:
     "Run `nbs` with `argv` (default: the command line) and return its exit code."
-    import logging
     import shlex
 
     whole_process = argv is None  # not a test calling main() again and again
@@ -1502,12 +1549,7 @@ def main(argv: list[str] | None = None) -> int:
     shown = shlex.join(["nbs", *argv])
     args.command_line = shown if len(shown) <= 200 else shown[:199] + "…"  # who holds the build lock
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # not "Creating initial MLflow database tables"
-    library = logging.getLogger("nbs_lib")  # its warnings (a lock taken over, a kernel restarted) are the user's to see
-    if not any(getattr(h, "nbs_cli", False) for h in library.handlers):  # once, though tests call main many times
-        said = logging.StreamHandler()
-        said.setFormatter(logging.Formatter("nbs: %(message)s"))
-        said.nbs_cli = True
-        library.addHandler(said)
+    _show_library_log(quiet=args.quiet or getattr(args, "json", False), verbose=args.verbose)
     try:
         return args.handler(args)
     except NbsError as e:

@@ -155,6 +155,20 @@ def test_a_retry_that_succeeds_records_both_attempts(tmp_path):
     assert "the source was down" in Path(first_notebook).read_text()
 
 
+def test_quiet_drops_progress_lines_and_keeps_the_answer(tmp_path):
+    _notebook(tmp_path / "flaky.ipynb", "from pathlib import Path\nmark = Path('tried.mark')",
+              "if not mark.exists():\n    mark.touch()\n    raise ConnectionError('the source was down')")
+    quiet = run_nbs("execute", "flaky.ipynb", "--retries", "1", "--backoff", "0", "-q", cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "running" not in quiet.stderr and "retrying" not in quiet.stderr and "MLflow execution run" not in quiet.stderr
+    assert "Executed flaky.ipynb in 2 attempts" in quiet.stdout, "what the command answers is no progress line"
+    (tmp_path / "tried.mark").unlink()
+    shown = run_nbs("execute", "flaky.ipynb", "--retries", "1", "--backoff", "0", cwd=tmp_path)
+    assert "  running  flaky.ipynb (attempt 1) ..." in shown.stderr and "retrying flaky in 0 s" in shown.stderr
+    both = run_nbs("execute", "flaky.ipynb", "-q", "-v", cwd=tmp_path)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+
+
 def test_eight_concurrent_executions_on_one_new_store(tmp_path):
     _notebook(tmp_path / "report.ipynb", REPORT, parameters="rows = 3\nfactor = 1.0\nlabel = 'x'")
     env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}

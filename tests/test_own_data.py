@@ -200,7 +200,7 @@ def test_serving_takes_nulls_and_feedback_of_the_task(built):
         # the replay sends the model's inputs only (no ID or date columns) and the labels as they are
         from nbs_lib.serving.simulate import simulate
 
-        replayed = simulate(url, table, target, batches=1, batch_size=20, request_size=20, show=False)
+        replayed = simulate(url, table, target, batches=1, batch_size=20, request_size=20)
         assert replayed[0]["labels"] == 20 and ("rmse" if task == "regression" else "accuracy") in replayed[0]
     finally:
         stop_server(process)
@@ -219,8 +219,7 @@ def test_monitored_and_retrained_on_its_feedback(built, tmp_path):
     process, url = start_server("--model", f"models:/{name}@champion", "--root", str(root), cwd=root)
     try:
         wait_ready(url)
-        simulate(url, table, target, batches=2, batch_size=40, request_size=20, drift="shift", drift_from=1,
-                 show=False)
+        simulate(url, table, target, batches=2, batch_size=40, request_size=20, drift="shift", drift_from=1)
         if task == "regression":
             flipped = run_nbs("simulate", "--url", url, "--drift", "flip", "--batches", "1",
                               "-p", f"data_path=data/{name}.csv", cwd=root)

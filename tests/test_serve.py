@@ -419,7 +419,7 @@ def test_simulated_traffic_with_a_shift_is_logged_and_its_drift_detected(server,
 
     shifted = ["mean radius", "mean texture", "worst area"]
     summaries = simulate(server, load_builtin(), TARGET, batches=3, batch_size=60, drift="shift", drift_from=2,
-                         features=shifted, seed=7, show=False)
+                         features=shifted, seed=7)
     assert [s["drift"] for s in summaries] == ["none", "none", "shift"]
     assert all(s["labels"] == s["predictions"] == 60 for s in summaries)
     assert summaries[0]["accuracy"] > 0.8

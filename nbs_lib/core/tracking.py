@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import getpass
 import json
+import logging
 import os
 import shutil
 import socket
@@ -19,6 +20,8 @@ from pathlib import Path
 
 from .config import artifact_location, tracking_uri
 from .errors import ServerError, TrackingError
+
+_logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'check_server', 'open_store', 'get_client',
@@ -268,7 +271,7 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> dict[str,
     values = {name: float(value) for name, value in metrics.items()}
     run_id = active_run_id()
     if run_id is None:
-        print("not tracked (no nbs run):", ", ".join(f"{k}={v:g}" for k, v in values.items()))
+        _logger.warning("not tracked (no nbs run): " + ", ".join(f"{k}={v:g}" for k, v in values.items()))
         return values
     journal = _journal()
     if journal is not None:
@@ -286,7 +289,7 @@ def log_table(table, name: str):
     frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table)
     run_id = active_run_id()
     if run_id is None:
-        print(f"not tracked (no nbs run): table {name}, {len(frame)} rows")
+        _logger.warning(f"not tracked (no nbs run): table {name}, {len(frame)} rows")
         return frame
     journal = _journal()
     if journal is not None:
@@ -313,7 +316,7 @@ def _log_batch(shown: dict, kind: str, values: dict[str, str]) -> None:
     "Send `values`, params or tags as `kind` says, to this task's run; by hand (no run) only print `shown`."
     run_id = active_run_id()
     if run_id is None:
-        print("not tracked (no nbs run):", shown)
+        _logger.warning(f"not tracked (no nbs run): {shown}")
         return
     journal = _journal()
     if journal is not None:
@@ -336,7 +339,7 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     "Attach the file at `path` to this task's run (secrets scrubbed); by hand (no run) do nothing."
     run_id = active_run_id()
     if run_id is None:
-        print(f"not tracked (no nbs run): {path}")
+        _logger.warning(f"not tracked (no nbs run): {path}")
         return
     from nbs_lib.core.credentials import handed_out, redacted_copy
 

@@ -6,11 +6,13 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 
 from ..core.tracking import log_tags
+
+_logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['raise_alert', 'read_alerts']
@@ -29,7 +31,7 @@ def raise_alert(kind: str, message: str, details: dict | None = None, log: str |
             alert["webhook"] = "sent"
         except httpx.HTTPError as e:
             alert["webhook"] = f"failed: {type(e).__name__}: {e}"
-            print(f"nbs: alert webhook {webhook} failed: {e}", file=sys.stderr, flush=True)
+            _logger.warning(f"alert webhook {webhook} failed: {e}")
     log = Path(log)
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as f:
@@ -40,7 +42,7 @@ def raise_alert(kind: str, message: str, details: dict | None = None, log: str |
         get_client().set_tag(run_id, f"nbs.alert.{kind}", message)
     else:
         log_tags({f"nbs.alert.{kind}": message})
-    print(f"ALERT {kind}: {message}", flush=True)
+    _logger.warning(f"ALERT {kind}: {message}")
     return alert
 
 

@@ -67,10 +67,9 @@ from nbs_lib.pipeline.recording import (
     log_notebook,
     prepare_html_exporter,
     render_html,
-    say_progress,
 )
 
-_log = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['INJECTED_PATHS', 'PROJECT_SOURCES', 'notebook_language', 'parameters_cell', 'notebook_parameters', 'check_parameters',
@@ -309,7 +308,7 @@ def _check_options(options: PapermillOptions, timeout: float | None, retries: in
 def execute_notebook(notebook: str | Path, output: str | Path | None = None, params: dict | None = None, *,
                      experiment: str = "nbs", timeout: float | None = None, retries: int = 0,
                      backoff: float = 5.0, secrets: list[str] | None = None, root: str | Path = ".",
-                     show: bool = True, options: PapermillOptions | None = None, nb=None,
+                     options: PapermillOptions | None = None, nb=None,
                      records: ForkedService | LocalService | None = None) -> dict:
     """Execute `notebook` (a path, `-` or a URL) into `output` (the same kinds), retrying a failure `retries` times; one MLflow run, a child per attempt.
 
@@ -341,16 +340,16 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
     refuse_secret_values(params, secret_values)
     kernel, kernel_name, kernel_language = (None, "", "") if options.prepare_only else _kernel_for(nb, options, language, shown)
     if kernel_name and not options.kernel_name and not nb.metadata.get("kernelspec", {}).get("name"):
-        say_progress(f"{shown} names no kernel: it runs on {kernel_name} (-k KERNEL picks another)", show)
+        _logger.info(f"{shown} names no kernel: it runs on {kernel_name} (-k KERNEL picks another)")
     if not typed and params:
-        say_progress(f"the parameters cell of {shown} is in {language}: nbs checks the names of its parameters, "
-                     "not their values (papermill's translator writes them)", show)
+        _logger.info(f"the parameters cell of {shown} is in {language}: nbs checks the names of its parameters, "
+                  "not their values (papermill's translator writes them)")
     try:
         if target == STREAM or location_kind(target) == "remote":
             staging = Path(tempfile.mkdtemp(prefix="nbs-execute-"))
         work = staging / f"{name}.ipynb" if staging else Path(target)
         run = _Execution(nb, recorded, shown, name, target, work, params, kernel, options, timeout,
-                         set(secret_values.values()), root, show,
+                         set(secret_values.values()), root,
                          early_kernel=kernel_name if kernel_language.lower() == "python" else None)
         if options.prepare_only:
             return run.prepare()
@@ -438,7 +437,6 @@ class _Execution:
     timeout: float | None
     secret_values: set[str]
     root: Path
-    show: bool
     early_kernel: str | None = None  # a Python kernel, started while MLflow opens: its run is bound later
     _early = None  # the client of that kernel, until the first attempt ends
     _stop_requested = False  # whether that kernel was asked to shut down
@@ -489,7 +487,7 @@ class _Execution:
         try:
             step(self._early)
         except Exception as e:
-            _log.warning("the kernel died or hung before it answered (%s): starting it once more", e)
+            _logger.warning("the kernel died or hung before it answered (%s): starting it once more", e)
             self.stop_early_kernel()
             self._kernel_restarts = 1
 
@@ -517,13 +515,13 @@ class _Execution:
         try:
             self.start_kernel_ahead()
             for run_id in records.call("reap_orphans", experiment):
-                say_progress(f"marked run {run_id} KILLED: the process that ran it is gone", self.show)
+                _logger.info(f"marked run {run_id} KILLED: the process that ran it is gone")
             owner = owner_tags()  # this process runs the notebook: the runs are its own, not the recording process's
             parent, lineage = records.call("start_execution", experiment, self.name, self.params, self.root, owner)
         except BaseException:
             self.stop_early_kernel()
             raise
-        say_progress(f"MLflow execution run {parent} (experiment {experiment!r})", self.show)
+        _logger.info(f"MLflow execution run {parent} (experiment {experiment!r})")
         tags = {**lineage, **owner, "nbs.notebook.sha256": digest}
         failures: list[TaskFailure] = []
         failure, status, tries = None, "KILLED", 0
@@ -538,7 +536,7 @@ class _Execution:
                     break
                 failures.append(failure)
                 delay = backoff * 2 ** (tries - 1)
-                say_progress(f"  retrying {self.name} in {delay:g} s (attempt {tries + 1} of {retries + 1})", self.show)
+                _logger.info(f"  retrying {self.name} in {delay:g} s (attempt {tries + 1} of {retries + 1})")
                 time.sleep(delay)
             undelivered = self.deliver()  # a failed attempt's notebook too, as papermill writes it
             if undelivered is not None:
@@ -564,7 +562,7 @@ class _Execution:
                                    {**tags, "nbs.attempt": str(number)}, self.secret_values)
         self.work.parent.mkdir(parents=True, exist_ok=True)
         self.work.unlink(missing_ok=True)  # an earlier attempt's notebook must not pass for this one's
-        say_progress(f"  running  {self.shown} (attempt {number}) ...", self.show)
+        _logger.info(f"  running  {self.shown} (attempt {number}) ...")
         started, status, failure = time.monotonic(), "KILLED", None
         try:
             self._early_kernel_step(lambda early: bind_environment(early, env))
@@ -589,7 +587,7 @@ class _Execution:
                 records.call("tag", run_id, failure_tags(failure))
             records.call("finish", run_id, status)
             self.stop_early_kernel()  # a later attempt starts its own
-            say_progress(f"  {status.lower():8} {self.name} in {time.monotonic() - started:.1f} s", self.show)
+            _logger.info(f"  {status.lower():8} {self.name} in {time.monotonic() - started:.1f} s")
         return failure
 
     def page(self) -> str | None:

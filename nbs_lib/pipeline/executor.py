@@ -5,6 +5,7 @@
 # %% ../../notebooks/26_executor.ipynb #1798f12d
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -51,11 +52,12 @@ from nbs_lib.pipeline.recording import (
     innermost_cause,
     locate_cell,
     log_notebook,
-    say_progress,
 )
 
 if TYPE_CHECKING:  # for annotations only: MLflow is imported where it is used, not when this module loads
     from mlflow.entities import Run
+
+_logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['JOURNAL_REPLAY_EVERY', 'PIPELINE_RUN_ENV', 'THREAD_VARIABLES', 'task_params', 'shared_params', 'executed_notebook',
@@ -166,18 +168,19 @@ class TrackedExecutor(Executor):
         secret_values = declared_secrets(self.secrets)
         refuse_secret_parameters(scheduled, secret_values)
         client, root = get_client(), Path.cwd()
+        level = logging.INFO if show_progress else logging.DEBUG  # Ploomber's caller asked for quiet: -v still shows it
         joined = os.environ.get(PIPELINE_RUN_ENV)
         if joined:
             check_joinable(client, joined)
             parent, lineage = joined, run_lineage()[0]
         else:
             for run_id in reap_orphans(client, self.experiment):
-                say_progress(f"marked run {run_id} KILLED: the process that ran it is gone", show_progress)
+                _logger.log(level, f"marked run {run_id} KILLED: the process that ran it is gone")
             parent, lineage = self.open_build_run(dag, scheduled, client, root)
-        say_progress(f"MLflow pipeline run {parent} (experiment {self.experiment!r}, "
-             f"up to {self.jobs} task{'s' if self.jobs > 1 else ''} at once)", show_progress)
+        _logger.log(level, f"MLflow pipeline run {parent} (experiment {self.experiment!r}, "
+                f"up to {self.jobs} task{'s' if self.jobs > 1 else ''} at once)")
         build = _Build(client, parent, root, lineage, set(secret_values.values()), self.cell_timeout,
-                       show_progress, self.build_in_subprocess)
+                       level, self.build_in_subprocess)
         status = "KILLED"
         try:
             build.run(scheduled, self.jobs)
@@ -326,7 +329,7 @@ class _Build:
     lineage: dict
     secret_values: set[str]
     cell_timeout: float | None
-    show: bool
+    progress: int  # the logging level of progress lines: DEBUG when Ploomber's caller asked for no progress
     fork_functions: bool = True
     reports: list = field(default_factory=list)
     failures: list[TaskFailure] = field(default_factory=list)
@@ -354,7 +357,7 @@ class _Build:
                         if needs & broken:
                             waiting.remove(task)
                             broken.add(task.name)
-                            say_progress(f"  skipped  {task.name}: an upstream task failed", self.show)
+                            _logger.log(self.progress, f"  skipped  {task.name}: an upstream task failed")
                         elif needs <= succeeded and len(running) < jobs:
                             waiting.remove(task)
                             try:
@@ -362,7 +365,7 @@ class _Build:
                             except OSError as e:  # its run is FAILED already; its dependents are skipped
                                 self.failures.append(TaskFailure(task.name, self.notebook(task), f"{type(e).__name__}: {e}"))
                                 broken.add(task.name)
-                                say_progress(f"  failed   {task.name}: {type(e).__name__}: {e}", self.show)
+                                _logger.log(self.progress, f"  failed   {task.name}: {type(e).__name__}: {e}")
                                 continue
                             future = pool.submit(self.build, task, journal)
                             running[future] = (task, journal, started)
@@ -440,7 +443,7 @@ class _Build:
         with self.replay_lock:
             self.live[task.name] = journal
         _use_nbs_engine(task, self.cell_timeout, {**self.kernel_threads, **journal.env})
-        say_progress(f"  running  {task.name} ({notebook}) ...", self.show)
+        _logger.log(self.progress, f"  running  {task.name} ({notebook}) ...")
         return journal
 
     def finish(self, task, journal: RunJournal, started: float, future: Future, interrupted: bool = False) -> bool:
@@ -478,7 +481,7 @@ class _Build:
                 raise
             finally:
                 finish_run(self.client, run_id, status)
-                say_progress(f"  {status.lower():8} {task.name} in {time.monotonic() - started:.1f} s", self.show)
+                _logger.log(self.progress, f"  {status.lower():8} {task.name} in {time.monotonic() - started:.1f} s")
         return status == "FINISHED"
 
     def attach(self, task, run_id: str, executed: Path | None) -> None:

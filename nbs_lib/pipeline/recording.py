@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -15,14 +14,8 @@ from ..core.credentials import redact
 from ..core.errors import TaskFailure
 
 # %% auto #0
-__all__ = ['MAX_TAG_TEXT', 'say_progress', 'innermost_cause', 'describe_failure', 'locate_cell', 'failure_tags',
-           'copy_metrics_to_parent', 'render_html', 'log_notebook', 'prepare_html_exporter']
-
-# %% ../../notebooks/22_recording.ipynb #03be6cdb
-def say_progress(message: str, show: bool = True) -> None:
-    "Print a progress line to stderr (stdout stays for results) when `show`."
-    if show:
-        print(message, file=sys.stderr, flush=True)
+__all__ = ['MAX_TAG_TEXT', 'innermost_cause', 'describe_failure', 'locate_cell', 'failure_tags', 'copy_metrics_to_parent',
+           'render_html', 'log_notebook', 'prepare_html_exporter']
 
 # %% ../../notebooks/22_recording.ipynb #567f83e5
 def innermost_cause(error: BaseException) -> BaseException:

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +20,8 @@ from pathlib import Path
 from ..core.config import read_yaml_mapping
 from ..core.errors import ConfigError
 from ..core.tracking import experiment_id, finish_run, get_client, git_state, owner_tags
+
+_logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['SCHEDULE_FILE', 'LOCK_FOLDER', 'LOG_FOLDER', 'crontab_weekdays', 'cron_trigger', 'Job', 'read_schedules',
@@ -181,8 +183,8 @@ def crontab_lines(jobs: dict[str, Job], root: Path, nbs: str | Path, pipeline_ar
 class Firing:
     "Fires jobs: one lock per job across processes, a child process per attempt, every fire and skip recorded."
 
-    def __init__(self, root: Path, nbs: str | Path, show: bool = True, pipeline_args: tuple[str, ...] = ()):
-        self.root, self.nbs, self.show, self.pipeline_args = Path(root), nbs, show, tuple(pipeline_args)
+    def __init__(self, root: Path, nbs: str | Path, pipeline_args: tuple[str, ...] = ()):
+        self.root, self.nbs, self.pipeline_args = Path(root), nbs, tuple(pipeline_args)
         self.stopping = threading.Event()
         self._children: set[subprocess.Popen] = set()
         self._guard = threading.Lock()
@@ -215,7 +217,7 @@ class Firing:
 
     def record_skip(self, job: Job, reason: str) -> str:
         "Record a fire of `job` that did not run, and why; the run's id."
-        _say(f"skipped  {job.name}: {reason}", self.show)
+        _say(f"skipped  {job.name}: {reason}")
         client = get_client()
         run = client.create_run(experiment_id(client, job.experiment), run_name=f"schedule {job.name}", tags={
             "nbs.kind": "schedule", "nbs.schedule.job": job.name, "nbs.schedule.cron": job.cron,
@@ -230,7 +232,7 @@ class Firing:
             "nbs.kind": "schedule", "nbs.schedule.job": job.name, "nbs.schedule.cron": job.cron,
             "nbs.schedule.outcome": "running", "nbs.schedule.command": " ".join(command),
             **git_state(self.root), **owner_tags()}).info.run_id
-        _say(f"firing   {job.name}: {' '.join(command)}", self.show)
+        _say(f"firing   {job.name}: {' '.join(command)}")
         # a notebook job retries inside `nbs execute`; a pipeline re-runs, and only what failed reruns
         attempts, codes, status = (job.retries + 1 if job.pipeline else 1), [], "KILLED"
         try:
@@ -239,7 +241,7 @@ class Firing:
                 if codes[-1] == 0 or self.stopping.is_set() or attempt == attempts:
                     break
                 delay = job.backoff * 2 ** (attempt - 1)
-                _say(f"retrying {job.name} in {delay:g} s (attempt {attempt + 1} of {attempts})", self.show)
+                _say(f"retrying {job.name} in {delay:g} s (attempt {attempt + 1} of {attempts})")
                 self.stopping.wait(delay)
             status = ("FINISHED" if codes[-1] == 0 else
                       "KILLED" if self.stopping.is_set() or codes[-1] in _SIGNAL_EXITS else "FAILED")
@@ -247,7 +249,7 @@ class Firing:
             client.set_tag(fire, "nbs.schedule.exit_codes", ",".join(map(str, codes)))
             client.set_tag(fire, "nbs.schedule.outcome", status.lower())
             finish_run(client, fire, status)
-            _say(f"{status.lower():8} {job.name} (exit {','.join(map(str, codes)) or '-'})", self.show)
+            _say(f"{status.lower():8} {job.name} (exit {','.join(map(str, codes)) or '-'})")
         return codes[-1]
 
     def _child(self, command: list[str]) -> int:
@@ -288,9 +290,8 @@ def _terminate(child: subprocess.Popen) -> None:
 _SIGNAL_EXITS = {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGKILL}
 
 
-def _say(message: str, show: bool) -> None:
-    if show:
-        print(f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S}  {message}", file=sys.stderr, flush=True)
+def _say(message: str) -> None:
+    _logger.info(f"{datetime.now(UTC):%Y-%m-%d %H:%M:%S}  {message}")
 
 
 def run_scheduler(jobs: dict[str, Job], firing: Firing) -> None:

@@ -5,6 +5,7 @@
 # %% ../../notebooks/42_reproduce.ipynb #c651e231
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import yaml
 from ..core.errors import ConfigError, ReproductionError
 from ..core.lineage import DATA_DIGEST_PARAM, file_digest
 from ..core.tracking import json_artifact
+
+_logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['COMPARED', 'version_facts', 'recorded_build', 'data_files', 'check_data_files', 'checkout', 'rebuild',
@@ -202,7 +205,7 @@ def reproduce(client, recorded: dict, data_path: str | None, root: Path, workdir
         parameters["data_path"] = data_path
     store_uri = f"sqlite:///{workdir / 'mlflow.db'}"
     with checkout(root, recorded["commit"], workdir / "source", keep) as source:
-        print(f"rebuilding {recorded['uri']} from commit {recorded['commit'][:12]} in {source}", file=sys.stderr)
+        _logger.info(f"rebuilding {recorded['uri']} from commit {recorded['commit'][:12]} in {source}")
         code = rebuild(source, parameters, store_uri)
         if code:
             raise ReproductionError(recorded["uri"], f"the pipeline at commit {recorded['commit'][:12]} failed "

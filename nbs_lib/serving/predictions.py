@@ -6,9 +6,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import sqlite3
-import sys
 import threading
 from concurrent.futures import Future
 from contextlib import closing
@@ -18,6 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.errors import ConfigError
+
+_logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['SCHEMA', 'connect', 'now', 'PredictionLog', 'read_predictions']
@@ -104,8 +106,7 @@ class PredictionLog:
             except Exception as e:  # whatever it is, this thread lives on: every /predict waits on it
                 self.failed += predictions
                 self.last_error = f"{type(e).__name__}: {e}"
-                print(f"nbs: prediction log {self.path}: {predictions} predictions not written: {e}",
-                      file=sys.stderr, flush=True)
+                _logger.error(f"prediction log {self.path}: {predictions} predictions not written: {e}")
             finally:
                 for item in requests:
                     item[-1].set_result(None)  # the request may be answered now

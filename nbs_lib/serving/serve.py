@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import random
 import socket
@@ -16,6 +17,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -26,6 +28,8 @@ from ..ml.feature_store import OnlineFeatures, has_registry, open_feature_store
 from ..registry.versions import parse_model_uri, resolve_version
 from .predictions import PredictionLog, now
 from .scoring import ServedModel, frame_from_records, load_served
+
+_logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['REQUEST_FIELDS', 'goes_to_canary', 'parse_request', 'Service', 'create_app', 'parse_feedback', 'bind', 'serve']
@@ -150,7 +154,7 @@ class Service:
                                           hint="pick a canary registered from the same features")
             except Exception as e:  # whatever failed, the service keeps answering with what it has
                 self.error = str(e) if isinstance(e, NbsError) else f"{type(e).__name__}: {e}"
-                print(f"nbs serve: cannot load {self.uri}: {self.error}", file=sys.stderr, flush=True)
+                _logger.error(f"cannot load {self.uri}: {self.error}")
             else:
                 changed = (champion is not self.champion) or (canary is not self.canary)
                 # ready means ready for requests by key too: the feature store opens before the swap
@@ -172,7 +176,7 @@ class Service:
             return OnlineFeatures(self._feature_store, [c.name for c in served.columns], served.feature_view), None
         except Exception as e:  # the model still serves records; requests by key get the reason
             error = str(e) if isinstance(e, NbsError) else f"{type(e).__name__}: {e}"
-            print(f"nbs serve: no lookups by entity key: {error}", file=sys.stderr, flush=True)
+            _logger.warning(f"no lookups by entity key: {error}")
             return None, error
 
     def entity_records(self, entities: list) -> list[dict]:
@@ -239,7 +243,7 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
     @app.exception_handler(InputError)
     async def refuse(request, e: InputError):
         # one line each, no traceback: the client's mistake, said where the operator looks
-        print(f"nbs serve: {e.status} {request.url.path}: {e.message}"[:300], file=sys.stderr, flush=True)
+        _logger.info(f"{e.status} {request.url.path}: {e.message}"[:300])
         return JSONResponse(e.to_dict(), status_code=e.status)
 
     @app.exception_handler(Exception)
@@ -399,8 +403,9 @@ def bind(port: int) -> socket.socket:
 
 def serve(uri: str, port: int = 8000, canary_version: int | None = None, canary_weight: float = 0.1,
           prediction_log: str | Path | None = None, max_body_bytes: int = 1_000_000, max_records: int = 10_000,
-          feature_repo: str | Path | None = None) -> None:
-    "Serve the model `uri` (and a canary version) on 127.0.0.1:`port` until SIGINT or SIGTERM; `feature_repo` answers requests by entity key."
+          feature_repo: str | Path | None = None, ready: Callable[[str], None] | None = None) -> str:
+    """Serve the model `uri` (and a canary version) on 127.0.0.1:`port` until SIGINT or SIGTERM; `feature_repo` answers
+    requests by entity key. `ready` is told what listens where once it does (default: logged); returns how it ended."""
     import signal
 
     import uvicorn
@@ -418,7 +423,7 @@ def serve(uri: str, port: int = 8000, canary_version: int | None = None, canary_
     canary = f", canary version {canary_version} at {canary_weight:.0%}" if canary_version is not None else ""
     logged = f"; predictions logged to {prediction_log}" if log else "; prediction log off"
     logged += f"; entity keys looked up in {feature_repo}" if feature_repo else ""
-    print(f"nbs serve: {uri}{canary} on http://127.0.0.1:{sock.getsockname()[1]}{logged}", flush=True)
+    (ready or _logger.info)(f"{uri}{canary} on http://127.0.0.1:{sock.getsockname()[1]}{logged}")
     # uvicorn re-raises the signal that stopped it once it has shut down; a no-op handler makes
     # that a normal return, so the command ends with its summary and exit code 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -426,4 +431,4 @@ def serve(uri: str, port: int = 8000, canary_version: int | None = None, canary_
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)).run(
         sockets=[sock])
     written = f", {log.written} predictions logged" + (f", {log.failed} NOT logged" if log.failed else "") if log else ""
-    print(f"nbs serve: stopped{written}", flush=True)
+    return f"stopped{written}"

@@ -6,11 +6,14 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pandas as pd
 
 from ..core.errors import DataError, ParameterError, ServerError
+
+_logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['DRIFTS', 'drifted', 'simulate']
@@ -58,7 +61,7 @@ def _answered(response, url: str) -> dict:
 
 def simulate(url: str, data: pd.DataFrame, target: str, batches: int = 6, batch_size: int = 100,
              request_size: int = 10, drift: str = "none", drift_from: int = 3, strength: float = 1.0,
-             features: list[str] | None = None, feedback: float = 1.0, seed: int = 0, show: bool = True) -> list[dict]:
+             features: list[str] | None = None, feedback: float = 1.0, seed: int = 0) -> list[dict]:
     "Send `batches` batches of `data` to the `nbs serve` at `url`, feed back labels, drift from `drift_from`; per-batch summaries."
     import httpx
 
@@ -105,11 +108,10 @@ def simulate(url: str, data: pd.DataFrame, target: str, batches: int = 6, batch_
                 else:
                     summary["rmse"] = float(np.sqrt(np.mean((np.array(predicted) - np.array(truth, dtype=float)) ** 2)))
                 summaries.append(summary)
-                if show:
-                    measured = (f"accuracy {summary['accuracy']:.3f}" if classes else f"RMSE {summary['rmse']:.3f}")
-                    print(f"batch {number}: {summary['predictions']} predictions by versions {versions}, "
-                          f"{summary['labels']} labels fed back, {measured}"
-                          f"{'' if summary['drift'] == 'none' else f' ({drift} drift)'}", flush=True)
+                measured = (f"accuracy {summary['accuracy']:.3f}" if classes else f"RMSE {summary['rmse']:.3f}")
+                _logger.info(f"batch {number}: {summary['predictions']} predictions by versions {versions}, "
+                         f"{summary['labels']} labels fed back, {measured}"
+                         f"{'' if summary['drift'] == 'none' else f' ({drift} drift)'}")
     except httpx.TransportError as e:  # nothing listens there, or it went away mid-replay
         raise ServerError("nbs serve", f"does not answer at {url} ({type(e).__name__})",
                           hint="start it with nbs serve, or pass --url where it listens") from None
