@@ -28,6 +28,7 @@ from ..core.credentials import declared_secrets, redact_notebook, refuse_secret_
 from ..core.data import writable_file, write_atomic
 from ..core.errors import ConfigError, ExecutionError, ParameterError, PathError, TaskFailure
 from ..core.lineage import file_digest, run_lineage
+from ..core.retries import retry_with_backoff
 from nbs_lib.core.tracking import (
     RunJournal,
     finish_run,
@@ -525,19 +526,18 @@ class _Execution:
         tags = {**lineage, **owner, "nbs.notebook.sha256": digest}
         failures: list[TaskFailure] = []
         failure, status, tries = None, "KILLED", 0
+
+        def attempt(number: int) -> TaskFailure | None:
+            nonlocal tries
+            tries = number  # counted as it starts: an interrupted attempt is one too
+            return self.attempt(records, parent, number, tags)
+
         try:
             for path in (self.options.stdout_file, self.options.stderr_file):
                 if path is not None:
                     Path(path).write_text("", encoding="utf-8")  # the attempts append to it
-            while True:
-                tries += 1
-                failure = self.attempt(records, parent, tries, tags)
-                if failure is None or tries > retries:
-                    break
-                failures.append(failure)
-                delay = backoff * 2 ** (tries - 1)
-                _logger.info(f"  retrying {self.name} in {delay:g} s (attempt {tries + 1} of {retries + 1})")
-                time.sleep(delay)
+            *failures, failure = retry_with_backoff(attempt, lambda failed: failed is None, retries, backoff, self.name,
+                                                    say=lambda said: _logger.info(f"  {said}"))
             undelivered = self.deliver()  # a failed attempt's notebook too, as papermill writes it
             if undelivered is not None:
                 failures += [failure] if failure else []

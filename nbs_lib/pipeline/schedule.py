@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..core.config import read_yaml_mapping
 from ..core.errors import ConfigError
+from ..core.retries import retry_with_backoff
 from ..core.tracking import experiment_id, finish_run, get_client, git_state, owner_tags
 
 _logger = logging.getLogger(__name__)
@@ -234,15 +235,17 @@ class Firing:
             **git_state(self.root), **owner_tags()}).info.run_id
         _say(f"firing   {job.name}: {' '.join(command)}")
         # a notebook job retries inside `nbs execute`; a pipeline re-runs, and only what failed reruns
-        attempts, codes, status = (job.retries + 1 if job.pipeline else 1), [], "KILLED"
+        codes: list[int] = []
+        status = "KILLED"
+
+        def child(_number: int) -> int:
+            codes.append(self._child(command))  # kept as they come: the run's tags say them if this is interrupted
+            return codes[-1]
+
         try:
-            for attempt in range(1, attempts + 1):
-                codes.append(self._child(command))
-                if codes[-1] == 0 or self.stopping.is_set() or attempt == attempts:
-                    break
-                delay = job.backoff * 2 ** (attempt - 1)
-                _say(f"retrying {job.name} in {delay:g} s (attempt {attempt + 1} of {attempts})")
-                self.stopping.wait(delay)
+            # a stop asked while it waits ends the retrying: stopping.wait answers True
+            retry_with_backoff(child, lambda code: code == 0 or self.stopping.is_set(), job.retries if job.pipeline else 0,
+                               job.backoff, job.name, say=_say, wait=self.stopping.wait)
             status = ("FINISHED" if codes[-1] == 0 else
                       "KILLED" if self.stopping.is_set() or codes[-1] in _SIGNAL_EXITS else "FAILED")
         finally:
