@@ -844,7 +844,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     output = root / declared.get("products", "products") / "monitoring" / "monitor.ipynb"
     experiment = f"{declared.get('experiment', 'nbs')}-monitoring"
     summary_file.unlink(missing_ok=True)  # what is printed below is this report's, or nothing
-    done = execute_notebook(root / MONITOR_NOTEBOOK, output, params, experiment=experiment, root=root, show=not args.json)
+    done = execute_notebook(root / MONITOR_NOTEBOOK, output, params, experiment=experiment, root=root)
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
     report = display_path(done["output"], root)
     if args.json:

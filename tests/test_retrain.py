@@ -160,5 +160,5 @@ def test_bad_trigger_settings_are_refused(project):
     (root / "env.yaml").write_text(env)
     (root / "predictions.db").touch()
     done = run_nbs("retrain", "--if-needed", cwd=root)
-    assert done.returncode == 2 and "retrain_triggers has an unknown setting 'max_drift'" in done.stderr
+    assert done.returncode == 2 and "retrain_triggers: unknown setting 'max_drift'" in done.stderr
     assert runs_of(root, "nbs-monitoring") == []

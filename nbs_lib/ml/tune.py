@@ -10,33 +10,47 @@ import json
 from collections.abc import Callable
 
 import pandas as pd
+from pydantic import BaseModel, Field, model_validator
 
 from ..core.errors import ParameterError
+from ..core.settings import STRICT, checked
 
 # %% auto #0
-__all__ = ['check_space', 'suggest', 'study_name', 'trial_recorder', 'run_study']
+__all__ = ['Range', 'Choices', 'check_space', 'suggest', 'study_name', 'trial_recorder', 'run_study']
 
 # %% ../../notebooks/15_tune.ipynb #41e497e1
+class Range(BaseModel):
+    "An entry of the search space tried between two numbers: integers when both ends are."
+
+    model_config = STRICT
+    low: float = Field(description="the smallest value tried")
+    high: float = Field(description="the largest value tried; more than low")
+    log: bool = Field(False, description="sampled evenly on a log scale (low > 0): for a scale such as C or a learning rate")
+
+    @model_validator(mode="after")
+    def _a_range(self) -> Range:
+        if self.low >= self.high:
+            raise ValueError(f"low and high must be numbers with low < high, got {self.low:g}, {self.high:g}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low:g}")
+        return self
+
+
+class Choices(BaseModel):
+    "An entry of the search space tried among listed values."
+
+    model_config = STRICT
+    choices: list = Field(min_length=1, description="the values tried")
+
+
 def check_space(space: dict) -> dict:
     "`space` if every entry is a range (low, high, optional log) or a list of choices; a ParameterError naming the entry otherwise."
     if not isinstance(space, dict) or not space:
         raise ParameterError("tune_space", f"must map parameter names to ranges or choices, got {space!r}")
     for name, spec in space.items():
-        where = f"entry {name!r}: "
         if not isinstance(spec, dict):
-            raise ParameterError("tune_space", where + f"must be {{low, high}} or {{choices}}, got {spec!r}")
-        if "choices" in spec:
-            if set(spec) != {"choices"} or not isinstance(spec["choices"], list) or not spec["choices"]:
-                raise ParameterError("tune_space", where + "choices must be a non-empty list, alone")
-            continue
-        unknown = set(spec) - {"low", "high", "log"}
-        if unknown or not {"low", "high"} <= set(spec):
-            raise ParameterError("tune_space", where + f"a range needs low and high (and may have log), got {sorted(spec)}")
-        low, high = spec["low"], spec["high"]
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in (low, high)) or low >= high:
-            raise ParameterError("tune_space", where + f"low and high must be numbers with low < high, got {low!r}, {high!r}")
-        if spec.get("log") and low <= 0:
-            raise ParameterError("tune_space", where + f"a log range needs low > 0, got {low!r}")
+            raise ParameterError("tune_space", f"entry {name!r}: must be {{low, high}} or {{choices}}, got {spec!r}")
+        checked(Choices if "choices" in spec else Range, spec, "tune_space", f"entry {name!r}", parameter=True)
     return space
 
 

@@ -9,30 +9,33 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, Field, NonNegativeFloat, NonNegativeInt
 
 from ..core.errors import ConfigError
+from ..core.settings import STRICT, checked
 from .live import inputs_table, predicts_quantities, scores
 
 # %% auto #0
-__all__ = ['TRIGGER_SETTINGS', 'check_trigger_settings', 'check_triggers', 'champion_in_service', 'training_data',
-           'compare_on_feedback', 'rollback_if_worse']
+__all__ = ['Triggers', 'check_trigger_settings', 'check_triggers', 'champion_in_service', 'training_data', 'compare_on_feedback',
+           'rollback_if_worse']
 
 # %% ../../notebooks/63_retrain.ipynb #90db1118
-TRIGGER_SETTINGS = {"max_model_age_days": float, "min_live_accuracy": float, "max_live_rmse_ratio": float,
-                    "min_live_labels": int, "min_new_labels": int, "max_drift_share": float}
+class Triggers(BaseModel):
+    "env.yaml's `retrain_triggers`: when `nbs retrain --if-needed` retrains; a threshold left out or null is off."
+
+    model_config = STRICT
+    max_model_age_days: NonNegativeFloat | None = Field(None, description="retrain a champion trained more than this many days ago")
+    min_live_accuracy: float | None = Field(None, description="retrain a classifier whose accuracy on fed-back labels falls below this")
+    max_live_rmse_ratio: NonNegativeFloat | None = Field(
+        None, description="retrain a regressor whose live RMSE exceeds its holdout RMSE this many times")
+    min_live_labels: NonNegativeInt | None = Field(None, description="labels the live performance triggers need before they judge")
+    min_new_labels: NonNegativeInt | None = Field(None, description="retrain once this many new labels were fed back")
+    max_drift_share: NonNegativeFloat | None = Field(None, description="retrain when more than this share of features drifted")
 
 
-def check_trigger_settings(settings: dict) -> dict:
-    "`settings` (env.yaml's retrain_triggers) if every key is known and every value a number or null."
-    if not isinstance(settings, dict):
-        raise ConfigError("env.yaml", "retrain_triggers must be a mapping", hint=f"keys: {', '.join(TRIGGER_SETTINGS)}")
-    for key, value in settings.items():
-        if key not in TRIGGER_SETTINGS:
-            raise ConfigError("env.yaml", f"retrain_triggers has an unknown setting {key!r}",
-                              hint=f"settings: {', '.join(TRIGGER_SETTINGS)}")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ConfigError("env.yaml", f"retrain_triggers.{key} must be a number or null, got {value!r}")
-    return settings
+def check_trigger_settings(settings: object) -> dict:
+    "`settings` (env.yaml's retrain_triggers) as a dict of every trigger's threshold, None for off; a ConfigError saying what is wrong."
+    return checked(Triggers, settings, "env.yaml", "retrain_triggers").model_dump()
 
 
 def check_triggers(settings: dict, age_days: float, live: dict, new_labels: int, drift_share: float | None,

@@ -13,13 +13,16 @@ import signal
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, NonNegativeFloat, NonNegativeInt, model_validator
 
 from ..core.config import read_yaml_mapping
 from ..core.errors import ConfigError
 from ..core.retries import retry_with_backoff
+from ..core.settings import STRICT, checked
 from ..core.tracking import experiment_id, finish_run, get_client, git_state, owner_tags
 
 _logger = logging.getLogger(__name__)
@@ -84,20 +87,26 @@ def cron_trigger(expression: str, path: Path = Path(SCHEDULE_FILE), name: str = 
         raise ConfigError(path, f"job {name!r}: cron {expression!r}: {e}") from e
 
 # %% ../../notebooks/31_schedule.ipynb #df1f7051
-@dataclass
-class Job:
+class Job(BaseModel):
     "One scheduled job of schedules.yaml: when, what, and how to retry and overlap."
 
-    name: str
-    cron: str
-    notebook: str | None = None
-    pipeline: bool = False
-    params: dict = field(default_factory=dict)
-    timeout: float | None = None
-    retries: int = 0
-    backoff: float = 60.0
-    overlap: str = "skip"
-    experiment: str = "nbs"
+    model_config = STRICT
+    name: str = Field(description="the job's key under `jobs:`")
+    cron: str = Field(description="when it fires: five cron fields, in UTC")
+    notebook: str | None = Field(None, description="a notebook to run with `nbs execute`, relative to schedules.yaml")
+    pipeline: bool = Field(False, description="true: build the pipeline with `nbs run` (only what is out of date runs)")
+    params: dict[str, Any] = Field({}, description="parameters: -p for a pipeline, the notebook's own for a notebook")
+    timeout: NonNegativeFloat | None = Field(None, description="seconds a cell may run")
+    retries: NonNegativeInt = Field(0, description="attempts after a failed one")
+    backoff: NonNegativeFloat = Field(60.0, description="seconds before the first retry, doubled before each next one")
+    overlap: Literal["skip", "wait"] = Field("skip", description="a fire while the last still runs: skip it, or wait for it")
+    experiment: str = Field("nbs", description="the MLflow experiment of the job's runs")
+
+    @model_validator(mode="after")
+    def _one_thing_to_run(self) -> Job:
+        if bool(self.notebook) == self.pipeline:
+            raise ValueError("needs exactly one of `notebook: PATH` and `pipeline: true`")
+        return self
 
     def command(self, nbs: str | Path, root: Path, pipeline_args: tuple[str, ...] = ()) -> list[str]:
         "The `nbs` command line one attempt of this job runs; a pipeline job's gets `pipeline_args` (-p, --env-file) too."
@@ -111,11 +120,8 @@ class Job:
         params = ["-y", json.dumps(self.params)] if self.params else []
         command = [str(nbs), "execute", str(root / self.notebook), "--root", str(root),
                    "--experiment", self.experiment, "--retries", str(self.retries),
-                   "--backoff", str(self.backoff), *params]
-        return command + (["--timeout", str(self.timeout)] if self.timeout else [])
-
-
-_JOB_KEYS = {"cron", "notebook", "pipeline", "params", "timeout", "retries", "backoff", "overlap", "experiment"}
+                   "--backoff", f"{self.backoff:g}", *params]
+        return command + (["--timeout", f"{self.timeout:g}"] if self.timeout else [])
 
 
 def read_schedules(path: str | Path) -> dict[str, Job]:
@@ -125,33 +131,16 @@ def read_schedules(path: str | Path) -> dict[str, Job]:
     if not isinstance(jobs, dict) or not jobs:
         raise ConfigError(path, "has no `jobs:` mapping of job names to settings",
                           hint="see the schedules.yaml of a fresh clone for an example")
-    checked = {}
+    read = {}
     for name, spec in jobs.items():
-        if not isinstance(spec, dict):
-            raise ConfigError(path, f"job {name!r} is not a mapping of settings")
-        unknown = sorted(set(spec) - _JOB_KEYS)
-        if unknown:
-            raise ConfigError(path, f"job {name!r}: unknown setting {unknown[0]!r}",
-                              hint=f"settings: {', '.join(sorted(_JOB_KEYS))}")
-        if "cron" not in spec:
-            raise ConfigError(path, f"job {name!r} has no `cron:` schedule")
-        if bool(spec.get("notebook")) == bool(spec.get("pipeline")):
-            raise ConfigError(path, f"job {name!r} needs exactly one of `notebook: PATH` and `pipeline: true`")
-        if spec.get("notebook") and not (path.parent / spec["notebook"]).is_file():
-            raise ConfigError(path, f"job {name!r}: notebook {spec['notebook']!r} does not exist")
-        if spec.get("overlap", "skip") not in ("skip", "wait"):
-            raise ConfigError(path, f"job {name!r}: overlap must be skip or wait, not {spec['overlap']!r}")
-        if not isinstance(spec.get("params", {}), dict):
-            raise ConfigError(path, f"job {name!r}: params must be a mapping of names to values")
-        for key in ("timeout", "retries", "backoff"):
-            value = spec.get(key, 0)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(path, f"job {name!r}: {key} must be a number >= 0, not {value!r}")
-        if isinstance(spec.get("retries", 0), float):
-            raise ConfigError(path, f"job {name!r}: retries must be a whole number")
-        cron_trigger(spec["cron"], path, name)
-        checked[str(name)] = Job(name=str(name), **spec)
-    return checked
+        if isinstance(spec, dict) and "name" in spec:  # the key under `jobs:` names it
+            raise ConfigError(path, f"job {name!r}: unknown setting 'name'", hint="the job's name is its key under `jobs:`")
+        job = checked(Job, {**spec, "name": str(name)} if isinstance(spec, dict) else spec, path, f"job {name!r}")
+        if job.notebook and not (path.parent / job.notebook).is_file():
+            raise ConfigError(path, f"job {name!r}: notebook {job.notebook!r} does not exist")
+        cron_trigger(job.cron, path, name)
+        read[job.name] = job
+    return read
 
 # %% ../../notebooks/31_schedule.ipynb #cbb60e2e
 def next_fires(job: Job, count: int = 1, after: datetime | None = None) -> list[datetime]:
