@@ -610,7 +610,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         airflow_dag_source,
         dag_tasks,
         env_descriptions,
-        spec_placeholders,
         write_dag_file,
     )
 
@@ -620,7 +619,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _prepare_environment(root)
     dag = _tracked_dag(root, overrides)
     executor, tasks = dag.executor, dag_tasks(dag)
-    used = spec_placeholders((root / PIPELINE_FILE).read_text(encoding="utf-8"))
+    used = spec_placeholders(root)
     params = {name: value for name, value in {**declared, **overrides}.items() if name in used}
     source = airflow_dag_source(
         tasks, params, project=(args.project or root).resolve(),

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['param_type', 'env_descriptions', 'spec_placeholders', 'dag_tasks', 'airflow_dag_source', 'write_dag_file']
+__all__ = ['param_type', 'env_descriptions', 'dag_tasks', 'airflow_dag_source', 'write_dag_file']
 
 # %% ../../notebooks/73_dag_export.ipynb #206be9d5
 _JSON_TYPES = [(bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"), (dict, "object"),
@@ -32,11 +32,6 @@ def env_descriptions(env_yaml: str) -> dict[str, str]:
         if match:
             found[match[1]] = match[2].strip()
     return found
-
-
-def spec_placeholders(pipeline_yaml: str) -> set[str]:
-    "The names of the `{{placeholders}}` pipeline.yaml uses: the pipeline's parameters (env.yaml holds others too)."
-    return set(re.findall(r"\{\{\s*([A-Za-z_]\w*)\s*\}\}", pipeline_yaml))
 
 
 def dag_tasks(dag) -> dict[str, list[str]]:
