@@ -267,7 +267,7 @@ def journal_tags(journal: str | Path, tags: dict[str, object]) -> None:
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> dict[str, float]:
-    "Report numeric `metrics` to this task's run; by hand (no run) only print them."
+    "Report numeric `metrics` to this task's run; by hand (no run) only warn that they are not tracked."
     values = {name: float(value) for name, value in metrics.items()}
     run_id = active_run_id()
     if run_id is None:
@@ -313,7 +313,7 @@ def _send_batch(client, run_id: str, metrics=(), params=(), tags=()) -> None:
 
 
 def _log_batch(shown: dict, kind: str, values: dict[str, str]) -> None:
-    "Send `values`, params or tags as `kind` says, to this task's run; by hand (no run) only print `shown`."
+    "Send `values`, params or tags as `kind` says, to this task's run; by hand (no run) only warn that `shown` is not tracked."
     run_id = active_run_id()
     if run_id is None:
         _logger.warning(f"not tracked (no nbs run): {shown}")
@@ -326,12 +326,12 @@ def _log_batch(shown: dict, kind: str, values: dict[str, str]) -> None:
 
 
 def log_tags(tags: dict[str, object]) -> None:
-    "Tag this task's run with `tags`; by hand (no run) only print them."
+    "Tag this task's run with `tags`; by hand (no run) only warn that they are not tracked."
     _log_batch(tags, "tags", {k: str(v) for k, v in tags.items()})
 
 
 def log_params(params: dict[str, object]) -> None:
-    "Log `params` on this task's run, beside those the build gave it; by hand (no run) only print them."
+    "Log `params` on this task's run, beside those the build gave it; by hand (no run) only warn that they are not tracked."
     _log_batch(params, "params", {k: _as_param(v) for k, v in params.items()})
 
 
