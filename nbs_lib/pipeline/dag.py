@@ -62,12 +62,19 @@ def load_dag(root: Path, overrides: dict | None = None):
         use_product_store(dag, root)
         dag.render(show_progress=False)
     except Exception as e:  # Ploomber raises many types here; all mean the spec is unusable
-        detail = str(e).strip().splitlines()
+        # Ploomber's render report: titles between rules, then each failed task's traceback; its words before
+        # the first traceback, and the line that ends it (what was raised), say it without the traceback
+        lines = str(e).strip().splitlines()
+        end = next((n for n, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")), len(lines))
+        detail = [line.strip("=- ") for line in lines[:end] if line.strip("=- ")]
+        raised = next((line for line in lines[end + 1:] if line and not line[0].isspace()), "")
+        raised = re.sub(r"^[\w.]*[.](\w+:)", r"\1", raised)[:300]  # ploomber.exceptions.X: ... as X: ...
         cause = e
         for _ in range(10):  # Ploomber's own words wrap the one that says why (bounded: a chain may loop)
             cause = cause.__cause__ or cause.__context__ or cause
         said = " ".join(str(cause).split())[:300]  # one line: a cause may say what to install on a second
-        why = f" ({type(cause).__name__}: {said})" if cause is not e else ""
+        why = (f" ({type(cause).__name__}: {said})" if cause is not e else
+               f" ({raised})" if raised else "")
         raise ConfigError(root / PIPELINE_FILE, f"{type(e).__name__}: {' '.join(detail[:6])}{why}",
                           hint="pipeline.yaml is Ploomber's spec: https://docs.ploomber.io/en/latest/api/spec.html says what each key takes") from e
     jobs = (overrides or {}).get(JOBS)
