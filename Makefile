@@ -125,7 +125,7 @@ cd: check-change deliver ## the whole CI/CD workflow, locally: tests, sample pip
 bench: $(STAMP) ## the benchmark suite (about 13 minutes): every figure against its baseline, written to BENCHMARKS.md
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
-lock: ## re-resolve requirements.in into requirements.lock and env.yml
+lock: ## re-resolve settings.ini's requirements into requirements.lock and env.yml
 	scripts/lock.sh
 
 clean: ## remove products, the embedded MLflow store and the prediction log (keeps .venv and .nbs-server)

@@ -21,7 +21,7 @@ from nbs_lib.core.processes import stop_group, wait_until_answers
 ROOT = Path(__file__).resolve().parents[1]
 NBS = Path(sys.executable).with_name("nbs")
 PROJECT_FILES = ["notebooks", "nbs_lib", "templates", "feature_repo", "pipeline.yaml", "env.yaml", "schedules.yaml", "env.yml", "settings.ini",
-                 "requirements.in", "requirements.lock", "setup.py", "pyproject.toml"]
+                 "requirements.lock", "setup.py", "pyproject.toml"]
 
 
 # The tests' parameter defaults: a few tuning trials and 3 folds build the pipeline in half the time of

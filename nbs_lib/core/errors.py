@@ -8,7 +8,8 @@ from __future__ import annotations
 # %% auto #0
 __all__ = ['STUCK_ERRORS', 'NbsError', 'ConfigError', 'ParameterError', 'DataError', 'DataValidationError', 'TaskFailure',
            'PipelineError', 'ExecutionError', 'InputError', 'ReproductionError', 'ServerError', 'BuildLocked',
-           'PathError', 'TrackingError', 'UnexpectedError', 'as_nbs_error', 'Interrupted']
+           'MissingExtra', 'import_extra', 'PathError', 'TrackingError', 'UnexpectedError', 'as_nbs_error',
+           'Interrupted']
 
 # %% ../../notebooks/00_errors.ipynb #b4ea7153
 class NbsError(Exception):
@@ -175,6 +176,27 @@ class BuildLocked(NbsError):
         after = f" after waiting {waited:g} s" if waited else ""
         super().__init__(f"another build is running in this project{after}: {held or 'a process that did not say who it is'}",
                          hint="wait for it to finish, or pass --wait [SECONDS] to queue behind it")
+
+# %% ../../notebooks/00_errors.ipynb #05ab469d
+class MissingExtra(NbsError):
+    "A part of nbs (`feature`) needs `module`, which its pip extra (`extra`) installs and this environment lacks."
+
+    def __init__(self, feature: str, module: str, extra: str):
+        super().__init__(f"{feature} needs {module}, which is not installed",
+                         hint=f"pip install 'nbs_lib[{extra}]'")
+        self.feature, self.module, self.extra = feature, module, extra
+
+
+def import_extra(module: str, extra: str, feature: str):
+    "Import `module`, or raise MissingExtra naming the pip `extra` that installs it."
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as missing:
+        if module != missing.name and not module.startswith(f"{missing.name}."):
+            raise  # the module is there but something it imports is not: not ours to explain
+        raise MissingExtra(feature, module, extra) from None
 
 # %% ../../notebooks/00_errors.ipynb #f5ceedd8
 class PathError(ConfigError):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..core.errors import ConfigError, DataError, InputError, ParameterError
+from ..core.errors import ConfigError, DataError, InputError, ParameterError, import_extra
 from ..core.tracking import table_artifact
 from .features import feature_spec
 
@@ -137,8 +137,13 @@ def definition_site(func=None) -> str:
     return f"{func.__module__.replace('.', '/')}.py:{line} ({func.__qualname__})"
 
 
+def _feast(module: str = "feast"):
+    # the feature_store extra installs Feast: without it, a line that says so
+    return import_extra(module, "feature_store", "the feature store")
+
+
 def _feast_type(dtype):
-    from feast import types
+    types = _feast("feast.types")
 
     if pd.api.types.is_bool_dtype(dtype):
         return types.Bool
@@ -154,21 +159,20 @@ def _feast_type(dtype):
 def definitions(table: pd.DataFrame, view: str, source_path: str, ttl_days: float = 0, owner: str = "",
                 descriptions: dict[str, str] | None = None) -> list:
     "Feast's entity and feature view for a feature table (key and time in its first two columns) kept at `source_path`."
-    from feast import Entity, FeatureView, Field, FileSource, ValueType
-
+    feast = _feast()
     if not (isinstance(ttl_days, int | float) and ttl_days >= 0 and math.isfinite(ttl_days)):
         raise ParameterError("feature_ttl_days", f"must be a number of days >= 0 (0: values never expire), got {ttl_days!r}")
     entity, timestamp = table.columns[:2]
     descriptions = descriptions or {}
     site = definition_site()
-    key = Entity(name=entity, join_keys=[entity], description=f"the key of {view}",
-                 value_type=ValueType.INT64 if pd.api.types.is_integer_dtype(table[entity]) else ValueType.STRING)
-    source = FileSource(name=f"{view}_source", path=str(source_path), timestamp_field=timestamp)
-    fields = [Field(name=name, dtype=_feast_type(table[name].dtype), description=descriptions.get(name, ""),
+    key = feast.Entity(name=entity, join_keys=[entity], description=f"the key of {view}",
+                       value_type=feast.ValueType.INT64 if pd.api.types.is_integer_dtype(table[entity]) else feast.ValueType.STRING)
+    source = feast.FileSource(name=f"{view}_source", path=str(source_path), timestamp_field=timestamp)
+    fields = [feast.Field(name=name, dtype=_feast_type(table[name].dtype), description=descriptions.get(name, ""),
                     tags={DEFINITION_TAG: site}) for name in table.columns[2:]]
-    feature_view = FeatureView(name=view, entities=[key], schema=fields, source=source, ttl=timedelta(days=ttl_days),
-                               owner=owner, description=f"the features of each {entity}, computed by {site}",
-                               tags={DEFINITION_TAG: site})
+    feature_view = feast.FeatureView(name=view, entities=[key], schema=fields, source=source, ttl=timedelta(days=ttl_days),
+                                     owner=owner, description=f"the features of each {entity}, computed by {site}",
+                                     tags={DEFINITION_TAG: site})
     return [key, feature_view]
 
 # %% ../../notebooks/17_feature_store.ipynb #2d5030f7
@@ -183,22 +187,19 @@ def open_feature_store(repo: str | Path):
     "The Feast store of the feature repository at `repo` (the folder of its feature_store.yaml)."
     import logging
 
-    from feast import FeatureStore
-
+    feast = _feast()
     logging.getLogger("feast.repo_config").addFilter(_not_the_file_registry_advice)
     repo = Path(repo).resolve()
     if not (repo / "feature_store.yaml").is_file():
         raise ConfigError(str(repo / "feature_store.yaml"), "is missing: that folder is not a feature repository",
                           hint="the project's is feature_repo/; -p feature_repo=PATH names another")
-    return FeatureStore(repo_path=str(repo))
+    return feast.FeatureStore(repo_path=str(repo))
 
 
 def apply_definitions(store, objects: list) -> dict:
     "Register `objects` in the store's registry; the feature view's name, current version and feature count."
-    from feast import FeatureView
-
     store.apply(objects)
-    view = next(o for o in objects if isinstance(o, FeatureView))
+    view = next(o for o in objects if isinstance(o, _feast().FeatureView))
     versions = store.list_feature_view_versions(view.name)
     return {"feature_view": view.name, "version": versions[-1]["version_number"] if versions else 0,
             "features": len(view.features)}

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import ServerError
+from ..core.errors import ServerError, import_extra
 from ..core.processes import answers, stop_group, wait_until_answers
 from ..core.tracking import process_alive
 
@@ -211,10 +211,14 @@ def stop_postgres(files: ServerFiles, bin_dir: Path) -> bool:
     return True
 
 
+def _team_extra(module: str):
+    # the team extra installs PostgreSQL's driver and the auth app's forms: without them, a line that says so
+    return import_extra(module, "team", "the team server")
+
+
 def create_databases(files: ServerFiles, port: int) -> list[str]:
     "Create the databases MLflow needs that are missing; their names."
-    import psycopg
-
+    psycopg = _team_extra("psycopg")
     with psycopg.connect(host="127.0.0.1", port=port, user=DB_USER, dbname="postgres",
                          passfile=str(files.pgpass), autocommit=True) as connection:
         present = {row[0] for row in connection.execute("SELECT datname FROM pg_database")}
@@ -303,6 +307,7 @@ def start_server(root: Path, port: int = DEFAULT_PORT, db_port: int = DEFAULT_DB
                  admin_password: str | None = None, timeout: float = 120) -> dict:
     "Start PostgreSQL and the MLflow server of the project at `root`; what was recorded of them (url, pid, ports)."
     admin_password = check_admin_password(admin_password or os.environ.get(ADMIN_PASSWORD_ENV))
+    _team_extra("flask_wtf")  # MLflow's basic-auth app imports it in the server process: fail here, not in its log
     files = ServerFiles(root)
     running = server_state(root)
     if running:
