@@ -35,7 +35,7 @@ def run_one(argv: list[str], start: dict) -> dict:
             os.dup2(file.fileno(), fd)
         try:
             code = main(argv)
-        except SystemExit as e:  # argparse's refusals and --help
+        except SystemExit as e:  # main returns its code; an exit from deeper down is one too
             code = e.code if isinstance(e.code, int) else 1
         except BaseException:
             traceback.print_exc()

@@ -77,13 +77,14 @@ import nbs_lib
 for module in pkgutil.walk_packages(nbs_lib.__path__, "nbs_lib."):
     importlib.import_module(module.name)
 
-from nbs_lib.cli import build_parser, main
+import click
+
+from nbs_lib.cli import main, nbs
 
 commands = [[]]
-for action in build_parser()._subparsers._group_actions:
-    for name, parser in action.choices.items():
-        subactions = parser._subparsers._group_actions if parser._subparsers else []
-        commands += [[name, sub] for sub_action in subactions for sub in sub_action.choices] or [[name]]
+for name in nbs.list_commands(None):
+    found = nbs.get_command(None, name)
+    commands += [[name, sub] for sub in found.commands] if isinstance(found, click.Group) else [[name]]
 for command in commands:
     with contextlib.redirect_stdout(io.StringIO()):
         try:

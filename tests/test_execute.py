@@ -166,7 +166,7 @@ def test_quiet_drops_progress_lines_and_keeps_the_answer(tmp_path):
     shown = run_nbs("execute", "flaky.ipynb", "--retries", "1", "--backoff", "0", cwd=tmp_path)
     assert "  running  flaky.ipynb (attempt 1) ..." in shown.stderr and "retrying flaky in 0 s" in shown.stderr
     both = run_nbs("execute", "flaky.ipynb", "-q", "-v", cwd=tmp_path)
-    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    assert both.returncode == 2 and "-q/--quiet and -v/--verbose contradict each other" in both.stderr
 
 
 def test_eight_concurrent_executions_on_one_new_store(tmp_path):
