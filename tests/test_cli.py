@@ -11,7 +11,11 @@ def test_help_lists_the_commands(tmp_path):
     assert done.returncode == 0
     assert "run " in done.stdout and "check " in done.stdout
     run_help = run_nbs("run", "--help", cwd=tmp_path)
-    assert "-p NAME=VALUE" in run_help.stdout and "--force" in run_help.stdout
+    assert "-p, --param NAME=VALUE" in run_help.stdout and "--force" in run_help.stdout
+    assert "-q, --quiet" in run_help.stdout and "-v, --verbose" in run_help.stdout
+    from importlib.metadata import version
+
+    assert run_nbs("--version", cwd=tmp_path).stdout == f"nbs {version('nbs_lib')}\n"
 
 
 def test_outside_a_project(tmp_path):
