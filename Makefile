@@ -89,8 +89,9 @@ test-fast: $(STAMP) $(CHROMIUM) ## the inner loop (a few minutes): hygiene, lint
 	$(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest $(PYTEST_PARALLEL) -m "not build"
 
-export: $(STAMP) ## regenerate nbs_lib/ from notebooks/
+export: $(STAMP) ## regenerate nbs_lib/ and README.md from notebooks/ (README.md: from notebooks/index.ipynb)
 	$(BIN)/nbdev_export
+	$(BIN)/python -c 'from nbs_lib.dev.hygiene import write_readme; write_readme(".")'
 
 clean-nbs: $(STAMP) ## strip outputs and metadata from every notebook (before committing)
 	$(BIN)/nbdev_clean

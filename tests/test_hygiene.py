@@ -11,7 +11,7 @@ from conftest import run_nbs
 def test_clean_copy_passes(project):
     done = run_nbs("check", cwd=project)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("ok ") == 3
+    assert done.stdout.count("ok ") == 4
 
 
 def test_notebook_with_outputs_fails(project):

@@ -1,5 +1,5 @@
-"""Every shell snippet of README.md that a reader is meant to run does run, as written, in order, in a copy of the
-built project. A block that cannot run here (a server that runs until Ctrl-C, a path that stands for the reader's
+"""Every shell snippet of the documentation that a reader is meant to run does run, as written, in order, in a copy
+of the built project: README.md, then the prose of the notebooks (in their order), then benchmarks/README.md. A block that cannot run here (a server that runs until Ctrl-C, a path that stands for the reader's
 own file, the team server) is marked by an HTML comment right above it, `<!-- not run by tests/test_readme.py:
 WHY -->`, and must say why.
 
@@ -13,9 +13,19 @@ import re
 import subprocess
 from pathlib import Path
 
+import nbformat
 from conftest import ROOT, commit, copy_build, trim_pipeline
 
 SKIP = re.compile(r"<!-- not run by tests/test_readme\.py: (?P<why>.+?) -->\s*$")
+
+
+def documents() -> list[tuple[str, str]]:
+    "Each document a reader runs snippets from, by name, with its text (a notebook's: its markdown cells)."
+    notebooks = sorted(path for path in (ROOT / "notebooks").glob("*.ipynb") if path.name != "index.ipynb")  # README.md's source
+    return [("README.md", (ROOT / "README.md").read_text()),
+            *((path.name, "\n\n".join(cell.source for cell in nbformat.read(path, as_version=4).cells
+                                       if cell.cell_type == "markdown")) for path in notebooks),
+            ("benchmarks/README.md", (ROOT / "benchmarks/README.md").read_text())]
 
 
 def shell_blocks(text: str) -> list[dict]:
@@ -32,14 +42,17 @@ def shell_blocks(text: str) -> list[dict]:
     return blocks
 
 
-def test_the_readme_marks_each_block_it_does_not_run_with_a_reason():
-    blocks = shell_blocks((ROOT / "README.md").read_text())
-    assert len(blocks) >= 15, "the parser found the README's shell blocks"
-    skipped = [b for b in blocks if b["why"] is not None]
-    assert all(len(b["why"]) > 20 for b in skipped), [b["line"] for b in skipped]
-    stray = [i for i, line in enumerate((ROOT / "README.md").read_text().splitlines(), 1)
-             if "not run by tests/test_readme.py" in line and not SKIP.match(line)]
-    assert not stray, f"a not-run mark this test cannot read, at lines {stray}"
+def test_the_docs_mark_each_block_they_do_not_run_with_a_reason():
+    found = 0
+    for name, text in documents():
+        blocks = shell_blocks(text)
+        found += len(blocks)
+        skipped = [b for b in blocks if b["why"] is not None]
+        assert all(len(b["why"]) > 20 for b in skipped), (name, [b["line"] for b in skipped])
+        stray = [i for i, line in enumerate(text.splitlines(), 1)
+                 if "not run by tests/test_readme.py" in line and not SKIP.match(line)]
+        assert not stray, f"{name}: a not-run mark this test cannot read, at lines {stray}"
+    assert found >= 15, "the parser found the documents' shell blocks"
 
 
 def test_every_runnable_shell_snippet_runs_as_written(shared_build, tmp_path):
@@ -50,14 +63,15 @@ def test_every_runnable_shell_snippet_runs_as_written(shared_build, tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}},
            "PYTHONPATH": str(project), "PLOOMBER_STATS_ENABLED": "false"}
     ran = []
-    for block in shell_blocks((ROOT / "README.md").read_text()):
-        if block["why"] is not None:
-            continue
-        done = subprocess.run(["bash", "-euo", "pipefail", "-c", block["code"]], cwd=project, env=env,
-                              capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, (f"README.md line {block['line']}:\n{block['code']}\n"
-                                      f"{done.stdout[-2000:]}{done.stderr[-3000:]}")
-        ran.append(block["line"])
+    for name, text in documents():
+        for block in shell_blocks(text):
+            if block["why"] is not None:
+                continue
+            done = subprocess.run(["bash", "-euo", "pipefail", "-c", block["code"]], cwd=project, env=env,
+                                  capture_output=True, text=True, timeout=900)
+            assert done.returncode == 0, (f"{name} (markdown) line {block['line']}:\n{block['code']}\n"
+                                          f"{done.stdout[-2000:]}{done.stderr[-3000:]}")
+            ran.append((name, block["line"]))
     assert len(ran) >= 7
     # what the walk-through says it makes
     assert (project / "products/wine-scored.csv").read_text().splitlines()[0].endswith(

@@ -64,13 +64,14 @@ def new_module(args: SimpleNamespace) -> int:
 @command()
 @root_option()
 def check(args: SimpleNamespace) -> int:
-    "Check notebooks are clean, nbs_lib matches them, and env.yml matches requirements.lock."
-    from nbs_lib.dev.hygiene import export_drift, lock_mismatch, unclean_notebooks
+    "Check notebooks are clean, nbs_lib and README.md are what they make, and env.yml matches requirements.lock."
+    from nbs_lib.dev.hygiene import export_drift, lock_mismatch, readme_drift, unclean_notebooks
 
     root = find_project_root(args.root)
     checks = {
         "notebooks carry no outputs or stray metadata": unclean_notebooks(root),
         "nbs_lib/ is what nbdev_export makes of notebooks/": export_drift(root),
+        "README.md is what notebooks/index.ipynb makes of it": readme_drift(root),
         "env.yml pins the same versions as requirements.lock":
             lock_mismatch(root / "requirements.lock", root / "env.yml"),
     }

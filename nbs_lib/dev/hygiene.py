@@ -16,7 +16,8 @@ from configparser import ConfigParser
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['INJECTED_TAG', 'nbdev_settings', 'cleaned', 'unclean_notebooks', 'export_notebooks', 'export_drift', 'lock_mismatch']
+__all__ = ['INJECTED_TAG', 'nbdev_settings', 'cleaned', 'unclean_notebooks', 'export_notebooks', 'export_drift', 'lock_mismatch',
+           'readme_text', 'write_readme', 'readme_drift']
 
 # %% ../../notebooks/80_hygiene.ipynb #6f5f5ff6
 def nbdev_settings(root: Path) -> dict:
@@ -132,3 +133,36 @@ def lock_mismatch(lock: str | Path, conda_env: str | Path) -> list[str]:
     lines += [f"{n}: only in {Path(lock).name}" for n in sorted(locked.keys() - conda_pins.keys())]
     lines += [f"{n}: only in {Path(conda_env).name}" for n in sorted(conda_pins.keys() - locked.keys())]
     return lines
+
+# %% ../../notebooks/80_hygiene.ipynb #a6fd7588
+def readme_text(index: str | Path) -> str:
+    "README.md as the index notebook at `index` says it: its markdown cells, a blank line apart."
+    import nbformat
+
+    cells = nbformat.read(index, as_version=4).cells
+    return "\n\n".join(cell.source.strip("\n") for cell in cells if cell.cell_type == "markdown") + "\n"
+
+
+def _index_notebook(root: Path) -> Path:
+    settings = nbdev_settings(root)
+    return root / settings["nbs_path"] / settings.get("readme_nb", "index.ipynb")
+
+
+def write_readme(root: str | Path) -> Path:
+    "Write the project's README.md from its index notebook; its path."
+    root = Path(root)
+    readme = root / "README.md"
+    readme.write_text(readme_text(_index_notebook(root)), encoding="utf-8")
+    return readme
+
+
+def readme_drift(root: str | Path) -> list[str]:
+    "A line when README.md is not what the index notebook makes of it; none for a project without an index notebook."
+    root = Path(root)
+    index = _index_notebook(root)
+    if not index.is_file():
+        return []
+    readme = root / "README.md"
+    if not readme.is_file() or readme.read_text(encoding="utf-8") != readme_text(index):
+        return [f"README.md: not what {index.relative_to(root)} makes of it (make export writes it)"]
+    return []
