@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,7 +30,7 @@ from ..core.config import display_path
 from ..core.errors import ConfigError
 
 # %% auto #0
-__all__ = ['MONITOR_NOTEBOOK', 'AB_SHARE', 'monitor', 'retrain']
+__all__ = ['MONITOR_NOTEBOOK', 'monitor', 'retrain']
 
 # %% ../../notebooks/96_cli_monitoring.ipynb #98eb360a
 _prediction_log = click.option("--prediction-log", metavar="PATH", help="the log nbs serve writes (default: ROOT/predictions.db)")
@@ -107,46 +106,6 @@ def _monitor_lines(summary: dict) -> str:
         f"Rollback: {summary['rollback']['decision']} ({summary['rollback']['reason']})"])
 
 # %% ../../notebooks/96_cli_monitoring.ipynb #5836c015
-AB_SHARE = 0.2  # newest share of labelled predictions kept out of retraining, to compare the models on
-
-
-def _retrain_check(root: Path, declared: dict, log: Path, client, run_id: str) -> tuple[list[dict], dict, object]:
-    "Evaluate the triggers on the champion in service; record each on the run. The triggers, the state, the predictions."
-    from mlflow.entities import Metric, RunTag
-
-    from nbs_lib.monitoring.drift import detect_drift
-    from nbs_lib.monitoring.live import inputs_table, recent, scores
-    from nbs_lib.monitoring.retrain import champion_in_service, check_triggers
-    from nbs_lib.serving.predictions import read_predictions
-
-    predictions = recent(read_predictions(log))
-    name = declared.get("model_name", "nbs-classifier")
-    state = champion_in_service(client, name, predictions)
-    served = state["served"]
-    reference = _read_product(root / declared.get("products", "products") / "data" / "train.parquet")
-    features = [c for c in reference.columns if c != declared.get("target", "target")]
-    drift = detect_drift(reference[features], inputs_table(served)[features])["share"] if len(served) >= 30 else None
-    triggers = check_triggers(declared.get("retrain_triggers") or {}, state["age_days"], scores(served),
-                              state["new_labels"], drift, state["holdout"])
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"trigger.{t['trigger']}", float(t["value"]), now, 0) for t in triggers
-                                      if t["value"] is not None and t["value"] == t["value"]],
-                     tags=[RunTag(f"nbs.trigger.{t['trigger']}", f"{'FIRED' if t['fired'] else 'quiet'}: {t['reason']}")
-                           for t in triggers]
-                     + [RunTag("nbs.retrain.fired", ",".join(t["trigger"] for t in triggers if t["fired"]) or "none"),
-                        RunTag("nbs.retrain.champion", f"{name}/{state['version']}")])
-    return triggers, state, predictions
-
-
-def _read_product(path: Path):
-    "The Parquet table at `path`, or a ConfigError saying which product is missing."
-    import pandas as pd
-
-    if not path.is_file():
-        raise ConfigError(path, "does not exist", hint="make run writes the pipeline's products")
-    return pd.read_parquet(path)
-
-
 @command()
 @click.option("--if-needed", is_flag=True, help="retrain only if a trigger of env.yaml's retrain_triggers fires "
               "(without it: always retrain, still recording the triggers)")
@@ -161,85 +120,57 @@ def retrain(args: SimpleNamespace) -> int:
     root, declared = project_settings(args)
     check_trigger_settings(declared.get("retrain_triggers") or {})
     log = existing_log(args.prediction_log, root)
-    products = root / declared.get("products", "products")
-    target, name = declared.get("target", "target"), declared.get("model_name", "nbs-classifier")
     prepare_environment(root)
     stop_on_signals()
     with command_lock(root, args) as lock:  # it reads the last build's products, then builds
-        return _retrain(args, root, declared, log, products, target, name, lock)
+        return _retrain(args, root, declared, log, lock)
 
 
-def _retrain(args: SimpleNamespace, root: Path, declared: dict, log: Path, products: Path, target: str, name: str,
-             lock: int) -> int:
+def _retrain(args: SimpleNamespace, root: Path, declared: dict, log: Path, lock: int) -> int:
     "`nbs retrain` under the project's build lock; the `lock` descriptor is handed to the build it starts."
-    import json
     import subprocess
 
-    from nbs_lib.core.data import save_table
     from nbs_lib.core.tracking import finish_run, get_client, start_pipeline_run
     from nbs_lib.monitoring.alerts import raise_alert
-    from nbs_lib.monitoring.retrain import compare_on_feedback, training_data
+    from nbs_lib.monitoring.retrain import judge_retrained, record_triggers, retraining_set
     from nbs_lib.pipeline.lock import LOCK_FD_ENV
-    from nbs_lib.registry.versions import load_version, rollback
 
     client = get_client()
     experiment = f"{declared.get('experiment', 'nbs')}-monitoring"
     run_id = start_pipeline_run(client, experiment, [], {}, root=root, kind="retrain", name="retrain check")
-    alert = {"log": root / "alerts.jsonl", "webhook": declared.get("alert_webhook") or "", "run_id": run_id}
+    alerts = {"log": root / "alerts.jsonl", "webhook": declared.get("alert_webhook") or "", "run_id": run_id}
     status = "FAILED"
     try:
-        triggers, state, predictions = _retrain_check(root, declared, log, client, run_id)
-        fired = [t["trigger"] for t in triggers if t["fired"]]
-        for t in triggers:
+        check = record_triggers(client, run_id, root, declared, log)
+        for t in check["triggers"]:
             print(f"  {t['trigger']:14} {'FIRED' if t['fired'] else 'quiet':6} {t['reason']}")
-        if args.if_needed and not fired:
+        if args.if_needed and not check["fired"]:
             print("No trigger fired: nothing retrained.")
             status = "FINISHED"
             return 0
-        if fired:
-            raise_alert("retrain", f"retraining: {', '.join(fired)} fired",
-                        {t["trigger"]: t["reason"] for t in triggers if t["fired"]}, **alert)
-        labelled = predictions[predictions["label"].notna()].sort_values("at")
-        kept_out = labelled.tail(int(len(labelled) * AB_SHARE))  # the newest: never trained on, to judge by
-        base = _read_product(products / "data" / "raw.parquet")
-        decided = products / "data" / "columns.json"
-        wanted = [*json.loads(decided.read_text())["features"], target] if decided.is_file() else [target]
-        missing = [column for column in wanted if column not in base.columns]
-        if missing:  # the last build was of other data than this model's
-            raise ConfigError(products / "data" / "raw.parquet", f"has no column {missing[0]!r}, which {name} needs",
-                              hint="pass the -p data_path, target and model_name the model was built with")
-        if decided.is_file():  # the champion's features: IDs, dates and the like have no place in logged inputs
-            base = base[wanted]
-        data = training_data(base, labelled.drop(kept_out.index), target)
-        data_path = save_table(data, products / "retrain" / "data.parquet")
-        client.set_tag(run_id, "nbs.retrain.rows", str(len(data)))
-        print(f"Retraining on {len(data)} rows ({display_path(data_path, root)}); "
-              f"the newest {len(kept_out)} labels are kept out to compare the models on.", flush=True)
+        if check["fired"]:
+            raise_alert("retrain", f"retraining: {', '.join(check['fired'])} fired",
+                        {t["trigger"]: t["reason"] for t in check["triggers"] if t["fired"]}, **alerts)
+        data = retraining_set(root, declared, check["predictions"])
+        client.set_tag(run_id, "nbs.retrain.rows", str(data["rows"]))
+        print(f"Retraining on {data['rows']} rows ({display_path(data['path'], root)}); "
+              f"the newest {len(data['kept_out'])} labels are kept out to compare the models on.", flush=True)
         build = subprocess.run([str(Path(sys.executable).with_name("nbs")), "run", *passed_on(args, but=("data_path",)),
-                                "-p", f"data_path={data_path}", "--root", str(root)], cwd=root,
+                                "-p", f"data_path={data['path']}", "--root", str(root)], cwd=root,
                                pass_fds=(lock,), env={**os.environ, LOCK_FD_ENV: str(lock)})
         if build.returncode != 0:
             print("nbs: error: the retraining build failed (its output above; nbs runs shows which task)",
                   file=sys.stderr)
             return build.returncode
-        registered = json.loads((products / "model" / "registered.json").read_text())
-        version, gate = registered["version"], registered["gate"]
-        client.set_tag(run_id, "nbs.retrain.version", f"{name}/{version}")
-        client.set_tag(run_id, "nbs.retrain.gate", f"{'promoted' if gate['promote'] else 'refused'}: {gate['reason']}")
-        print(f"Version {version}: the gate {'promoted' if gate['promote'] else 'refused'} it ({gate['reason']}).")
-        if len(kept_out) >= 10:
-            features = [c for c in data.columns if c != target]
-            ab = compare_on_feedback(load_version(name, version), load_version(name, state["version"]), kept_out, features)
-            for key, value in ab.items():
-                client.set_model_version_tag(name, str(version), f"nbs.ab.{key}", json.dumps(value))
-                client.set_tag(run_id, f"nbs.ab.{key}", json.dumps(value))
-            print(f"Against version {state['version']} on the {ab['rows']} newest labels: {ab['verdict']} "
+        champion = check["state"]["version"]
+        judged = judge_retrained(client, run_id, root, declared, champion, data["kept_out"], data["features"], alerts)
+        gate, ab = judged["gate"], judged["ab"]
+        print(f"Version {judged['version']}: the gate {'promoted' if gate['promote'] else 'refused'} it ({gate['reason']}).")
+        if ab is not None:
+            print(f"Against version {champion} on the {ab['rows']} newest labels: {ab['verdict']} "
                   f"({ab['metric']} {ab['challenger']:.4f} vs {ab['champion']:.4f}, p={ab['p_value']:.3g}).")
-            if gate["promote"] and ab["verdict"] == "challenger worse":
-                entry = rollback(client, name, f"automatic: worse than version {state['version']} on recent feedback "
-                                                f"(p={ab['p_value']:.3g})")
-                raise_alert("rollback", f"{name} version {version} rolled back to {entry['version']}: worse on recent feedback",
-                            ab, **alert)
+        if judged["rolled_back"] is not None:
+            print(f"Rolled back: version {judged['rolled_back']['version']} is champion again.")
         status = "FINISHED"
         return 0
     finally:

@@ -5,7 +5,10 @@
 # %% ../../notebooks/63_retrain.ipynb #66a9168f
 from __future__ import annotations
 
+import json
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,11 +16,12 @@ from pydantic import BaseModel, Field, NonNegativeFloat, NonNegativeInt
 
 from ..core.errors import ConfigError
 from ..core.settings import STRICT, checked
-from .live import inputs_table, predicts_quantities, scores
+from .live import inputs_table, predicts_quantities, recent, scores
 
 # %% auto #0
-__all__ = ['Triggers', 'check_trigger_settings', 'check_triggers', 'champion_in_service', 'training_data', 'compare_on_feedback',
-           'rollback_if_worse']
+__all__ = ['AB_SHARE', 'Triggers', 'check_trigger_settings', 'check_triggers', 'champion_in_service', 'training_data',
+           'compare_on_feedback', 'rollback_if_worse', 'product_table', 'record_triggers', 'retraining_set',
+           'judge_retrained']
 
 # %% ../../notebooks/63_retrain.ipynb #90db1118
 class Triggers(BaseModel):
@@ -175,3 +179,88 @@ def rollback_if_worse(client, name: str, predictions: pd.DataFrame, margin: floa
            f"{allowed} version {previous}'s {before_value:.4f}")
     rollback(client, name, why)
     return {**outcome, "decision": "rolled back", "reason": why}
+
+# %% ../../notebooks/63_retrain.ipynb #fc9dae68
+AB_SHARE = 0.2  # newest share of labelled predictions kept out of retraining, to compare the models on
+
+
+def product_table(path: Path) -> pd.DataFrame:
+    "The Parquet product at `path`, or a ConfigError saying which product is missing."
+    if not path.is_file():
+        raise ConfigError(path, "does not exist", hint="make run writes the pipeline's products")
+    return pd.read_parquet(path)
+
+
+def record_triggers(client, run_id: str, root: Path, declared: dict, log: Path) -> dict:
+    "Evaluate the retraining triggers on the champion in service and record each on the run `run_id`: the triggers, the names of those fired, the champion's state, the recent predictions."
+    from mlflow.entities import Metric, RunTag
+
+    from nbs_lib.monitoring.drift import detect_drift
+    from nbs_lib.serving.predictions import read_predictions
+
+    predictions = recent(read_predictions(log))
+    name = declared.get("model_name", "nbs-classifier")
+    state = champion_in_service(client, name, predictions)
+    served = state["served"]
+    reference = product_table(root / declared.get("products", "products") / "data" / "train.parquet")
+    features = [c for c in reference.columns if c != declared.get("target", "target")]
+    drift = detect_drift(reference[features], inputs_table(served)[features])["share"] if len(served) >= 30 else None
+    triggers = check_triggers(declared.get("retrain_triggers") or {}, state["age_days"], scores(served),
+                              state["new_labels"], drift, state["holdout"])
+    fired = [t["trigger"] for t in triggers if t["fired"]]
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"trigger.{t['trigger']}", float(t["value"]), now, 0) for t in triggers
+                                      if t["value"] is not None and t["value"] == t["value"]],
+                     tags=[RunTag(f"nbs.trigger.{t['trigger']}", f"{'FIRED' if t['fired'] else 'quiet'}: {t['reason']}")
+                           for t in triggers]
+                     + [RunTag("nbs.retrain.fired", ",".join(fired) or "none"),
+                        RunTag("nbs.retrain.champion", f"{name}/{state['version']}")])
+    return {"triggers": triggers, "fired": fired, "state": state, "predictions": predictions}
+
+
+def retraining_set(root: Path, declared: dict, predictions: pd.DataFrame, kept_share: float = AB_SHARE) -> dict:
+    "What to retrain on, written to PRODUCTS/retrain/data.parquet: the last build's raw data (the champion's columns) plus every labelled prediction but the newest `kept_share`, kept out to judge by. Its path, rows, features and the kept-out predictions."
+    from nbs_lib.core.data import save_table
+
+    products = root / declared.get("products", "products")
+    target, name = declared.get("target", "target"), declared.get("model_name", "nbs-classifier")
+    labelled = predictions[predictions["label"].notna()].sort_values("at")
+    kept_out = labelled.tail(int(len(labelled) * kept_share))  # the newest: never trained on, to judge by
+    base = product_table(products / "data" / "raw.parquet")
+    decided = products / "data" / "columns.json"
+    wanted = [*json.loads(decided.read_text())["features"], target] if decided.is_file() else [target]
+    missing = [column for column in wanted if column not in base.columns]
+    if missing:  # the last build was of other data than this model's
+        raise ConfigError(products / "data" / "raw.parquet", f"has no column {missing[0]!r}, which {name} needs",
+                          hint="pass the -p data_path, target and model_name the model was built with")
+    if decided.is_file():  # the champion's features: IDs, dates and the like have no place in logged inputs
+        base = base[wanted]
+    data = training_data(base, labelled.drop(kept_out.index), target)
+    return {"path": save_table(data, products / "retrain" / "data.parquet"), "rows": len(data),
+            "features": [c for c in data.columns if c != target], "kept_out": kept_out}
+
+
+def judge_retrained(client, run_id: str, root: Path, declared: dict, champion: str, kept_out: pd.DataFrame,
+                    features: list[str], alerts: dict) -> dict:
+    "After the retraining build: record its version and the gate's decision on the run; with 10 kept-out labels or more, compare it with the `champion` version on them (tags nbs.ab.*) and roll back a promotion that does significantly worse. The version, gate, comparison (None: too few labels) and rollback (None: none)."
+    from nbs_lib.monitoring.alerts import raise_alert
+    from nbs_lib.registry.versions import load_version, rollback
+
+    name = declared.get("model_name", "nbs-classifier")
+    registered = json.loads((root / declared.get("products", "products") / "model" / "registered.json").read_text())
+    version, gate = registered["version"], registered["gate"]
+    client.set_tag(run_id, "nbs.retrain.version", f"{name}/{version}")
+    client.set_tag(run_id, "nbs.retrain.gate", f"{'promoted' if gate['promote'] else 'refused'}: {gate['reason']}")
+    judged = {"version": version, "gate": gate, "ab": None, "rolled_back": None}
+    if len(kept_out) < 10:
+        return judged
+    ab = judged["ab"] = compare_on_feedback(load_version(name, version), load_version(name, champion), kept_out, features)
+    for key, value in ab.items():
+        client.set_model_version_tag(name, str(version), f"nbs.ab.{key}", json.dumps(value))
+        client.set_tag(run_id, f"nbs.ab.{key}", json.dumps(value))
+    if gate["promote"] and ab["verdict"] == "challenger worse":
+        entry = judged["rolled_back"] = rollback(
+            client, name, f"automatic: worse than version {champion} on recent feedback (p={ab['p_value']:.3g})")
+        raise_alert("rollback", f"{name} version {version} rolled back to {entry['version']}: worse on recent feedback",
+                    ab, **alerts)
+    return judged
