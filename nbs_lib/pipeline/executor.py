@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from ploomber.constants import TaskStatus
 from ploomber.executors.abc import Executor
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, field_validator
 
 from ..core.config import display_path
 from ..core.credentials import declared_secrets, redact_notebook, refuse_secret_values
@@ -33,6 +34,7 @@ from nbs_lib.core.lineage import (
     run_lineage,
     source_path,
 )
+from ..core.settings import checked
 from nbs_lib.core.tracking import (
     RunJournal,
     finish_run,
@@ -61,10 +63,10 @@ _logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['JOURNAL_REPLAY_EVERY', 'PIPELINE_RUN_ENV', 'THREAD_VARIABLES', 'task_params', 'shared_params', 'executed_notebook',
-           'rendered_notebook', 'parallel_jobs', 'non_negative', 'TrackedExecutor', 'check_joinable',
-           'close_joined_run', 'forget_last_success', 'log_upstream_inputs', 'log_outputs', 'refuse_secret_parameters',
-           'thread_limits', 'longest_chains', 'build_in_fork', 'kill_forked_builds', 'tracking_in_place_of',
-           'close_clients']
+           'rendered_notebook', 'ExecutorSettings', 'executor_settings', 'parallel_jobs', 'TrackedExecutor',
+           'check_joinable', 'close_joined_run', 'forget_last_success', 'log_upstream_inputs', 'log_outputs',
+           'refuse_secret_parameters', 'thread_limits', 'longest_chains', 'build_in_fork', 'kill_forked_builds',
+           'tracking_in_place_of', 'close_clients']
 
 # %% ../../notebooks/26_executor.ipynb #a231fd1e
 _NOT_USER_PARAMS = {"product", "upstream", LIBRARY_DIGEST_PARAM, DATA_DIGEST_PARAM}
@@ -101,24 +103,37 @@ def rendered_notebook(task) -> Path | None:
     return files.get("nb", files.get("product"))
 
 # %% ../../notebooks/26_executor.ipynb #ea74a00a
+class ExecutorSettings(BaseModel):
+    "TrackedExecutor's settings as pipeline.yaml gives them (`executor: {dotted_path: ..., NAME: VALUE}`); text a {{placeholder}} rendered is read as the number it says, and empty text as the default."
+
+    model_config = ConfigDict(extra="forbid")
+    experiment: str = Field("nbs", description="the MLflow experiment of the build's runs")
+    cell_timeout: NonNegativeFloat = Field(0, description="seconds one notebook cell may run before its task fails; 0: no limit")
+    secrets: list[str] = Field([], description="environment variables whose values are scrubbed from all that is recorded")
+    jobs: NonNegativeInt = Field(0, description="tasks run at once, each in its own kernel; 0 or empty: one per CPU core")
+    retries: NonNegativeInt = Field(0, description="an orchestrator's retries of a failed task (nbs export airflow)")
+    retry_delay: NonNegativeFloat = Field(300, description="seconds an orchestrator waits before retrying a task")
+    task_timeout: NonNegativeFloat = Field(0, description="seconds a task may run under an orchestrator; 0: no limit")
+    build_in_subprocess: bool = Field(True, description="build a function task in a process forked for it, as Ploomber's Serial does")
+
+    @field_validator("cell_timeout", "secrets", "jobs", "retries", "retry_delay", "task_timeout", mode="before")
+    @classmethod
+    def _rendered(cls, value, info):
+        if value is None or (isinstance(value, str) and not value.strip()):  # a placeholder left empty
+            return cls.model_fields[info.field_name].default
+        if isinstance(value, bool):  # YAML's true is no number of anything
+            raise ValueError(f"must be a number, not {value!r}")
+        return value.strip() if isinstance(value, str) else value
+
+
+def executor_settings(**given) -> ExecutorSettings:
+    "`given` (TrackedExecutor's keyword arguments) checked as ExecutorSettings, or a ConfigError naming the setting."
+    return checked(ExecutorSettings, given, "pipeline.yaml", "executor")
+
+
 def parallel_jobs(jobs: int | str | None) -> int:
     "How many tasks may run at once: `jobs`, or one per CPU core when it is 0 or empty."
-    text = str(0 if jobs is None else jobs).strip() or "0"
-    if not text.isdigit():  # also refuses True, -1 and 2.5
-        raise ConfigError("pipeline.yaml", f"executor jobs must be a whole number >= 0, not {jobs!r}",
-                          hint="jobs: 1 runs tasks one by one, 0 runs one per CPU core")
-    return int(text) or os.cpu_count() or 1
-
-
-def non_negative(name: str, value: int | float | str | None) -> float:
-    "`value` as a number >= 0 (empty: 0); a ConfigError naming the executor setting `name` otherwise."
-    try:
-        number = float(str(value if value is not None else 0).strip() or 0)
-    except ValueError:
-        number = -1.0
-    if number < 0:
-        raise ConfigError("pipeline.yaml", f"executor {name} must be a number >= 0, not {value!r}")
-    return number
+    return executor_settings(jobs=jobs).jobs or os.cpu_count() or 1
 
 
 PIPELINE_RUN_ENV = "NBS_PIPELINE_RUN_ID"  # set: a build's tasks join this run (an orchestrator's) instead of opening one
@@ -127,23 +142,23 @@ PIPELINE_RUN_ENV = "NBS_PIPELINE_RUN_ID"  # set: a build's tasks join this run (
 class TrackedExecutor(Executor):
     "Ploomber executor: build a DAG's out-of-date tasks, up to `jobs` at once, each in its own MLflow run."
 
-    def __init__(self, experiment: str = "nbs", cell_timeout: float | None = None,
+    def __init__(self, experiment: str = "nbs", cell_timeout: float | str | None = None,
                  secrets: list[str] | None = None, jobs: int | str = 1, retries: int | str = 0,
                  retry_delay: float | str = 300, task_timeout: float | str = 0, build_in_subprocess: bool = True):
-        self.experiment = experiment
+        settings = executor_settings(experiment=experiment, cell_timeout=cell_timeout, secrets=secrets, jobs=jobs,
+                                     retries=retries, retry_delay=retry_delay, task_timeout=task_timeout,
+                                     build_in_subprocess=build_in_subprocess)
+        self.experiment = settings.experiment
         # as in Ploomber's Serial: a function task is built in a process forked for it (see build_in_fork)
-        self.build_in_subprocess = bool(build_in_subprocess)
-        self.cell_timeout = cell_timeout or None
-        self.secrets = list(secrets or [])
-        self.jobs = parallel_jobs(jobs)
+        self.build_in_subprocess = settings.build_in_subprocess
+        self.cell_timeout = settings.cell_timeout or None
+        self.secrets = settings.secrets
+        self.jobs = settings.jobs or os.cpu_count() or 1
         # For an orchestrator running one task at a time (`nbs export airflow` carries them over):
         # a build here stops at a failed task, and `nbs run` again resumes from it.
-        attempts_more = non_negative("retries", retries)
-        if not attempts_more.is_integer():
-            raise ConfigError("pipeline.yaml", f"executor retries must be a whole number, not {retries!r}")
-        self.retries = int(attempts_more)
-        self.retry_delay = non_negative("retry_delay", retry_delay)  # seconds
-        self.task_timeout = non_negative("task_timeout", task_timeout)  # seconds; 0: no limit
+        self.retries = settings.retries
+        self.retry_delay = settings.retry_delay  # seconds
+        self.task_timeout = settings.task_timeout  # seconds; 0: no limit
         # The env.yaml values the DAG was rendered with; `load_dag` sets them. Logged with each
         # build as parameters.json, they are what `nbs reproduce` runs the pipeline with again.
         self.parameters: dict = {}
