@@ -25,7 +25,7 @@ AS_ROOT := $(if $(filter 0,$(shell id -u)),,sudo)
 export PLOOMBER_STATS_ENABLED := false
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 
-.PHONY: help lab run test test-fast export clean-nbs lint check nbdev-test pytest ui lock clean bench serve loop sample check-change deliver cd server postgresql airflow
+.PHONY: help lab run test test-fast export docs clean-nbs lint check nbdev-test pytest ui lock clean bench serve loop sample check-change deliver cd server postgresql airflow
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -92,6 +92,9 @@ test-fast: $(STAMP) $(CHROMIUM) ## the inner loop (a few minutes): hygiene, lint
 export: $(STAMP) ## regenerate nbs_lib/ and README.md from notebooks/ (README.md: from notebooks/index.ipynb)
 	$(BIN)/nbdev_export
 	$(BIN)/python -c 'from nbs_lib.dev.hygiene import write_readme; write_readme(".")'
+
+docs: $(STAMP) export ## the documentation site from the notebooks in _docs/ (open _docs/index.html); fails on a broken link
+	$(BIN)/nbs docs
 
 clean-nbs: $(STAMP) ## strip outputs and metadata from every notebook (before committing)
 	$(BIN)/nbdev_clean

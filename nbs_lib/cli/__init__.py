@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "task": ("team", "one step of a pipeline run an orchestrator drives (what an exported DAG calls)"),
     "export": ("team", "write the pipeline as an Apache Airflow DAG"),
     "server": ("team", "the team's MLflow tracking server: PostgreSQL, basic auth, proxied artifacts"),
+    "docs": ("dev", "build the documentation site from the notebooks and check its links"),
     "check": ("dev", "check notebooks, nbs_lib and pins are in step"),
 }
 
