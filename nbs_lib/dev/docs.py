@@ -51,27 +51,35 @@ def _title(text: str, fallback: str) -> str:
     return heading[1].replace("`", "").strip() if heading else fallback
 
 
+@cache
+def _markdown():
+    "Markdown to HTML as Jupyter renders a cell: mistune (nbconvert's renderer) with tables and strikethrough."
+    import mistune
+
+    return mistune.create_markdown(escape=False, plugins=["table", "strikethrough", "url"])  # HTML as Jupyter shows it
+
+
+def _code(source: str) -> str:
+    "A code cell as highlighted HTML, its colours inline (the page carries one stylesheet, the project's)."
+    from pygments import highlight
+    from pygments.formatters import HtmlFormatter
+    from pygments.lexers import PythonLexer
+
+    return highlight(source, PythonLexer(), HtmlFormatter(noclasses=True))
+
+
 def _page(path: Path) -> tuple[str, str]:
     "The title and body (HTML) of a notebook or a Markdown file."
     if path.suffix == ".md":
-        import mistune
-
         text = path.read_text(encoding="utf-8")
-        return _title(text, path.stem), mistune.html(text)
+        return _title(text, path.stem), _markdown()(text)
     import nbformat
 
-    nb = nbformat.read(path, as_version=4)
-    markdown = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "markdown")
-    body, _ = _exporter().from_notebook_node(nb)
+    cells = nbformat.read(path, as_version=4).cells
+    markdown = "\n".join(cell.source for cell in cells if cell.cell_type == "markdown")
+    body = "\n".join(_markdown()(cell.source) if cell.cell_type == "markdown" else _code(cell.source)
+                     for cell in cells if cell.source.strip() and cell.cell_type in ("markdown", "code"))
     return _title(markdown, path.stem), body
-
-
-@cache
-def _exporter():
-    "One nbconvert exporter for every page: making one loads its templates (tens of milliseconds)."
-    from nbconvert import HTMLExporter
-
-    return HTMLExporter(template_name="basic")
 
 
 def build_docs(root: str | Path, out: str | Path | None = None) -> Path:
