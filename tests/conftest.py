@@ -20,7 +20,7 @@ from nbs_lib.core.processes import stop_group, wait_until_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 NBS = Path(sys.executable).with_name("nbs")
-PROJECT_FILES = ["notebooks", "nbs_lib", "templates", "feature_repo", "pipeline.yaml", "env.yaml", "schedules.yaml", "env.yml", "settings.ini",
+PROJECT_FILES = ["notebooks", "nbs_lib", "templates", "feature_repo", "pipeline.yaml", "env.yaml", "schedules.yaml", "env.yml", "settings.ini", "README.md",
                  "requirements.lock", "setup.py", "pyproject.toml"]
 
 

@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except click.UsageError as refused:
         where = refused.ctx.command_path if refused.ctx else "nbs"
-        print(f"nbs: error: {refused.format_message()}\n  hint: {where} --help lists its arguments", file=sys.stderr)
+        said = " ".join(refused.format_message().split())  # one line: click lists a choice's values one per line
+        print(f"nbs: error: {said}\n  hint: {where} --help lists its arguments", file=sys.stderr)
         return 2
     except NbsError as e:
         print(f"nbs: error: {e}", file=sys.stderr)

@@ -50,7 +50,7 @@ def _tracked_dag(root: Path, overrides: dict):
 
 @command()
 @pipeline_options
-@click.argument("action", type=click.Choice(["begin", "run", "end"]))
+@click.argument("action", type=click.Choice(["begin", "run", "end"]), metavar="ACTION")
 @click.argument("name", metavar="[NAME]", required=False)
 @click.option("--pipeline-run", metavar="RUN_ID", help="the MLflow run `begin` printed (with run and end)")
 @click.option("--params-json", metavar="JSON", help="parameter values as one JSON object (as Airflow passes them)")
@@ -98,7 +98,7 @@ def task(args: SimpleNamespace) -> int:
 
 @command()
 @pipeline_options
-@click.argument("target", type=click.Choice(["airflow"]))
+@click.argument("target", type=click.Choice(["airflow"]), metavar="TARGET")
 @click.option("-o", "--output", metavar="PATH", help="the DAG file (default: dags/DAG_ID.py)")
 @click.option("--dag-id", default="nbs_pipeline", help="the DAG's id (default nbs_pipeline)")
 @click.option("--project", type=click.Path(path_type=Path), metavar="PATH",
@@ -164,7 +164,7 @@ def _migrate(root: Path, source: str | None) -> int:
 
 
 @command()
-@click.argument("action", default="run", type=click.Choice(["run", "start", "stop", "status", "migrate"]))
+@click.argument("action", default="run", type=click.Choice(["run", "start", "stop", "status", "migrate"]), metavar="[ACTION]")
 @click.option("--from", "source", metavar="URI", help="with migrate: the store to copy (default: sqlite:///PROJECT/mlflow.db)")
 @click.option("--port", type=Port(), default=DEFAULT_PORT, help=f"the MLflow server's port on 127.0.0.1 (default {DEFAULT_PORT})")
 @click.option("--db-port", type=Port(), default=DEFAULT_DB_PORT, help=f"PostgreSQL's port on 127.0.0.1 (default {DEFAULT_DB_PORT})")
