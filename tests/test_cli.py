@@ -88,12 +88,13 @@ def test_env_file_is_checked_like_parameters(project):
 @pytest.mark.parametrize("given,says", [
     ("tune_model=sklearn.svm.SVQ", "'sklearn.svm.SVQ' names no scikit-learn estimator"),
     ("tune_space={gamma: {low: 1, high: 2}}", "names 'gamma', which LogisticRegression does not take (task 'tune')"),
-    ("task=clustering", "parameter 'task' is 'clustering'"),
+    ("task=clustering", "parameter 'task' is 'clustering': input should be 'auto', 'classification' or 'regression'"),
+    ("cv_folds=1", "parameter 'cv_folds' is 1: input should be greater than or equal to 2"),
 ])
 def test_a_candidate_that_cannot_train_is_refused_before_any_kernel_starts(project, given, says):
     done = run_nbs("run", "-p", given, cwd=project)
     assert done.returncode == 2 and says in done.stderr, done.stderr[-2000:]
-    assert "hint: valid parameters:" in done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2, done.stderr  # the message, and the hint when there is one
     assert not (project / "mlflow.db").exists() and not (project / "products").exists(), "nothing ran"
 
 

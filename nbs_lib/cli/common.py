@@ -222,6 +222,16 @@ def _overrides(args: SimpleNamespace, declared: dict, declared_in: str = ENV_FIL
     return {**from_file, **given, **parse_overrides(args.param, declared, declared_in)}
 
 
+def _check_values(root: Path, values: dict) -> None:
+    "Refuse, before anything runs, a value of nbs's own parameters no build accepts, or one that reads the environment unasked."
+    from nbs_lib.core.settings import (
+        check_parameters,  # pydantic: imported by the commands that read parameters only
+    )
+
+    check_parameters(values)
+    _check_environment_reads(root, values)
+
+
 def _check_environment_reads(root: Path, values: dict) -> None:
     "Refuse parameter values that read an environment variable env.yaml does not declare, or a secret (check_env_placeholders)."
     spec = read_yaml_mapping(root / PIPELINE_FILE) if (root / PIPELINE_FILE).is_file() else {}
@@ -246,7 +256,7 @@ def project_parameters(args: SimpleNamespace) -> tuple[Path, dict, dict]:
         _check_environment_reads(root, overrides)
         return root, {}, overrides
     overrides = _overrides(args, {JOBS: 0, **declared})
-    _check_environment_reads(root, {**declared, **overrides})
+    _check_values(root, {**declared, **overrides})
     return root, declared, overrides
 
 
@@ -260,7 +270,7 @@ def project_settings(args: SimpleNamespace, inside: bool = True) -> tuple[Path, 
         return root, {}
     declared = read_yaml_mapping(root / ENV_FILE)
     values = {**declared, **_overrides(args, declared)}
-    _check_environment_reads(root, values)
+    _check_values(root, values)
     return root, values
 
 

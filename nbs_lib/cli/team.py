@@ -107,6 +107,7 @@ def task(args: SimpleNamespace) -> int:
 def export(args: SimpleNamespace) -> int:
     "Write the pipeline as a DAG of TARGET (airflow): one Airflow task per pipeline task, params from env.yaml."
     from nbs_lib.core.data import writable_file
+    from nbs_lib.core.settings import parameter_descriptions
     from nbs_lib.team.dag_export import (
         airflow_dag_source,
         dag_tasks,
@@ -125,7 +126,9 @@ def export(args: SimpleNamespace) -> int:
     source = airflow_dag_source(
         tasks, params, project=(args.project or root).resolve(),
         nbs=args.nbs or Path(sys.executable).with_name("nbs"), dag_id=args.dag_id,
-        descriptions=env_descriptions((root / ENV_FILE).read_text(encoding="utf-8") if (root / ENV_FILE).is_file() else ""),
+        # nbs's own parameters described by their model; a project's own by its comment in env.yaml
+        descriptions={**env_descriptions((root / ENV_FILE).read_text(encoding="utf-8") if (root / ENV_FILE).is_file() else ""),
+                      **parameter_descriptions()},
         retries=executor.retries, retry_delay=executor.retry_delay, task_timeout=executor.task_timeout)
     file = f"{args.dag_id}.py"
     path = write_dag_file(writable_file(args.output, file) if args.output else root / "dags" / file, source)

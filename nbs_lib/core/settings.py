@@ -6,9 +6,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+)
 
 from .errors import ConfigError, ParameterError
 
@@ -16,7 +24,7 @@ Model = TypeVar("Model", bound=BaseModel)
 STRICT = ConfigDict(extra="forbid", strict=True)  # no unknown keys, no `true` for a number, no "3" for an integer
 
 # %% auto #0
-__all__ = ['Model', 'STRICT', 'checked']
+__all__ = ['Model', 'STRICT', 'checked', 'Parameters', 'check_parameters', 'parameter_descriptions']
 
 # %% ../../notebooks/09_settings.ipynb #bea8f351
 def _said(error: dict, settings: list[str]) -> tuple[str, list[str] | None]:
@@ -42,3 +50,62 @@ def checked(model: type[Model], data: object, where: str | Path, what: str, para
         if parameter:
             raise ParameterError(str(where), f"{what}: {said}", valid=settings) from None
         raise ConfigError(where, f"{what}: {said}", hint=f"settings: {', '.join(settings)}" if settings else "") from None
+
+# %% ../../notebooks/09_settings.ipynb #556cf39e
+class Parameters(BaseModel):
+    "nbs's own parameters of env.yaml: the values a build accepts and what each is for; a project's own parameters pass."
+
+    model_config = ConfigDict(extra="allow")
+    experiment: str = Field("nbs", min_length=1, description="MLflow experiment of the pipeline and task runs")
+    products: str = Field("products", min_length=1, description="folder of every product")
+    cell_timeout: NonNegativeFloat = Field(1800, description="seconds one notebook cell may run before its task fails; 0: no limit")
+    jobs: NonNegativeInt = Field(0, description="tasks run at once, each in its own kernel; 0: one per CPU core")
+    environment_variables: list[str] = Field([], description="variables a parameter may read as {{env.NAME}} (stored in clear: never a secret)")
+    data_path: str = Field("", description="CSV or Parquet file; empty: scikit-learn's bundled breast-cancer set")
+    target: str = Field("target", min_length=1, description="the label column")
+    task: Literal["auto", "classification", "regression"] = Field(
+        "auto", description="classification, regression, or auto: decided from the target")
+    max_missing_fraction: float = Field(0.1, ge=0, le=1, description="largest share of missing values in a feature")
+    min_rows: PositiveInt = Field(20, description="fewest rows worth training on")
+    id_columns: list[str] = Field([], description="columns that identify rows, never features")
+    feature_columns: list[str] = Field([], description="the features, exactly; empty: every column but keys, IDs, dates, constants and leaks")
+    drop_columns: list[str] = Field([], description="columns never to use as features")
+    entity: str = Field("patient_id", min_length=1, description="the feature store's entity key column")
+    event_timestamp: str = Field("event_timestamp", min_length=1, description="when each row's values were true, and its label known")
+    feature_repo: str = Field("feature_repo", description="Feast's repository (feature_store.yaml), relative to the project")
+    feature_view: str = Field("", description="the feature view the features are registered as; empty: MODEL_NAME_features")
+    feature_ttl_days: NonNegativeFloat = Field(0, description="days a feature value stays valid for training joins and serving; 0: forever")
+    feature_owner: str = Field("", description="who owns the features; empty: who runs the pipeline")
+    feature_descriptions: dict[str, str] = Field({}, description="feature -> what it means")
+    test_size: float = Field(0.2, gt=0, lt=1, description="share of rows held out for evaluation")
+    seed: int = Field(42, description="every random choice: split, estimators, folds, the tuner")
+    cv_folds: int = Field(5, ge=2, description="cross-validation folds that score each candidate")
+    tune_model: str = Field("linear", min_length=1, description="the model whose parameters Optuna searches")
+    tune_space: dict = Field({}, description="per parameter {low, high, log} or {choices: [...]}; one per task or one for both")
+    tune_trials: NonNegativeInt = Field(20, description="finished trials the study should hold (more resumes the study)")
+    tune_timeout: NonNegativeFloat = Field(300, description="seconds the search may take; 0: no limit")
+    selection_metric: str = Field("auto", min_length=1, description="the cross-validated ranking metric; auto: roc_auc or rmse")
+    model_name: str = Field("nbs-classifier", min_length=1, description="name in the MLflow model registry")
+    promotion_thresholds: dict = Field({}, description="the least a champion may score on the holdout (rmse, mae, log_loss: the most), per task")
+    promotion_metric: str = Field("auto", min_length=1, description="a new version must beat the baseline and the champion on it; auto: as selection")
+    promotion_margin: NonNegativeFloat = Field(0.0, description="... by more than this, on the same holdout data")
+    slice_column: str = Field("", description="the model card's metrics per slice of it; empty: the most important feature")
+    retrain_triggers: dict | None = Field(None, description="nbs retrain --if-needed: retrain when any of these fires (null: off)")
+    rollback_margin: NonNegativeFloat = Field(0.05, description="nbs monitor: roll back a champion whose live accuracy trails the previous one's by more")
+    alert_webhook: str = Field("", description="a URL that gets every alert as a JSON POST; empty: alerts.jsonl only")
+
+
+def check_parameters(values: dict) -> dict:
+    "`values` if each of nbs's own parameters among them is one a build accepts; a ParameterError naming the first that is not."
+    try:
+        Parameters.model_validate(values)
+    except ValidationError as e:
+        error = e.errors()[0]
+        name, what = str(error["loc"][0]), error["msg"].removeprefix("Value error, ")
+        raise ParameterError(name, f"is {error['input']!r}: {what[0].lower() + what[1:]}") from None
+    return values
+
+
+def parameter_descriptions() -> dict[str, str]:
+    "What each of nbs's own parameters is for, by name."
+    return {name: field.description for name, field in Parameters.model_fields.items() if field.description}
