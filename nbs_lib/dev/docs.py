@@ -10,11 +10,12 @@ import shutil
 from functools import cache
 from pathlib import Path
 
+from ..core.errors import PathError
 from ..core.pages import html_page
 from .hygiene import nbdev_settings
 
 # %% auto #0
-__all__ = ['page_name', 'build_docs', 'broken_links']
+__all__ = ['SITE_MARK', 'page_name', 'build_docs', 'broken_links']
 
 # %% ../../notebooks/82_docs.ipynb #998d0cba
 _HREF = re.compile(r'(<a\s[^>]*?href=")([^"]*)(")')  # a link's target (in code, `<` is written &lt;: no match)
@@ -82,16 +83,30 @@ def _page(path: Path) -> tuple[str, str]:
     return _title(markdown, path.stem), body
 
 
+SITE_MARK = ".nbs-docs"  # in a folder nbs docs wrote: it may be written anew
+
+
+def _site_folder(out: Path) -> Path:
+    "`out` emptied for a new site: a folder that does not exist yet, is empty, or holds a site nbs docs wrote; never another."
+    if out.exists() and not out.is_dir():
+        raise PathError(out, "is a file, not a folder", hint="name a folder for the site")
+    if out.is_dir() and any(out.iterdir()) and not (out / SITE_MARK).is_file():
+        raise PathError(out, "is not empty and holds no site nbs docs wrote: nothing in it is replaced",
+                        hint="name a new or empty folder (default: _docs/)")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    (out / SITE_MARK).write_text("written by nbs docs: the next nbs docs replaces this folder\n", encoding="utf-8")
+    return out
+
+
 def build_docs(root: str | Path, out: str | Path | None = None) -> Path:
     "Write the documentation site of the project at `root` into `out` (default: settings.ini's doc_path), anew; its folder."
     root = Path(root).resolve()
     settings = nbdev_settings(root)
-    out = Path(out).resolve() if out else root / settings.get("doc_path", "_docs")
+    out = _site_folder(Path(out).resolve() if out else root / settings.get("doc_path", "_docs"))
     notebooks = root / settings["nbs_path"]
     index = (notebooks / settings.get("readme_nb", "index.ipynb")).resolve()
     pending = [index, *sorted(p for p in notebooks.glob("*.ipynb") if p.resolve() != index)]
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
     done: set[Path] = set()
     while pending:
         source = pending.pop(0).resolve()
