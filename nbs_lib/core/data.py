@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -59,30 +60,13 @@ def dataset_digest(df: pd.DataFrame) -> str:
     return h.hexdigest()[:16]
 
 # %% ../../notebooks/01_data.ipynb #55a00914
-def _umask() -> int:
-    "This process's umask, read without changing it where Linux's /proc tells it, else set and put back."
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def partial_file(path: Path, suffix: str = ".partial") -> Path:
-    """A new empty file beside `path`, of this run's own, to write whole before it is renamed onto `path`.
+    """A name beside `path` of this run's own (random), for a file written whole and then renamed onto `path`.
 
-    Its mode is what a file created at `path` would get (0644 under the usual umask), not mkstemp's
-    0600: the finished file is renamed with it, and the people sharing the folder must read it."""
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-    finally:
-        os.close(fd)
-    return Path(name)
+    Nothing is created: the caller holds the name before the file exists, so a run stopped at any moment
+    (nbs turns SIGINT and SIGTERM into exceptions) removes what it made, and the file, created by the writer,
+    gets the mode a file created at `path` would (0644 under the usual umask)."""
+    return path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
 
 
 def write_atomic(path: str | Path, write) -> Path:
@@ -91,10 +75,10 @@ def write_atomic(path: str | Path, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_file(path, path.suffix)
     try:
-        write(Path(tmp))
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -359,8 +359,7 @@ def predict_file(served: ServedModel, source: str | Path, output: str | Path, ch
     kind = _format(output, "output")
     total, chunks = _chunks(source, chunk_rows)
     # a name of this run's own: two runs to one output each write whole, and the last to finish wins
-    partial = partial_file(output)
-    writer, done = None, 0
+    partial, writer, done = partial_file(output), None, 0
     try:
         with tqdm(total=total, unit="rows", disable=not progress, file=sys.stderr, desc=source.name) as bar:
             for chunk in _read(chunks, source):
