@@ -151,9 +151,10 @@ def _index_notebook(root: Path) -> Path:
 def write_readme(root: str | Path) -> Path:
     "Write the project's README.md from its index notebook; its path."
     root = Path(root)
-    readme = root / "README.md"
-    readme.write_text(readme_text(_index_notebook(root)), encoding="utf-8")
-    return readme
+    from nbs_lib.core.data import write_atomic  # whole or not at all, as every file nbs writes
+
+    text = readme_text(_index_notebook(root))
+    return write_atomic(root / "README.md", lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def readme_drift(root: str | Path) -> list[str]:
