@@ -20,6 +20,7 @@ __all__ = ['SITE_MARK', 'page_name', 'build_docs', 'broken_links']
 # %% ../../notebooks/82_docs.ipynb #998d0cba
 _HREF = re.compile(r'(<a\s[^>]*?href=")([^"]*)(")')  # a link's target (in code, `<` is written &lt;: no match)
 _OUTSIDE = re.compile(r"^([a-z][a-z0-9+.-]*:|#|//)")  # a URL with a scheme, a fragment, a host: not the project's
+_HIDE = re.compile(r"^#\|\s*hide\s*$", re.MULTILINE)  # nbdev's directive: the cell is for the notebook, not its page
 
 
 def page_name(path: str | Path, root: str | Path) -> str:
@@ -76,7 +77,7 @@ def _page(path: Path) -> tuple[str, str]:
         return _title(text, path.stem), _markdown()(text)
     import nbformat
 
-    cells = nbformat.read(path, as_version=4).cells
+    cells = [cell for cell in nbformat.read(path, as_version=4).cells if not _HIDE.search(cell.source)]
     markdown = "\n".join(cell.source for cell in cells if cell.cell_type == "markdown")
     body = "\n".join(_markdown()(cell.source) if cell.cell_type == "markdown" else _code(cell.source)
                      for cell in cells if cell.source.strip() and cell.cell_type in ("markdown", "code"))
