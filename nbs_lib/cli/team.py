@@ -108,12 +108,7 @@ def export(args: SimpleNamespace) -> int:
     "Write the pipeline as a DAG of TARGET (airflow): one Airflow task per pipeline task, params from env.yaml."
     from nbs_lib.core.data import writable_file
     from nbs_lib.core.settings import parameter_descriptions
-    from nbs_lib.team.dag_export import (
-        airflow_dag_source,
-        dag_tasks,
-        env_descriptions,
-        write_dag_file,
-    )
+    from nbs_lib.team.dag_export import airflow_dag_source, dag_tasks, write_dag_file
 
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,250}", args.dag_id):
         raise ParameterError("--dag-id", f"{args.dag_id!r}: Airflow takes letters, digits, '_', '-' and '.' only")
@@ -126,9 +121,7 @@ def export(args: SimpleNamespace) -> int:
     source = airflow_dag_source(
         tasks, params, project=(args.project or root).resolve(),
         nbs=args.nbs or Path(sys.executable).with_name("nbs"), dag_id=args.dag_id,
-        # nbs's own parameters described by their model; a project's own by its comment in env.yaml
-        descriptions={**env_descriptions((root / ENV_FILE).read_text(encoding="utf-8") if (root / ENV_FILE).is_file() else ""),
-                      **parameter_descriptions()},
+        descriptions=parameter_descriptions((root / ENV_FILE).read_text(encoding="utf-8") if (root / ENV_FILE).is_file() else ""),
         retries=executor.retries, retry_delay=executor.retry_delay, task_timeout=executor.task_timeout)
     file = f"{args.dag_id}.py"
     path = write_dag_file(writable_file(args.output, file) if args.output else root / "dags" / file, source)

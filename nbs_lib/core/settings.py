@@ -5,6 +5,7 @@
 # %% ../../notebooks/09_settings.ipynb #a55d6e8d
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -57,41 +58,41 @@ class Parameters(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     experiment: str = Field("nbs", min_length=1, description="MLflow experiment of the pipeline and task runs")
-    products: str = Field("products", min_length=1, description="folder of every product")
-    cell_timeout: NonNegativeFloat = Field(1800, description="seconds one notebook cell may run before its task fails; 0: no limit")
+    products: str = Field("products", min_length=1, description="folder of every product (git-ignored)")
+    cell_timeout: NonNegativeFloat = Field(1800, description="seconds one notebook cell may run before its task fails")
     jobs: NonNegativeInt = Field(0, description="tasks run at once, each in its own kernel; 0: one per CPU core")
     environment_variables: list[str] = Field([], description="variables a parameter may read as {{env.NAME}} (stored in clear: never a secret)")
     data_path: str = Field("", description="CSV or Parquet file; empty: scikit-learn's bundled breast-cancer set")
     target: str = Field("target", min_length=1, description="the label column")
     task: Literal["auto", "classification", "regression"] = Field(
-        "auto", description="classification, regression, or auto: decided from the target")
-    max_missing_fraction: float = Field(0.1, ge=0, le=1, description="largest share of missing values in a feature")
-    min_rows: PositiveInt = Field(20, description="fewest rows worth training on")
-    id_columns: list[str] = Field([], description="columns that identify rows, never features")
-    feature_columns: list[str] = Field([], description="the features, exactly; empty: every column but keys, IDs, dates, constants and leaks")
-    drop_columns: list[str] = Field([], description="columns never to use as features")
-    entity: str = Field("patient_id", min_length=1, description="the feature store's entity key column")
-    event_timestamp: str = Field("event_timestamp", min_length=1, description="when each row's values were true, and its label known")
-    feature_repo: str = Field("feature_repo", description="Feast's repository (feature_store.yaml), relative to the project")
-    feature_view: str = Field("", description="the feature view the features are registered as; empty: MODEL_NAME_features")
-    feature_ttl_days: NonNegativeFloat = Field(0, description="days a feature value stays valid for training joins and serving; 0: forever")
-    feature_owner: str = Field("", description="who owns the features; empty: who runs the pipeline")
-    feature_descriptions: dict[str, str] = Field({}, description="feature -> what it means")
-    test_size: float = Field(0.2, gt=0, lt=1, description="share of rows held out for evaluation")
-    seed: int = Field(42, description="every random choice: split, estimators, folds, the tuner")
-    cv_folds: int = Field(5, ge=2, description="cross-validation folds that score each candidate")
-    tune_model: str = Field("linear", min_length=1, description="the model whose parameters Optuna searches")
-    tune_space: dict = Field({}, description="per parameter {low, high, log} or {choices: [...]}; one per task or one for both")
-    tune_trials: NonNegativeInt = Field(20, description="finished trials the study should hold (more resumes the study)")
-    tune_timeout: NonNegativeFloat = Field(300, description="seconds the search may take; 0: no limit")
-    selection_metric: str = Field("auto", min_length=1, description="the cross-validated ranking metric; auto: roc_auc or rmse")
-    model_name: str = Field("nbs-classifier", min_length=1, description="name in the MLflow model registry")
-    promotion_thresholds: dict = Field({}, description="the least a champion may score on the holdout (rmse, mae, log_loss: the most), per task")
-    promotion_metric: str = Field("auto", min_length=1, description="a new version must beat the baseline and the champion on it; auto: as selection")
-    promotion_margin: NonNegativeFloat = Field(0.0, description="... by more than this, on the same holdout data")
-    slice_column: str = Field("", description="the model card's metrics per slice of it; empty: the most important feature")
+        "auto", description="classification, regression, or auto: decided from the target (validate says why)")
+    max_missing_fraction: float = Field(0.1, ge=0, le=1, description="validate: largest share of missing values in a feature")
+    min_rows: PositiveInt = Field(20, description="validate: fewest rows worth training on")
+    id_columns: list[str] = Field([], description="validate: columns that identify rows, never features (unique ones are found without this)")
+    feature_columns: list[str] = Field([], description="validate: the features, exactly; empty: every column but keys, IDs, dates, constants and leaks")
+    drop_columns: list[str] = Field([], description="validate: columns never to use as features")
+    entity: str = Field("patient_id", min_length=1, description="feature store: the entity key column (data without it and event_timestamp gets both, numbered rows an hour apart)")
+    event_timestamp: str = Field("event_timestamp", min_length=1, description="feature store: when each row's values were true, and its label known")
+    feature_repo: str = Field("feature_repo", description="feature store: Feast's repository (feature_store.yaml), relative to the project")
+    feature_view: str = Field("", description="feature store: the feature view the features are registered as; empty: MODEL_NAME_features, one per model")
+    feature_ttl_days: NonNegativeFloat = Field(0, description="feature store: days a value stays valid for training joins and serving; 0: forever (the built-in data is dated 2025)")
+    feature_owner: str = Field("", description="feature store: who owns the features; empty: who runs the pipeline")
+    feature_descriptions: dict[str, str] = Field({}, description="feature store: feature -> what it means (the built-in set's columns are described already)")
+    test_size: float = Field(0.2, gt=0, lt=1, description="features: share of rows held out for evaluation")
+    seed: int = Field(42, description="features and train: every random choice")
+    cv_folds: int = Field(5, ge=2, description="train: cross-validation folds that score each candidate")
+    tune_model: str = Field("linear", min_length=1, description="tune: the model whose parameters Optuna searches (candidate train-tuned)")
+    tune_space: dict = Field({}, description="tune: per parameter {low, high, log} or {choices: [...]}; here, per task")
+    tune_trials: NonNegativeInt = Field(20, description="tune: finished trials the study should hold (more resumes the study)")
+    tune_timeout: NonNegativeFloat = Field(300, description="tune: seconds the search may take; 0: no limit")
+    selection_metric: str = Field("auto", min_length=1, description="evaluate: the cross-validated ranking metric; auto: roc_auc (classification), rmse (regression)")
+    model_name: str = Field("nbs-classifier", min_length=1, description="register: name in the MLflow model registry")
+    promotion_thresholds: dict = Field({}, description="register: the least a champion may score on the holdout (rmse, mae, log_loss: the most)")
+    promotion_metric: str = Field("auto", min_length=1, description="register: a new version must beat the baseline and the champion on it ...; auto: as selection")
+    promotion_margin: NonNegativeFloat = Field(0.0, description="register: ... by more than this, on the same holdout data")
+    slice_column: str = Field("", description="register: the model card's metrics per slice of it; empty: the most important feature")
     retrain_triggers: dict | None = Field(None, description="nbs retrain --if-needed: retrain when any of these fires (null: off)")
-    rollback_margin: NonNegativeFloat = Field(0.05, description="nbs monitor: roll back a champion whose live accuracy trails the previous one's by more")
+    rollback_margin: NonNegativeFloat = Field(0.05, description="nbs monitor: roll back a champion whose live accuracy trails the previous one's by more (a regressor: whose live RMSE is this share higher)")
     alert_webhook: str = Field("", description="a URL that gets every alert as a JSON POST; empty: alerts.jsonl only")
 
 
@@ -106,6 +107,16 @@ def check_parameters(values: dict) -> dict:
     return values
 
 
-def parameter_descriptions() -> dict[str, str]:
-    "What each of nbs's own parameters is for, by name."
-    return {name: field.description for name, field in Parameters.model_fields.items() if field.description}
+_COMMENTED = re.compile(r"^([A-Za-z_]\w*):(?:.*?\s)?#\s*(.+)$")  # YAML: `#` after a space starts a comment
+
+
+def _env_comments(env_yaml: str) -> dict[str, str]:
+    "The comment on each top-level `name: value` line of an env.yaml's text, by name."
+    return {match[1]: match[2].strip() for line in env_yaml.splitlines() if (match := _COMMENTED.match(line))}
+
+
+def parameter_descriptions(env_yaml: str = "") -> dict[str, str]:
+    """What each parameter is for, by name: nbs's own from `Parameters`, a project's own (which no model knows) from its
+    comment in the text of its env.yaml."""
+    own = {name: field.description for name, field in Parameters.model_fields.items() if field.description}
+    return {**_env_comments(env_yaml), **own}

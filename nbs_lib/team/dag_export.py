@@ -6,13 +6,12 @@
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import tempfile
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['param_type', 'env_descriptions', 'dag_tasks', 'airflow_dag_source', 'write_dag_file']
+__all__ = ['param_type', 'dag_tasks', 'airflow_dag_source', 'write_dag_file']
 
 # %% ../../notebooks/73_dag_export.ipynb #206be9d5
 _JSON_TYPES = [(bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"), (dict, "object"),
@@ -22,16 +21,6 @@ _JSON_TYPES = [(bool, "boolean"), (int, "integer"), (float, "number"), (str, "st
 def param_type(default: object) -> str | None:
     "The JSON-schema type an Airflow Param gets for a parameter with this default (None: any)."
     return next((name for kind, name in _JSON_TYPES if isinstance(default, kind)), None)
-
-
-def env_descriptions(env_yaml: str) -> dict[str, str]:
-    "The comment after each top-level `name: value` line of env.yaml, by name: the params' descriptions."
-    found = {}
-    for line in env_yaml.splitlines():
-        match = re.match(r"^([A-Za-z_]\w*):[^#]*#\s*(.+)$", line)
-        if match:
-            found[match[1]] = match[2].strip()
-    return found
 
 
 def dag_tasks(dag) -> dict[str, list[str]]:
