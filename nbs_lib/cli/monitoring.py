@@ -27,16 +27,12 @@ from nbs_lib.cli.common import (
     wait_option,
 )
 from ..core.config import display_path
-from ..core.errors import ConfigError
 
 # %% auto #0
-__all__ = ['MONITOR_NOTEBOOK', 'monitor', 'retrain']
+__all__ = ['monitor', 'retrain']
 
 # %% ../../notebooks/96_cli_monitoring.ipynb #98eb360a
 _prediction_log = click.option("--prediction-log", metavar="PATH", help="the log nbs serve writes (default: ROOT/predictions.db)")
-
-
-MONITOR_NOTEBOOK = Path("notebooks/monitoring/monitor.ipynb")
 
 
 @command()
@@ -53,57 +49,22 @@ def monitor(args: SimpleNamespace) -> int:
     "Report on the served model from the prediction log (drift, live performance, volume, data quality) and on feature skew, tracked in MLflow."
     import json
 
-    from nbs_lib.ml.feature_store import feature_view_name
-    from nbs_lib.monitoring.live import check_window, since_time
-    from nbs_lib.pipeline.execute import execute_notebook
+    from nbs_lib.monitoring.monitor import monitor_parameters, run_monitor, summary_lines
 
-    if args.since:
-        since_time(args.since)  # refused here, before a kernel starts, not in the notebook
-    check_window(args.window)
     root, declared = project_settings(args)
-    log = existing_log(args.prediction_log, root)
-    reference = Path(args.reference).resolve() if args.reference else root / declared.get("products", "products") / "data" / "train.parquet"
-    if not reference.is_file():
-        raise ConfigError(reference, "does not exist: the reference is the table the model was trained on",
-                          hint="make run writes it; --reference names another")
-    triggers = declared.get("retrain_triggers") or {}
-    name = declared.get("model_name", "nbs-classifier")
-    params = {"prediction_log": str(log), "reference": str(reference), "target": declared.get("target", "target"),
-              "model_name": name, "since": args.since, "window": args.window,
-              "rollback_margin": float(declared.get("rollback_margin", 0.05)),
-              "min_live_labels": int(triggers.get("min_live_labels") or 50),
-              "alert_log": str(root / "alerts.jsonl"), "alert_webhook": declared.get("alert_webhook") or "",
-              "feature_repo": str(declared.get("feature_repo", "feature_repo")),
-              "feature_view": feature_view_name(str(declared.get("feature_view") or ""), name)}
-    summary_file = root / declared.get("products", "products") / "monitoring" / "summary.json"
-    params["summary_path"] = str(summary_file)
+    params = monitor_parameters(root, declared, existing_log(args.prediction_log, root),
+                                Path(args.reference).resolve() if args.reference else None, args.since, args.window)
     use_store_of(root)
     stop_on_signals()
-    output = root / declared.get("products", "products") / "monitoring" / "monitor.ipynb"
-    experiment = f"{declared.get('experiment', 'nbs')}-monitoring"
-    summary_file.unlink(missing_ok=True)  # what is printed below is this report's, or nothing
-    done = execute_notebook(root / MONITOR_NOTEBOOK, output, params, experiment=experiment, root=root)
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    done = run_monitor(root, declared, params)
     report = display_path(done["output"], root)
     if args.as_json:
-        print(json.dumps({"report": report, "run_id": done["run_id"], "summary": summary}, indent=2))
+        print(json.dumps({"report": report, "run_id": done["run_id"], "summary": done["summary"]}, indent=2))
         return 0
-    print(f"Monitoring report: {report} (and its HTML in MLflow run {done['run_id']}, experiment {experiment!r})")
-    if summary is not None:
-        print(_monitor_lines(summary))
+    print(f"Monitoring report: {report} (and its HTML in MLflow run {done['run_id']}, experiment {done['experiment']!r})")
+    if done["summary"] is not None:
+        print(summary_lines(done["summary"]))
     return 0
-
-
-def _monitor_lines(summary: dict) -> str:
-    "The few lines `nbs monitor` ends with: the model, drifted features, live metrics, alerts, rollback."
-    live = ", ".join(f"{metric} {value:.4f}" for metric, value in summary["live"].items()) or "no labels yet"
-    drifted = summary["drifted"]
-    return "\n".join([
-        f"Model: {summary['model']}; {summary['predictions']} predictions, {summary['labelled']} with a label",
-        f"Drifted: {', '.join(drifted)} ({len(drifted)} of {summary['features']} features)" if drifted else "Drifted: none",
-        f"Live: {live}",
-        f"Alerts: {', '.join(summary['alerts']) or 'none'}",
-        f"Rollback: {summary['rollback']['decision']} ({summary['rollback']['reason']})"])
 
 # %% ../../notebooks/96_cli_monitoring.ipynb #5836c015
 @command()

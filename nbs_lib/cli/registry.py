@@ -5,7 +5,6 @@
 # %% ../../notebooks/94_cli_registry.ipynb #c0fcfa22
 from __future__ import annotations
 
-import math
 import os
 import sys
 from pathlib import Path
@@ -26,7 +25,6 @@ from nbs_lib.cli.common import (
     use_store_of,
 )
 from ..core.config import display_path, find_project_root
-from ..core.errors import ConfigError
 
 # %% auto #0
 __all__ = ['promote', 'rollback', 'models', 'features', 'lineage', 'reproduce']
@@ -78,42 +76,12 @@ def rollback(args: SimpleNamespace) -> int:
 @_registry_root
 def models(args: SimpleNamespace) -> int:
     "Registered models (NAME: one of them): their latest versions with aliases, holdout metric and gate decision, and the champion history."
-    import json
+    from nbs_lib.registry.versions import models_report
 
-    from nbs_lib.registry.versions import champion_history
-
-    client = _registry_client(args)
-    names = [args.name] if args.name else sorted(m.name for m in client.search_registered_models())
-    if not names:
-        print(f"No registered models in {client.tracking_uri}: nbs run registers one.")
-    for name in names:
-        versions = client.search_model_versions(f"name = '{name}'", max_results=args.limit,
-                                                order_by=["version_number DESC"])
-        aliases: dict[str, list[str]] = {}  # search results leave aliases out; the model has them
-        for alias, version in client.get_registered_model(name).aliases.items():
-            aliases.setdefault(str(version), []).append(alias)
-        print(f"{name}\n  {'version':8} {'aliases':22} {'roc_auc':8} gate")
-        for v in versions:
-            promoted, reason = (json.loads(v.tags[f"nbs.gate.{k}"]) if f"nbs.gate.{k}" in v.tags else None
-                                for k in ("promote", "reason"))
-            gate = "" if promoted is None else f"{'promoted' if promoted else 'refused'}: {reason}"
-            print(f"  {v.version:<8} {','.join(sorted(aliases.get(str(v.version), []))) or '-':22} "
-                  f"{v.tags.get('metric.roc_auc', '-'):8} {gate}")
-        print("  champion history (oldest first):")
-        for e in champion_history(client, name):
-            print(f"    {e['at']}  {e['action']:8} version {e['version']:<4} {e['by']}: {e['why']}")
+    print(models_report(_registry_client(args), [args.name] if args.name else None, args.limit))
     return 0
 
 # %% ../../notebooks/94_cli_registry.ipynb #5db34750
-def _unmeasured(value) -> bool:
-    "None or NaN: what a catalogue cell holds when nothing was measured."
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def _shown_number(value) -> str:
-    return "-" if _unmeasured(value) else f"{value:.4g}"
-
-
 @command()
 @click.option("--model", metavar="NAME", help="the registered model whose champion's importances are shown "
               "(default: model_name in env.yaml)")
@@ -126,44 +94,17 @@ def features(args: SimpleNamespace) -> int:
     import json
 
     from nbs_lib.core.data import write_atomic
-    from nbs_lib.ml.feature_store import (
-        catalogue,
-        catalogue_html,
-        champion_importance,
-        has_registry,
-        last_feature_stats,
-        models_using,
-        open_feature_store,
-    )
+    from nbs_lib.ml.feature_store import catalogue_html, catalogue_text, project_catalogue
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     root, env = project_settings(args, inside=False)
-    repo = root / str(env.get("feature_repo", "feature_repo"))
-    if not has_registry(repo):
-        raise ConfigError(display_path(repo, Path.cwd()), "has no feature registry yet",
-                          hint="`nbs run` builds the feature store (task feature_tables)")
     model_name = args.model or env.get("model_name", "")
-    client = _registry_client(args)
-    listed = catalogue(open_feature_store(repo), last_feature_stats(client, str(env.get("experiment", "nbs"))),
-                       champion_importance(client, model_name) if model_name else {}, models_using(client))
+    listed = project_catalogue(_registry_client(args), root / str(env.get("feature_repo", "feature_repo")),
+                               str(env.get("experiment", "nbs")), model_name)
     if args.html:
         write_atomic(args.html, lambda tmp: tmp.write_text(catalogue_html(listed, "Feature catalogue")))
         print(f"Wrote {display_path(args.html, Path.cwd())}", file=sys.stderr)
-    if args.as_json:
-        print(json.dumps(json.loads(listed.to_json(orient="records")), indent=2))
-        return 0
-    for row in listed.to_dict("records"):
-        importance = ("importance not recorded" if _unmeasured(row["importance"])
-                      else f"importance {row['importance']:.4g} in the champion of {model_name}")
-        print(f"{row['feature']}  ({row['view']}, {row['type']})  {importance}")
-        print(f"  {row['description'] or '(no description)'}")
-        print(f"  defined by {row['definition'] or '?'}; owner {row['owner'] or '?'}")
-        if _unmeasured(row["rows"]):
-            print("  last run: no statistics recorded")
-        else:
-            print(f"  last run: {int(row['rows'])} rows, {int(row['missing'])} missing, mean {_shown_number(row['mean'])}, "
-                  f"std {_shown_number(row['std'])}, min {_shown_number(row['min'])}, max {_shown_number(row['max'])}")
-        print(f"  used by: {row['models'] or 'no registered model'}")
+    print(json.dumps(json.loads(listed.to_json(orient="records")), indent=2) if args.as_json else catalogue_text(listed, model_name))
     return 0
 
 # %% ../../notebooks/94_cli_registry.ipynb #d84a293b
@@ -192,42 +133,15 @@ def lineage(args: SimpleNamespace) -> int:
 def reproduce(args: SimpleNamespace) -> int:
     "Rebuild a registered version (URI: models:/NAME/VERSION or models:/NAME@ALIAS) from its recorded commit, parameters and data, and compare it with the recorded one."
     import json
-    import shutil
-    import tempfile
 
-    from nbs_lib.core.tracking import finish_run, start_pipeline_run
-    from nbs_lib.registry import reproduce as rebuild
+    from nbs_lib.registry.reproduce import format_comparison, reproduce_tracked
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    root = find_project_root(args.root)
-    client = _registry_client(args)
-    recorded = rebuild.recorded_build(client, args.uri)
-    data_path = rebuild.check_data_files(recorded, root, Path(args.data).resolve() if args.data else None)
-    if args.keep and Path(args.keep).exists() and any(Path(args.keep).iterdir()):
-        raise ConfigError(args.keep, "is not empty", hint="--keep names a new folder for the rebuild")
-    workdir = Path(args.keep).resolve() if args.keep else Path(tempfile.mkdtemp(prefix="nbs-reproduce-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    experiment = f"{recorded['parameters'].get('experiment', 'nbs')}-reproduce"
-    run_id = start_pipeline_run(client, experiment, [], {}, root, kind="reproduce", name=f"reproduce {recorded['uri']}",
-                                tags={"nbs.reproduces": recorded["uri"], "nbs.pipeline_run": recorded["pipeline_run"]})
+    root, client = find_project_root(args.root), _registry_client(args)
     stop_on_signals()
-    status = "KILLED"
-    try:
-        report = rebuild.reproduce(client, recorded, data_path, root, workdir, keep=bool(args.keep))
-        client.log_dict(run_id, report, "reproduction.json")
-        verdict = "identical" if report["identical"] else "different"
-        client.set_tag(run_id, "nbs.reproduced", verdict)
-        client.set_model_version_tag(recorded["name"], str(recorded["version"]), "nbs.reproduced",
-                                     f"{verdict} (run {run_id})")
-        status = "FINISHED"
-    except Exception:
-        status = "FAILED"
-        raise
-    finally:
-        finish_run(client, run_id, status)
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print(json.dumps(report, indent=2, default=str) if args.as_json else rebuild.format_comparison(report))
+    report, _, workdir = reproduce_tracked(client, args.uri, root, Path(args.data).resolve() if args.data else None,
+                                           Path(args.keep) if args.keep else None)
+    print(json.dumps(report, indent=2, default=str) if args.as_json else format_comparison(report))
     if args.keep:
         print(f"\nThe rebuild is kept in {workdir} (its store: {workdir / 'mlflow.db'}); remove its worktree with "
               f"`git worktree remove --force {workdir / 'source'}`.")

@@ -22,8 +22,8 @@ from .features import feature_spec
 __all__ = ['BUILTIN_START', 'DEFINITION_TAG', 'keyed', 'feature_table', 'label_table', 'feature_stats', 'feature_view_name',
            'builtin_descriptions', 'definition_site', 'definitions', 'open_feature_store', 'apply_definitions',
            'has_registry', 'registered_definitions', 'training_set', 'materialize', 'OnlineFeatures', 'skew',
-           'sample_entities', 'catalogue', 'catalogue_html', 'last_feature_stats', 'champion_importance',
-           'models_using']
+           'sample_entities', 'catalogue', 'catalogue_html', 'catalogue_text', 'last_feature_stats',
+           'champion_importance', 'models_using', 'project_catalogue']
 
 # %% ../../notebooks/17_feature_store.ipynb #44bcd209
 BUILTIN_START = "2025-01-01"
@@ -189,11 +189,16 @@ def open_feature_store(repo: str | Path):
 
     feast = _feast()
     logging.getLogger("feast.repo_config").addFilter(_not_the_file_registry_advice)
-    repo = Path(repo).resolve()
-    if not (repo / "feature_store.yaml").is_file():
-        raise ConfigError(str(repo / "feature_store.yaml"), "is missing: that folder is not a feature repository",
+    return feast.FeatureStore(repo_path=str(_repo_config(repo).parent))
+
+
+def _repo_config(repo: str | Path) -> Path:
+    "The feature_store.yaml of the feature repository at `repo`, or a ConfigError when that folder is none."
+    config = Path(repo).resolve() / "feature_store.yaml"
+    if not config.is_file():
+        raise ConfigError(str(config), "is missing: that folder is not a feature repository",
                           hint="the project's is feature_repo/; -p feature_repo=PATH names another")
-    return feast.FeatureStore(repo_path=str(repo))
+    return config
 
 
 def apply_definitions(store, objects: list) -> dict:
@@ -209,7 +214,7 @@ def has_registry(repo: str | Path) -> bool:
     "Whether the feature repository at `repo` has a registry yet (its feature_store.yaml says where)."
     import yaml
 
-    config = yaml.safe_load((Path(repo) / "feature_store.yaml").read_text())
+    config = yaml.safe_load(_repo_config(repo).read_text())
     registry = config.get("registry", "data/registry.db")
     path = Path(registry["path"] if isinstance(registry, dict) else registry)
     return (path if path.is_absolute() else Path(repo) / path).is_file()
@@ -411,6 +416,31 @@ def catalogue_html(frame: pd.DataFrame, title: str) -> str:
     table = frame.to_html(index=False, escape=True, na_rep="", float_format=lambda v: f"{v:.4g}", border=0)
     return html_page(title, f"<h1>{html.escape(title)}</h1><p>{len(frame)} features</p>{table}", wide=True)
 
+
+def _unmeasured(value) -> bool:
+    "None or NaN: what a catalogue cell holds when nothing was measured."
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _shown_number(value) -> str:
+    return "-" if _unmeasured(value) else f"{value:.4g}"
+
+
+def catalogue_text(frame: pd.DataFrame, model_name: str = "") -> str:
+    "The catalogue as `nbs features` prints it: five lines a feature, importances read as `model_name`'s champion's."
+    lines = []
+    for row in frame.to_dict("records"):
+        importance = ("importance not recorded" if _unmeasured(row["importance"])
+                      else f"importance {row['importance']:.4g} in the champion of {model_name}")
+        lines += [f"{row['feature']}  ({row['view']}, {row['type']})  {importance}",
+                  f"  {row['description'] or '(no description)'}",
+                  f"  defined by {row['definition'] or '?'}; owner {row['owner'] or '?'}",
+                  "  last run: no statistics recorded" if _unmeasured(row["rows"]) else
+                  f"  last run: {int(row['rows'])} rows, {int(row['missing'])} missing, mean {_shown_number(row['mean'])}, "
+                  f"std {_shown_number(row['std'])}, min {_shown_number(row['min'])}, max {_shown_number(row['max'])}",
+                  f"  used by: {row['models'] or 'no registered model'}"]
+    return "\n".join(lines)
+
 # %% ../../notebooks/17_feature_store.ipynb #2036c57c
 def last_feature_stats(client, experiment: str) -> pd.DataFrame | None:
     "The feature statistics the newest finished feature_tables task of `experiment` logged, or None."
@@ -470,3 +500,11 @@ def models_using(client) -> dict[str, list[str]]:
             for name in _input_names(client, model.name, version):
                 used.setdefault(name, []).append(label)
     return used
+
+
+def project_catalogue(client, repo: Path, experiment: str, model_name: str = "") -> pd.DataFrame:
+    "The `catalogue` of the feature repository `repo`, with what `client`'s store recorded of `experiment` and `model_name`."
+    if not has_registry(repo):
+        raise ConfigError(repo, "has no feature registry yet", hint="`nbs run` builds the feature store (task feature_tables)")
+    return catalogue(open_feature_store(repo), last_feature_stats(client, experiment),
+                     champion_importance(client, model_name) if model_name else {}, models_using(client))

@@ -23,7 +23,7 @@ _logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['COMPARED', 'version_facts', 'recorded_build', 'data_files', 'check_data_files', 'checkout', 'rebuild',
-           'compare_facts', 'compare_predictions', 'identical', 'format_comparison', 'reproduce']
+           'compare_facts', 'compare_predictions', 'identical', 'format_comparison', 'reproduce', 'reproduce_tracked']
 
 # %% ../../notebooks/42_reproduce.ipynb #549222f9
 def version_facts(client, name: str, version: int | str) -> dict:
@@ -227,3 +227,40 @@ def reproduce(client, recorded: dict, data_path: str | None, root: Path, workdir
     return {"uri": recorded["uri"], "commit": recorded["commit"], "pipeline_run": recorded["pipeline_run"],
             "parameters": parameters, "facts": rows, "predictions": predictions,
             "identical": identical(rows, predictions)}
+
+
+def reproduce_tracked(client, uri: str, root: Path, data: Path | None = None,
+                      keep: Path | None = None) -> tuple[dict, str, Path]:
+    """`reproduce` the version at `uri` as a run of experiment EXPERIMENT-reproduce, the verdict tagged on the run and on
+    the version: the report, the run's id and the rebuild's folder (`keep`, or a temporary one already removed)."""
+    import shutil
+    import tempfile
+
+    from nbs_lib.core.tracking import finish_run, start_pipeline_run
+
+    recorded = recorded_build(client, uri)
+    data_path = check_data_files(recorded, root, data)
+    if keep is not None and keep.exists() and any(keep.iterdir()):
+        raise ConfigError(keep, "is not empty", hint="--keep names a new folder for the rebuild")
+    workdir = keep.resolve() if keep is not None else Path(tempfile.mkdtemp(prefix="nbs-reproduce-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    experiment = f"{recorded['parameters'].get('experiment', 'nbs')}-reproduce"
+    run_id = start_pipeline_run(client, experiment, [], {}, root, kind="reproduce", name=f"reproduce {recorded['uri']}",
+                                tags={"nbs.reproduces": recorded["uri"], "nbs.pipeline_run": recorded["pipeline_run"]})
+    status = "KILLED"
+    try:
+        report = reproduce(client, recorded, data_path, root, workdir, keep=keep is not None)
+        client.log_dict(run_id, report, "reproduction.json")
+        verdict = "identical" if report["identical"] else "different"
+        client.set_tag(run_id, "nbs.reproduced", verdict)
+        client.set_model_version_tag(recorded["name"], str(recorded["version"]), "nbs.reproduced",
+                                     f"{verdict} (run {run_id})")
+        status = "FINISHED"
+    except Exception:
+        status = "FAILED"
+        raise
+    finally:
+        finish_run(client, run_id, status)
+        if keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return report, run_id, workdir

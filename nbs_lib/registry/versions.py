@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'CHALLENGER', 'CHAMPION', 'REGISTRATION_KEY_TAG', 'HISTORY_TAG', 'HISTORY_KEPT', 'model_requirements',
            'registration_key', 'unfinished_registration', 'register_model', 'gate', 'champion_history',
-           'champion_versions', 'promote', 'rollback', 'apply_gate', 'load_version', 'recorded_gate', 'parse_model_uri',
-           'resolve_version']
+           'champion_versions', 'promote', 'rollback', 'apply_gate', 'load_version', 'recorded_gate', 'models_report',
+           'parse_model_uri', 'resolve_version']
 
 # %% ../../notebooks/40_versions.ipynb #98cd859c
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -260,6 +260,30 @@ def recorded_gate(name: str, version: int | str) -> dict | None:
     if decision["promote"] and int(version) not in promoted:
         promote(client, name, version, f"gate: {decision['reason']}")
     return decision
+
+
+def models_report(client, names: list[str] | None = None, limit: int = 10) -> str:
+    "What `nbs models` prints: each model's `limit` latest versions with aliases, holdout roc_auc and gate decision, then its champion history."
+    names = names or sorted(m.name for m in client.search_registered_models())
+    if not names:
+        return f"No registered models in {client.tracking_uri}: nbs run registers one."
+    lines = []
+    for name in names:
+        versions = client.search_model_versions(f"name = '{name}'", max_results=limit, order_by=["version_number DESC"])
+        aliases: dict[str, list[str]] = {}  # search results leave aliases out; the model has them
+        for alias, version in client.get_registered_model(name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+        lines += [name, f"  {'version':8} {'aliases':22} {'roc_auc':8} gate"]
+        for v in versions:
+            promoted, reason = (json.loads(v.tags[f"nbs.gate.{k}"]) if f"nbs.gate.{k}" in v.tags else None
+                                for k in ("promote", "reason"))
+            gate = "" if promoted is None else f"{'promoted' if promoted else 'refused'}: {reason}"
+            lines.append(f"  {v.version:<8} {','.join(sorted(aliases.get(str(v.version), []))) or '-':22} "
+                         f"{v.tags.get('metric.roc_auc', '-'):8} {gate}")
+        lines.append("  champion history (oldest first):")
+        lines += [f"    {e['at']}  {e['action']:8} version {e['version']:<4} {e['by']}: {e['why']}"
+                  for e in champion_history(client, name)]
+    return "\n".join(lines)
 
 # %% ../../notebooks/40_versions.ipynb #49e909ae
 def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
