@@ -32,6 +32,7 @@ class Figure:
     higher_is_better: bool = False  # throughput, speed-up: the ratio is measured/baseline all the same
     notes: list[str] = field(default_factory=list)
     absolute_target: float | None = None  # a target on the measured median itself, in `unit`
+    margin_target: float | None = None  # a target on the measured median minus the baseline's, in `unit`
 
     @property
     def ratio(self) -> float:
@@ -43,6 +44,8 @@ class Figure:
         "Whether the target holds; None when there is none."
         if self.absolute_target is not None:
             return statistics.median(self.values) <= self.absolute_target
+        if self.margin_target is not None:
+            return statistics.median(self.values) - statistics.median(self.baseline_values) <= self.margin_target
         if not self.target:
             return None
         sign, number = self.target.split()

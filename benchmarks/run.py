@@ -22,12 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import commands
 import overhead
 import pipeline
 import serve
 from common import ROOT, Figure, clean_env, scratch_project, spread
 
-BENCHMARKS = ["startup", "execute", "pipeline", "grid", "tracking", "cells", "noop", "large", "serve"]
+BENCHMARKS = ["startup", "execute", "pipeline", "grid", "tracking", "cells", "noop", "commands", "large", "serve"]
 SMOKE_ENV = {"tune_trials": "2", "cv_folds": "2"}  # a quicker pipeline for --smoke
 # --smoke builds the chain from data to a registered version with the whole grid, without the tasks no
 # benchmark looks at, so that the suite, which runs it, waits less for it
@@ -84,7 +85,7 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
     if {"noop", "pipeline", "grid", "tracking", "large"} & set(chosen):
         say("ploomber build, then its no-op builds")
         ploomber_seconds = pipeline.ploomber_noop(project, env, 1 if smoke else 3)
-    if {"pipeline", "grid", "tracking", "noop"} & set(chosen):
+    if {"pipeline", "grid", "tracking", "noop", "commands"} & set(chosen):
         say("forced pipeline against plain python, default data")
         figure, built_mib, plain_mib = pipeline.pipeline_vs_plain(
             project, env, few, [], "forced pipeline, default data (569 rows)", "<= 2.0x")
@@ -97,6 +98,9 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
     if "grid" in chosen:
         say("grid: jobs=1 against jobs=2")
         figures.append(pipeline.grid(project, env, few))
+    if "commands" in chosen:
+        say("commands a person waits for")
+        figures += commands.measure(project, env, 1 if smoke else 5, warm_up=not smoke)
     if "tracking" in chosen:
         say("tracking cost per task")
         figures.append(overhead.tracking_per_task(project, 3 if smoke else 20))

@@ -18,7 +18,9 @@ FIGURES = ["nbs --help, whole process", "import nbs_lib, whole process", "nbs ex
            "grid of 4 candidates on 2 cores", "tracking cost per task", "execution time per cell (200 trivial cells)",
            "execution time per cell (200 trivial cells), the floor", "no-op build, whole process",
            "forced pipeline, 1,000 generated rows", "serving throughput, 1 record per request",
-           "serving throughput, 100 records per request"]
+           "serving throughput, 100 records per request", "nbs status, whole process", "nbs models, whole process",
+           "nbs runs, whole process", "nbs lineage, whole process", "nbs schedule list, whole process",
+           "nbs features, whole process", "nbs predict, the 114-row holdout, whole process"]
 
 
 @pytest.mark.build

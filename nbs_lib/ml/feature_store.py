@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import math
 import re
 from datetime import UTC, datetime, timedelta
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..core.data import write_atomic
 from ..core.errors import ConfigError, DataError, InputError, ParameterError, import_extra
+from ..core.lineage import file_digest
 from ..core.tracking import table_artifact
 from .features import feature_spec
 
@@ -22,8 +25,8 @@ from .features import feature_spec
 __all__ = ['BUILTIN_START', 'DEFINITION_TAG', 'keyed', 'feature_table', 'label_table', 'feature_stats', 'feature_view_name',
            'builtin_descriptions', 'definition_site', 'definitions', 'open_feature_store', 'apply_definitions',
            'has_registry', 'registered_definitions', 'training_set', 'materialize', 'OnlineFeatures', 'skew',
-           'sample_entities', 'catalogue', 'catalogue_html', 'catalogue_text', 'last_feature_stats',
-           'champion_importance', 'models_using', 'project_catalogue']
+           'sample_entities', 'store_definitions', 'feature_definitions', 'catalogue', 'catalogue_html',
+           'catalogue_text', 'last_feature_stats', 'champion_importance', 'models_using', 'project_catalogue']
 
 # %% ../../notebooks/17_feature_store.ipynb #44bcd209
 BUILTIN_START = "2025-01-01"
@@ -210,14 +213,23 @@ def apply_definitions(store, objects: list) -> dict:
             "features": len(view.features)}
 
 # %% ../../notebooks/17_feature_store.ipynb #b27edfa9
-def has_registry(repo: str | Path) -> bool:
-    "Whether the feature repository at `repo` has a registry yet (its feature_store.yaml says where)."
+def _file_registry(repo: str | Path) -> Path | None:
+    "The registry file of the feature repository at `repo` (its feature_store.yaml says where); None for a SQL or remote registry."
     import yaml
 
-    config = yaml.safe_load(_repo_config(repo).read_text())
-    registry = config.get("registry", "data/registry.db")
-    path = Path(registry["path"] if isinstance(registry, dict) else registry)
-    return (path if path.is_absolute() else Path(repo) / path).is_file()
+    registry = yaml.safe_load(_repo_config(repo).read_text()).get("registry", "data/registry.db")
+    if isinstance(registry, dict) and registry.get("registry_type", "file") != "file":
+        return None
+    path = str(registry["path"] if isinstance(registry, dict) else registry)
+    if "://" in path:  # s3://, gs://, a database URL: not a file here
+        return None
+    return Path(path) if Path(path).is_absolute() else Path(repo).resolve() / path
+
+
+def has_registry(repo: str | Path) -> bool:
+    "Whether the feature repository at `repo` has a registry yet (a SQL or remote registry is taken to have one)."
+    registry = _file_registry(repo)
+    return registry is None or registry.is_file()
 
 
 def registered_definitions(repo: str | Path) -> dict:
@@ -386,20 +398,52 @@ def sample_entities(store, view: str, count: int = 200, seed: int = 0) -> list:
     return keys.sample(min(count, len(keys)), random_state=seed).tolist()
 
 # %% ../../notebooks/17_feature_store.ipynb #5c1e59b8
-def catalogue(store, stats: pd.DataFrame | None = None, importance: dict[str, float] | None = None,
+_logger = logging.getLogger(__name__)
+
+
+def store_definitions(store) -> list[dict]:
+    "A row per feature of every view of a Feast `store`: its view, type, owner, description and where it is computed."
+    return [{"feature": field.name, "view": view.name, "type": str(field.dtype), "owner": view.owner,
+             "description": field.description,
+             "definition": field.tags.get(DEFINITION_TAG, view.tags.get(DEFINITION_TAG, ""))}
+            for view in store.list_feature_views() for field in view.features]
+
+
+def feature_definitions(repo: str | Path) -> list[dict]:
+    """`store_definitions` of the feature repository at `repo`. Of a file registry, read through Feast once per content
+    of the file and then from a snapshot beside it, keyed by the file's SHA-256: importing Feast takes seconds."""
+    registry = _file_registry(repo)
+    if registry is None or not registry.is_file():
+        return store_definitions(open_feature_store(repo))
+    digest = file_digest(registry)
+    snapshot = registry.with_name(f"{registry.name}.nbs-definitions.json")
+    try:
+        saved = json.loads(snapshot.read_text(encoding="utf-8"))
+        if saved.get("registry_sha256") == digest:
+            return saved["features"]
+    except (OSError, ValueError, AttributeError):  # none yet, or not one nbs wrote: the registry answers
+        pass
+    rows = store_definitions(open_feature_store(repo))
+    if file_digest(registry) == digest:  # the registry did not change while Feast read it: the rows are this content's
+        try:
+            write_atomic(snapshot, lambda tmp: tmp.write_text(json.dumps({"registry_sha256": digest, "features": rows}),
+                                                                encoding="utf-8"))
+        except OSError as e:  # a read-only repository: every reading goes through Feast
+            _logger.debug(f"no definitions snapshot beside {registry}: {e}")
+    return rows
+
+
+def catalogue(definitions: list[dict], stats: pd.DataFrame | None = None, importance: dict[str, float] | None = None,
               used_by: dict[str, list[str]] | None = None) -> pd.DataFrame:
-    "A row per feature of every view: definition, type, owner, description, last statistics, champion importance, models using it."
+    "The feature `definitions` with their last statistics, importance in the champion and the models using them: a row each."
     stats = stats.set_index("feature") if stats is not None and len(stats) else pd.DataFrame()
     importance, used_by = importance or {}, used_by or {}
     rows = []
-    for view in store.list_feature_views():
-        for field in view.features:
-            measured = stats.loc[field.name].to_dict() if field.name in stats.index else {}
-            rows.append({"feature": field.name, "view": view.name, "type": str(field.dtype), "owner": view.owner,
-                         "description": field.description,
-                         "definition": field.tags.get(DEFINITION_TAG, view.tags.get(DEFINITION_TAG, "")),
-                         **{k: measured.get(k) for k in ("rows", "missing", "mean", "std", "min", "max")},
-                         "importance": importance.get(field.name), "models": ", ".join(used_by.get(field.name, []))})
+    for defined in definitions:
+        name = defined["feature"]
+        measured = stats.loc[name].to_dict() if name in stats.index else {}
+        rows.append({**defined, **{k: measured.get(k) for k in ("rows", "missing", "mean", "std", "min", "max")},
+                     "importance": importance.get(name), "models": ", ".join(used_by.get(name, []))})
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
@@ -506,5 +550,5 @@ def project_catalogue(client, repo: Path, experiment: str, model_name: str = "")
     "The `catalogue` of the feature repository `repo`, with what `client`'s store recorded of `experiment` and `model_name`."
     if not has_registry(repo):
         raise ConfigError(repo, "has no feature registry yet", hint="`nbs run` builds the feature store (task feature_tables)")
-    return catalogue(open_feature_store(repo), last_feature_stats(client, experiment),
+    return catalogue(feature_definitions(repo), last_feature_stats(client, experiment),
                      champion_importance(client, model_name) if model_name else {}, models_using(client))

@@ -10,11 +10,13 @@ import json
 import logging
 import re
 from datetime import UTC, datetime
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from ..core.errors import ConfigError, ParameterError
 from ..core.tracking import active_run_id, experiment_id, get_client, who
+
+if TYPE_CHECKING:  # for annotations only: nbs models, promote and lineage never need pandas
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
