@@ -3,38 +3,76 @@ the floor of any command that asks MLflow (importing its client), in alternating
 
 from __future__ import annotations
 
+import http.client
+import subprocess
+import time
 from pathlib import Path
 
 from common import BIN, Figure, run_process
+from serve import free_port, stop
 
 FLOOR = "from mlflow.tracking import MlflowClient"  # what every command that must ask MLflow pays first
+# the floor under that of a command on the embedded store: MLflow's client ready on it, one registry query
+STORE_READY = ("from mlflow import MlflowClient; import os; MlflowClient(os.environ['MLFLOW_TRACKING_URI'])"
+               ".search_registered_models(); import gc; gc.freeze()")  # no last collection at exit, as nbs
+
+
+def serve_ready(project: Path, env: dict) -> float:
+    "Seconds from starting `nbs serve` on the project's champion to its first 200 on GET /ready."
+    port = free_port()
+    started = time.perf_counter()
+    process = subprocess.Popen([str(BIN / "nbs"), "serve", "--port", str(port), "--no-prediction-log"], cwd=project,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        while process.poll() is None:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                connection.request("GET", "/ready")
+                if connection.getresponse().status == 200:
+                    return time.perf_counter() - started
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise SystemExit(f"nbs serve exited: {process.stderr.read().decode()[-2000:]}")
+    finally:
+        stop(process)
 
 
 def measure(project: Path, env: dict, repeat: int, warm_up: bool = True) -> list[Figure]:
-    """`nbs status`, `models`, `runs`, `lineage`, `schedule list`, `features` and `nbs predict` of the holdout, on the
-    built `project`; with `warm_up`, a first untimed round (compiled bytecode, the feature definitions' snapshot)."""
+    """`nbs status`, `models`, `runs`, `lineage`, `promote`, `rollback`, `schedule list`, `features` and `nbs predict`
+    of the holdout, on the built `project`; with `warm_up`, a first untimed round (compiled bytecode, the feature
+    definitions' snapshot)."""
     nbs = str(BIN / "nbs")
     commands = {  # name: (arguments, target, seconds: over the floor for a margin, else the median's own)
         "nbs status": (["status"], "absolute", 0.5),
         "nbs models": (["models"], "margin", 0.5),
         "nbs runs": (["runs"], "margin", 0.5),
         "nbs lineage": (["lineage", "models:/nbs-classifier@champion"], "margin", 0.5),
+        # the champion again, then back: each round adds two entries to its history and leaves it as it was
+        "nbs promote": (["promote", "nbs-classifier", "1", "--why", "bench"], "margin", 0.5),
+        "nbs rollback": (["rollback", "nbs-classifier", "--why", "bench"], "margin", 0.5),
         "nbs schedule list": (["schedule", "list"], "margin", 0.5),
         "nbs features": (["features"], "absolute", 2.0),
         "nbs predict, the 114-row holdout": (["predict", "-q", "--input", "products/data/test.parquet", "--output",
                                               "scored.csv"], "absolute", 3.0),
     }
     run_process([nbs, "run", "-q"], project, env)  # up to date, as after a person's build: not timed
-    floor, times = [], {name: [] for name in commands}
+    floor, store_ready, serving = [], [], []
+    times = {name: [] for name in commands}
     for round_ in range(repeat + warm_up):
         timed = round_ >= warm_up
         seconds = run_process([str(BIN / "python"), "-c", FLOOR], project, env)[0]
+        ready = run_process([str(BIN / "python"), "-c", STORE_READY], project, env)[0]
         if timed:
             floor.append(seconds)
+            store_ready.append(ready)
         for name, (arguments, _, _) in commands.items():
             seconds = run_process([nbs, *arguments], project, env)[0]
             if timed:
                 times[name].append(seconds)
+        seconds = serve_ready(project, env)
+        if timed:
+            serving.append(seconds)
     figures = []
     for name, (arguments, kind, limit) in commands.items():
         figure = Figure(f"{name}, whole process", f"nbs {' '.join(arguments)}", f"python -c '{FLOOR}'", times[name],
@@ -44,6 +82,14 @@ def measure(project: Path, env: dict, repeat: int, warm_up: bool = True) -> list
         else:
             figure.absolute_target = limit
         figures.append(figure)
+    figures.append(Figure("MLflow's client ready on the embedded store, whole process", "import, open the store, one "
+                          "registry query (no last collection at exit, as nbs)", f"python -c '{FLOOR}'", store_ready,
+                          floor, notes=["the floor under every command above that reads the registry or the runs: "
+                                        "the SQLAlchemy store's own imports and first query come on top of the "
+                                        "baseline; nbs may not go under it without reading MLflow's tables itself"]))
+    figures.append(Figure("nbs serve, ready (GET /ready 200) after the start", "nbs serve on the champion, the "
+                          "feature store opening in the background", f"python -c '{FLOOR}'", serving, floor,
+                          target="<= 4 s", absolute_target=4.0))
     if warm_up:
         figures[0].notes.append("after one untimed round of every command: bytecode compiled, the feature "
                                 "definitions' snapshot written (a build's catalogue task leaves one too)")

@@ -19,8 +19,11 @@ FIGURES = ["nbs --help, whole process", "import nbs_lib, whole process", "nbs ex
            "execution time per cell (200 trivial cells), the floor", "no-op build, whole process",
            "forced pipeline, 1,000 generated rows", "serving throughput, 1 record per request",
            "serving throughput, 100 records per request", "nbs status, whole process", "nbs models, whole process",
-           "nbs runs, whole process", "nbs lineage, whole process", "nbs schedule list, whole process",
-           "nbs features, whole process", "nbs predict, the 114-row holdout, whole process"]
+           "nbs runs, whole process", "nbs lineage, whole process",
+           "nbs promote, whole process", "nbs rollback, whole process", "nbs schedule list, whole process",
+           "nbs features, whole process", "nbs predict, the 114-row holdout, whole process",
+           "MLflow's client ready on the embedded store, whole process",
+           "nbs serve, ready (GET /ready 200) after the start"]
 
 
 @pytest.mark.build

@@ -96,7 +96,7 @@ def test_the_pipeline_builds_trains_from_and_materializes_the_feature_store(buil
 
 
 def _post(url: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{url}/predict", json=body, timeout=30)
+    return httpx.post(f"{url}/predict", json=body, timeout=90)  # a request by key may wait for Feast to open
 
 
 def test_serving_by_entity_key_answers_as_by_raw_features_and_refuses_bad_keys(built):
@@ -106,9 +106,11 @@ def test_serving_by_entity_key_answers_as_by_raw_features_and_refuses_bad_keys(b
     process, url = start_server(cwd=built)
     try:
         ready = wait_ready(url)
+        assert ready["feature_store"] in ("opening", "open"), ready  # ready for records while Feast opens
+        by_key = _post(url, {"entities": [{"patient_id": k} for k in keys]})  # waits for the store if need be
+        assert httpx.get(f"{url}/ready").json()["feature_store"] == "open"
         metadata = httpx.get(f"{url}/metadata").json()
         assert metadata["feature_store"]["entity_keys"] == ["patient_id"], metadata["feature_store"]
-        by_key = _post(url, {"entities": [{"patient_id": k} for k in keys]})
         by_value = _post(url, {"records": raw})
         assert by_key.status_code == by_value.status_code == 200, by_key.text
         assert by_key.json()["predictions"] == by_value.json()["predictions"]

@@ -85,7 +85,7 @@ def test_gate_refuses_a_worse_model_and_accepts_a_better_one(registry):
 
 def test_health_ready_and_metadata(server):
     assert httpx.get(f"{server}/health").json() == {"status": "alive"}
-    assert httpx.get(f"{server}/ready").json() == {"ready": True, "champion": 3, "canary": 1}
+    assert httpx.get(f"{server}/ready").json() == {"ready": True, "champion": 3, "canary": 1, "feature_store": None}
     meta = httpx.get(f"{server}/metadata").json()
     assert (meta["name"], meta["version"], meta["alias"]) == (NAME, 3, "champion")
     assert (meta["canary"]["version"], meta["canary"]["weight"]) == (1, 0.2)

@@ -30,9 +30,11 @@ from .predictions import PredictionLog, now
 from .scoring import ServedModel, frame_from_records, load_served
 
 _logger = logging.getLogger(__name__)
+FEATURE_STORE_WAIT = 60.0  # seconds a request by key waits for the feature store to open before it is refused
 
 # %% auto #0
-__all__ = ['REQUEST_FIELDS', 'goes_to_canary', 'parse_request', 'Service', 'create_app', 'parse_feedback', 'bind', 'serve']
+__all__ = ['FEATURE_STORE_WAIT', 'REQUEST_FIELDS', 'goes_to_canary', 'parse_request', 'Service', 'create_app', 'parse_feedback',
+           'bind', 'serve']
 
 # %% ../../notebooks/52_serve.ipynb #4ea479cc
 def goes_to_canary(key: str | None, weight: float) -> bool:
@@ -132,6 +134,8 @@ class Service:
         self.features: OnlineFeatures | None = None
         self.features_error: str | None = "the model is still loading"
         self._feature_store = None
+        self._features_opened = threading.Event()  # set once the lookups of the model serving now are known
+        self._features_for_model: object = None  # which model's lookups are opening or open: a later reload's win
 
     def _fresh(self, uri: str, current: ServedModel | None) -> ServedModel:
         "What `uri` names now: the one already loaded if it is the same version, else loaded."
@@ -157,11 +161,9 @@ class Service:
                 _logger.error(f"cannot load {self.uri}: {self.error}")
             else:
                 changed = (champion is not self.champion) or (canary is not self.canary)
-                # ready means ready for requests by key too: the feature store opens before the swap
-                features, features_error = ((self.features, self.features_error) if not changed and self.features
-                                            else self._features_for(champion))
                 self.champion, self.canary, self.error = champion, canary, None
-                self.features, self.features_error = features, features_error
+                if changed or self.features is None:
+                    self._open_features(champion)
                 return {"loaded": True, "changed": changed, **self.versions()}
             return {"loaded": False, "error": self.error, **self.versions()}
 
@@ -179,6 +181,25 @@ class Service:
             _logger.warning(f"no lookups by entity key: {error}")
             return None, error
 
+    def _open_features(self, served: ServedModel) -> None:
+        """Open the lookups of `served` in a thread: importing Feast takes seconds, and records need none of it. Requests by
+        key wait for it (`wait_for_features`)."""
+        self._features_opened.clear()
+        self._features_for_model = served
+        self.features_error = "the feature store is still opening"
+
+        def open_them() -> None:
+            features, error = self._features_for(served)
+            if self._features_for_model is served:  # no reload swapped the model meanwhile
+                self.features, self.features_error = features, error
+                self._features_opened.set()
+
+        threading.Thread(target=open_them, name="nbs-feature-store", daemon=True).start()
+
+    def wait_for_features(self, timeout: float = FEATURE_STORE_WAIT) -> bool:
+        "Wait until the lookups of the model serving now are open, or failed to open; False after `timeout` seconds."
+        return self._features_opened.wait(timeout)
+
     def entity_records(self, entities: list) -> list[dict]:
         "The feature records of a request's entity keys, from the online store; 503 when the store is not open."
         features = self.features
@@ -187,6 +208,14 @@ class Service:
                              hint="`nbs run` builds and materializes the feature store; POST /reload opens it, "
                                   "or send the features as records")
         return features.read(features.entity_rows(entities))
+
+    def feature_store_state(self) -> str | None:
+        "None (no feature store), opening, open, or why requests by key cannot be answered."
+        if self.feature_repo is None:
+            return None
+        if not self._features_opened.is_set():
+            return "opening"
+        return "open" if self.features is not None else self.features_error
 
     def versions(self) -> dict:
         "The versions serving now (None: none loaded)."
@@ -265,7 +294,7 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
         "200 once a model is loaded and serving; 503 with the reason before that."
         if service.champion is None:
             return not_ready()
-        return {"ready": True, **service.versions()}
+        return {"ready": True, **service.versions(), "feature_store": service.feature_store_state()}
 
     @app.get("/metadata")
     async def metadata():
@@ -295,6 +324,7 @@ def create_app(service: Service, log: PredictionLog | None = None, max_body_byte
                     version.check_explainable()
         served, role = service.pick(key)
         if entities is not None:
+            await asyncio.to_thread(service.wait_for_features)  # only the first requests by key, while Feast opens
             records = service.entity_records(entities)
             # logged with the values read, so monitoring sees the inputs the model got
             body = json.dumps({"records": records, "entities": entities}).encode()
