@@ -186,7 +186,8 @@ class Service:
         key wait for it (`wait_for_features`)."""
         self._features_opened.clear()
         self._features_for_model = served
-        self.features_error = "the feature store is still opening"
+        # the lookups of the model before are not this one's (another view, other columns): none until these open
+        self.features, self.features_error = None, "the feature store is still opening"
 
         def open_them() -> None:
             features, error = self._features_for(served)
