@@ -419,10 +419,10 @@ def feature_definitions(repo: str | Path) -> list[dict]:
     snapshot = registry.with_name(f"{registry.name}.nbs-definitions.json")
     try:
         saved = json.loads(snapshot.read_text(encoding="utf-8"))
-        if saved.get("registry_sha256") == digest:
-            return saved["features"]
-    except (OSError, ValueError, AttributeError):  # none yet, or not one nbs wrote: the registry answers
-        pass
+    except (OSError, ValueError):  # none yet, or not JSON: the registry answers
+        saved = None
+    if isinstance(saved, dict) and saved.get("registry_sha256") == digest and isinstance(saved.get("features"), list):
+        return saved["features"]
     rows = store_definitions(open_feature_store(repo))
     if file_digest(registry) == digest:  # the registry did not change while Feast read it: the rows are this content's
         try:
