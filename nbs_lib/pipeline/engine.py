@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import re
 import signal
 import threading
@@ -23,7 +24,8 @@ from ..core.tracking import JOURNAL_ENV, journal_metrics, journal_tags
 
 # %% auto #0
 __all__ = ['ERROR_MARKER_TAG', 'METRICS_TAG', 'KERNEL_DIED_AT_START', 'exit_note', 'locate_failed_cell', 'assigned_names',
-           'mark_unfinished', 'mark_not_started', 'flag_sys_exit', 'kill_kernels', 'QuickSaveManager', 'NbsEngine']
+           'mark_unfinished', 'mark_not_started', 'flag_sys_exit', 'kill_kernels', 'QuickSaveManager',
+           'quiet_dead_kernel_polls', 'NbsEngine']
 
 # %% ../../notebooks/20_engine.ipynb #e93744e3
 # papermill.execute's tag of the two cells it adds above a failure (that module loads this engine
@@ -258,6 +260,22 @@ class QuickSaveManager(NotebookExecutionManager):
         super().notebook_complete(**kwargs)
 
 
+class _DeadKernelPoll(logging.Filter):
+    "Drops asyncio's report of nbclient's output poller that a dead kernel left failed with `queue.Empty`."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, queue.Empty) and "_async_poll_output_msg" in record.getMessage())
+
+
+def quiet_dead_kernel_polls() -> None:
+    """Keep asyncio from printing a traceback when a kernel dies: nbclient leaves its output poller's `queue.Empty`
+    unretrieved (a race, seen under load), and the death is told already, as a DeadKernelError on the cell."""
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DeadKernelPoll) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DeadKernelPoll())
+
+
 class NbsEngine(NBClientEngine):
     "papermill's nbclient engine, but a timeout, a dead kernel or `sys.exit()` fails honestly."
 
@@ -306,6 +324,7 @@ class NbsEngine(NBClientEngine):
         client.kernel_restarts = kernel_restarts  # a kernel is started once more, not once more again
         client.metrics_journal = (kernel_env or {}).get(JOURNAL_ENV)
         client.kc = kernel_client
+        quiet_dead_kernel_polls()
         try:
             client.execute(env={**os.environ, **(kernel_env or {})})
         except (CellTimeoutError, DeadKernelError) as error:
