@@ -17,30 +17,48 @@ STORE_READY = ("from mlflow import MlflowClient; import os; MlflowClient(os.envi
                ".search_registered_models(); import gc; gc.freeze()")  # no last collection at exit, as nbs
 
 
-def serve_ready(project: Path, env: dict) -> float:
-    "Seconds from starting `nbs serve` on the project's champion to its first 200 on GET /ready."
-    port = free_port()
+def _serve(project: Path, env: dict, port: int, *options: str) -> tuple[subprocess.Popen, float]:
+    "`nbs serve` on the project's champion, and the seconds from its start to its first 200 on GET /ready."
     started = time.perf_counter()
-    process = subprocess.Popen([str(BIN / "nbs"), "serve", "--port", str(port), "--no-prediction-log"], cwd=project,
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    process = subprocess.Popen([str(BIN / "nbs"), "serve", "--port", str(port), *options], cwd=project, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         while process.poll() is None:
             try:
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
                 connection.request("GET", "/ready")
                 if connection.getresponse().status == 200:
-                    return time.perf_counter() - started
+                    return process, time.perf_counter() - started
             except OSError:
                 pass
             time.sleep(0.02)
         raise SystemExit(f"nbs serve exited: {process.stderr.read().decode()[-2000:]}")
+    except BaseException:
+        stop(process)
+        raise
+
+
+def serve_ready(project: Path, env: dict) -> float:
+    "Seconds from starting `nbs serve` on the project's champion to its first 200 on GET /ready."
+    process, seconds = _serve(project, env, free_port(), "--no-prediction-log")
+    stop(process)
+    return seconds
+
+
+def traffic(project: Path, env: dict) -> None:
+    "Fill the project's prediction log as `make loop` does: 600 predictions through `nbs serve`, labels fed back, drift from the third batch."
+    port = free_port()
+    process, _ = _serve(project, env, port)
+    try:
+        run_process([str(BIN / "nbs"), "simulate", "-q", "--url", f"http://127.0.0.1:{port}", "--drift", "shift"],
+                    project, env)
     finally:
         stop(process)
 
 
 def measure(project: Path, env: dict, repeat: int, warm_up: bool = True) -> list[Figure]:
-    """`nbs status`, `models`, `runs`, `lineage`, `promote`, `rollback`, `schedule list`, `features` and `nbs predict`
-    of the holdout, on the built `project`; with `warm_up`, a first untimed round (compiled bytecode, the feature
+    """`nbs status`, `models`, `runs`, `lineage`, `promote`, `rollback`, `schedule list`, `features`, `monitor` on a
+    prediction log of 600 and `nbs predict` of the holdout, on the built `project`; with `warm_up`, a first untimed round (compiled bytecode, the feature
     definitions' snapshot)."""
     nbs = str(BIN / "nbs")
     commands = {  # name: (arguments, target, seconds: over the floor for a margin, else the median's own)
@@ -53,10 +71,12 @@ def measure(project: Path, env: dict, repeat: int, warm_up: bool = True) -> list
         "nbs rollback": (["rollback", "nbs-classifier", "--why", "bench"], "margin", 0.5),
         "nbs schedule list": (["schedule", "list"], "margin", 0.5),
         "nbs features": (["features"], "absolute", 2.0),
+        "nbs monitor, the 600-prediction log": (["monitor", "-q"], "absolute", 10.0),
         "nbs predict, the 114-row holdout": (["predict", "-q", "--input", "products/data/test.parquet", "--output",
                                               "scored.csv"], "absolute", 3.0),
     }
     run_process([nbs, "run", "-q"], project, env)  # up to date, as after a person's build: not timed
+    traffic(project, env)  # what nbs monitor reports on: not timed
     floor, store_ready, serving = [], [], []
     times = {name: [] for name in commands}
     for round_ in range(repeat + warm_up):

@@ -16,9 +16,10 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.data import write_atomic
-from ..core.errors import ConfigError, DataError, InputError, ParameterError, import_extra
+from ..core.errors import ConfigError, DataError, InputError, ParameterError
 from ..core.lineage import file_digest
 from ..core.tracking import table_artifact
+from .feast_import import import_feast
 from .features import feature_spec
 
 # %% auto #0
@@ -140,13 +141,8 @@ def definition_site(func=None) -> str:
     return f"{func.__module__.replace('.', '/')}.py:{line} ({func.__qualname__})"
 
 
-def _feast(module: str = "feast"):
-    # the feature_store extra installs Feast: without it, a line that says so
-    return import_extra(module, "feature_store", "the feature store")
-
-
 def _feast_type(dtype):
-    types = _feast("feast.types")
+    types = import_feast("feast.types")
 
     if pd.api.types.is_bool_dtype(dtype):
         return types.Bool
@@ -162,7 +158,7 @@ def _feast_type(dtype):
 def definitions(table: pd.DataFrame, view: str, source_path: str, ttl_days: float = 0, owner: str = "",
                 descriptions: dict[str, str] | None = None) -> list:
     "Feast's entity and feature view for a feature table (key and time in its first two columns) kept at `source_path`."
-    feast = _feast()
+    feast = import_feast()
     if not (isinstance(ttl_days, int | float) and ttl_days >= 0 and math.isfinite(ttl_days)):
         raise ParameterError("feature_ttl_days", f"must be a number of days >= 0 (0: values never expire), got {ttl_days!r}")
     entity, timestamp = table.columns[:2]
@@ -190,7 +186,7 @@ def open_feature_store(repo: str | Path):
     "The Feast store of the feature repository at `repo` (the folder of its feature_store.yaml)."
     import logging
 
-    feast = _feast()
+    feast = import_feast()
     logging.getLogger("feast.repo_config").addFilter(_not_the_file_registry_advice)
     return feast.FeatureStore(repo_path=str(_repo_config(repo).parent))
 
@@ -207,7 +203,7 @@ def _repo_config(repo: str | Path) -> Path:
 def apply_definitions(store, objects: list) -> dict:
     "Register `objects` in the store's registry; the feature view's name, current version and feature count."
     store.apply(objects)
-    view = next(o for o in objects if isinstance(o, _feast().FeatureView))
+    view = next(o for o in objects if isinstance(o, import_feast().FeatureView))
     versions = store.list_feature_view_versions(view.name)
     return {"feature_view": view.name, "version": versions[-1]["version_number"] if versions else 0,
             "features": len(view.features)}
