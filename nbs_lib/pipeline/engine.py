@@ -21,6 +21,7 @@ from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, NotebookExecutionManager
 
 from ..core.tracking import JOURNAL_ENV, journal_metrics, journal_tags
+from .head_start import ask_quick_exit
 
 # %% auto #0
 __all__ = ['ERROR_MARKER_TAG', 'METRICS_TAG', 'KERNEL_DIED_AT_START', 'exit_note', 'locate_failed_cell', 'assigned_names',
@@ -187,7 +188,7 @@ class _KillableClient(PapermillNotebookClient):
         # kernel starting at the same moment can take one first, and this kernel then exits on
         # `ZMQError: Address already in use` before it ever answers. A second start picks anew.
         try:
-            return super().start_new_kernel_client()
+            client = super().start_new_kernel_client()
         except RuntimeError as error:
             if self.kernel_restarts or KERNEL_DIED_AT_START not in str(error):
                 raise
@@ -195,7 +196,10 @@ class _KillableClient(PapermillNotebookClient):
             logging.getLogger(__name__).warning("the kernel died before it answered (%s): starting it once more", error)
             self.km = self.create_kernel_manager()  # nbclient's clean-up dropped the dead one
             self.start_new_kernel(**self._start_kwargs)
-            return super().start_new_kernel_client()
+            client = super().start_new_kernel_client()
+        if self.km.kernel_spec.language.lower() == "python":
+            ask_quick_exit(self)  # the task ends when its kernel is gone: sooner
+        return client
 
     def execute(self, **kwargs):
         try:

@@ -42,6 +42,7 @@ from nbs_lib.core.tracking import (
 from nbs_lib.pipeline.head_start import (
     ForkedService,
     LocalService,
+    ask_quick_exit,
     bind_environment,
     prestart_kernel,
     request_stop,
@@ -480,6 +481,7 @@ class _Execution:
 
         prepare_html_exporter()  # the page is rendered here, where the time is spare
         self._early_kernel_step(lambda early: early.start_new_kernel_client())  # its first answer, meanwhile too
+        self._early_kernel_step(ask_quick_exit)  # its exit, sooner
 
     def _early_kernel_step(self, step) -> None:
         "`step` on the kernel started ahead; if it fails (the kernel died or hung starting), papermill starts another, as it would have."

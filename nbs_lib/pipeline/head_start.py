@@ -14,8 +14,8 @@ from collections.abc import Callable
 from ..core.errors import NbsError, as_nbs_error
 
 # %% auto #0
-__all__ = ['die_with', 'ForkedService', 'LocalService', 'start_service', 'prestart_kernel', 'bind_environment', 'request_stop',
-           'stop_kernel']
+__all__ = ['QUICK_EXIT', 'die_with', 'ForkedService', 'LocalService', 'start_service', 'prestart_kernel', 'bind_environment',
+           'exit_quickly', 'ask_quick_exit', 'request_stop', 'stop_kernel']
 
 # %% ../../notebooks/23_head_start.ipynb #4bcf4c97
 def die_with(parent: int) -> None:
@@ -182,6 +182,34 @@ def bind_environment(client, env: dict[str, str], timeout: float = 60) -> None:
     reply = client.wait_for_reply(client.kc.execute(code, silent=True, store_history=False))
     if reply is None or reply["content"]["status"] != "ok":
         raise RuntimeError(f"the kernel did not take its environment: {reply and reply['content']}")
+
+
+def exit_quickly() -> None:
+    """In a kernel: at its exit, let go of the user's objects and collect their cycles as IPython's own exit does, then
+    spare the interpreter its collections of everything else; in any other process, nothing."""
+    import atexit
+    import gc
+
+    ipython = sys.modules.get("IPython")  # imported in every kernel; importing it elsewhere would be work for nothing
+    shell = ipython and ipython.get_ipython()
+    if shell is None:  # a plain process: its objects are freed as usual
+        return
+
+    def let_go() -> None:
+        shell.reset(new_session=False)  # IPython's first step at exit, made here: the notebook's objects go, files close
+        gc.collect()  # and their reference cycles, finalizers run
+        gc.freeze()  # what is left (the imported libraries) is not collected again on the way out
+
+    atexit.register(let_go)
+
+
+QUICK_EXIT = ("try:\n    __import__('nbs_lib.pipeline.head_start', fromlist=['exit_quickly']).exit_quickly()\n"
+              "except ImportError:\n    pass")  # a kernel of another environment, without nbs_lib: it exits as it would
+
+
+def ask_quick_exit(client) -> None:
+    "Have the Python kernel of `client`, answering already, call `exit_quickly`."
+    client.wait_for_reply(client.kc.execute(QUICK_EXIT, silent=True, store_history=False))
 
 
 def request_stop(client) -> None:
