@@ -88,7 +88,7 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
     if {"pipeline", "grid", "tracking", "noop", "commands"} & set(chosen):
         say("forced pipeline against plain python, default data")
         figure, built_mib, plain_mib = pipeline.pipeline_vs_plain(
-            project, env, few, [], "forced pipeline, default data (569 rows)", "<= 2.0x")
+            project, env, few, [], "forced pipeline, default data (569 rows)", "<= 1.5x")
         figure.notes.append(f"peak memory of the largest process: nbs {max(built_mib)} MiB, plain {max(plain_mib)} MiB")
         if "pipeline" in chosen:
             figures.append(figure)
