@@ -24,6 +24,7 @@ setuptools.setup(
         "console_scripts": cfg["console_scripts"].split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],
         "papermill.engine": cfg["papermill_engines"].split(),
+        "jupyter_client.kernel_provisioners": cfg["kernel_provisioners"].split(),
     },
     zip_safe=False,
 )

@@ -145,6 +145,16 @@ def test_sys_exit_zero_is_a_failure_not_a_silent_truncation(tiny):
     assert not (tiny / "products/first.txt").exists()
 
 
+def _kernels(build: subprocess.Popen) -> list[psutil.Process]:
+    "The build's kernels: its descendants that lead a session of their own (the warm process they fork from does not)."
+    kernels = []
+    for process in psutil.Process(build.pid).children(recursive=True):
+        with contextlib.suppress(ProcessLookupError):
+            if os.getsid(process.pid) == process.pid:
+                kernels.append(process)
+    return kernels
+
+
 def _start_sleeping_build(root: Path, *args: str) -> tuple[subprocess.Popen, list[psutil.Process]]:
     env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
     env["PLOOMBER_STATS_ENABLED"] = "false"
@@ -157,7 +167,7 @@ def _start_sleeping_build(root: Path, *args: str) -> tuple[subprocess.Popen, lis
     kernels: list[psutil.Process] = []
     while not kernels and time.monotonic() < deadline:
         time.sleep(0.5)
-        kernels = psutil.Process(build.pid).children(recursive=True)
+        kernels = _kernels(build)
     time.sleep(2)  # let the kernel reach the sleeping cell
     assert kernels, "the kernel never started"
     return build, kernels
@@ -203,7 +213,7 @@ tasks:
         deadline = time.monotonic() + 60
         while len(kernels) < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
-            kernels = psutil.Process(build.pid).children(recursive=True)
+            kernels = _kernels(build)
         time.sleep(2)  # let the second kernel reach its sleeping cell too
         assert len(kernels) == 2, "two tasks should run at once"
         build.send_signal(signal.SIGTERM)
