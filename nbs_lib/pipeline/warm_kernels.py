@@ -34,10 +34,15 @@ _PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 _logger = logging.getLogger(__name__)
 
 
+# read by Python, the dynamic linker, IPython or the warm libraries as they start or are imported (scikit-learn's
+# configuration defaults, numpy's and BLAS's settings, joblib's workers), or by a library's thread pools
+_READ_AT_START = ("PYTHON", "IPYTHON", "LD_", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "NPY_", "NUMPY_", "PANDAS_",
+                  "SKLEARN_", "SCIPY_", "JOBLIB_", "LOKY_")
+
+
 def read_at_start(env: dict[str, str]) -> dict[str, str]:
-    "The variables of `env` that Python, the dynamic linker or a library's thread pools read when a process starts."
-    return {name: value for name, value in env.items()
-            if name.startswith(("PYTHON", "IPYTHON", "LD_", "OMP_", "KMP_")) or "THREADS" in name}
+    "The variables of `env` that are read when a process starts or the warm libraries are imported."
+    return {name: value for name, value in env.items() if name.startswith(_READ_AT_START) or "THREADS" in name}
 
 
 def serve_forks(answers: int) -> None:
