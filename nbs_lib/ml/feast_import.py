@@ -22,7 +22,7 @@ def _first_call_checked(func: Callable, options: dict) -> Callable:
     "A stand-in for `func` that has typeguard instrument it on the first call and calls the instrumented function."
     import typeguard
 
-    instrument = typeguard.typechecked if typeguard.typechecked is not deferred_typechecked else _TYPECHECKED[0]
+    instrument = _TYPECHECKED[0] if _TYPECHECKED else typeguard.typechecked  # typeguard's own, even while we stand in
     instrumented: list[Callable] = []
 
     @functools.wraps(func)
