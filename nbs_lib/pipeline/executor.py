@@ -54,6 +54,7 @@ from nbs_lib.pipeline.recording import (
     innermost_cause,
     locate_cell,
     log_notebook,
+    warm_html_exporter,
 )
 from .warm_kernels import warm_kernels
 
@@ -351,6 +352,8 @@ class _Build:
     failures: list[TaskFailure] = field(default_factory=list)
     kernel_threads: dict[str, str] = field(default_factory=dict)  # thread limits for each kernel
     live: dict[str, RunJournal] = field(default_factory=dict)  # the journals of the tasks started and not yet finished
+    recorder: ThreadPoolExecutor | None = None  # while a build runs: the thread that attaches notebooks and ends task runs
+    recorded: list[Future] = field(default_factory=list)  # what it was given, its errors raised when the build ends
     replay_lock: threading.Lock = field(default_factory=threading.Lock)  # a journal is replayed by one thread at a time
 
     def run(self, tasks: list, jobs: int) -> None:
@@ -368,7 +371,7 @@ class _Build:
         # two notebook tasks or more: their kernels are forked from a warm process (34_warm_kernels), 2 s of CPU less each
         notebooks = sum(getattr(task, "executor", None) == "papermill" for task in tasks)
         warm = warm_kernels({**os.environ, **self.kernel_threads}) if notebooks >= 2 else nullcontext()
-        with warm, pool, self.replaying():
+        with warm, pool, self.replaying(), self.recording():
             try:
                 while waiting or running:
                     for task in list(waiting):
@@ -421,6 +424,17 @@ class _Build:
         finally:
             done.set()
             replayer.join()
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        "While the block runs, one thread ends the finished tasks' runs, each once its notebook is attached; all ended when the block is."
+        # Rendering a task's page (0.1 to 0.5 s, the first 1 to 2 s with nbconvert's import) and logging
+        # two artifacts held back every dependent task: it is done beside them now, in the order tasks end.
+        with ThreadPoolExecutor(1, thread_name_prefix="nbs-record") as self.recorder:
+            self.recorder.submit(warm_html_exporter)  # nbconvert imported while the first task runs
+            yield
+        for record in self.recorded:  # every run is ended by now; a record that could not be made fails the build
+            record.result()
 
     def build(self, task, journal: RunJournal) -> tuple:
         "Build `task`: a function in a process forked for it, its run's journal in that process's environment; any other here."
@@ -491,17 +505,21 @@ class _Build:
         finally:
             if failure is not None:
                 self.failures.append(failure)
-            try:
-                self.attach(task, run_id, executed)
-                if failure is not None and status == "FAILED":  # its error on its run, whatever the kind of task
-                    tag_run(self.client, run_id, failure_tags(failure))
-            except BaseException:
-                status = "KILLED" if status == "KILLED" else "FAILED"  # never FINISHED with its record half made
-                raise
-            finally:
-                finish_run(self.client, run_id, status)
-                _logger.log(self.progress, f"  {status.lower():8} {task.name} in {time.monotonic() - started:.1f} s")
+            _logger.log(self.progress, f"  {status.lower():8} {task.name} in {time.monotonic() - started:.1f} s")
+            self.recorded.append(self.recorder.submit(self.record, task, run_id, executed, failure, status))
         return status == "FINISHED"
+
+    def record(self, task, run_id: str, executed: Path | None, failure: TaskFailure | None, status: str) -> None:
+        "Attach `task`'s executed notebook (and `failure`) to its run, then end the run `status`: FAILED if the record cannot be made."
+        try:
+            self.attach(task, run_id, executed)
+            if failure is not None and status == "FAILED":  # its error on its run, whatever the kind of task
+                tag_run(self.client, run_id, failure_tags(failure))
+        except BaseException:
+            status = "KILLED" if status == "KILLED" else "FAILED"  # never FINISHED with its record half made
+            raise
+        finally:
+            finish_run(self.client, run_id, status)
 
     def attach(self, task, run_id: str, executed: Path | None) -> None:
         "Attach `task`'s executed notebook to its run: the .ipynb and its page, or the page alone when the task keeps no .ipynb."

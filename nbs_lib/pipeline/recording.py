@@ -15,7 +15,7 @@ from ..core.errors import TaskFailure
 
 # %% auto #0
 __all__ = ['MAX_TAG_TEXT', 'innermost_cause', 'describe_failure', 'locate_cell', 'failure_tags', 'copy_metrics_to_parent',
-           'render_html', 'log_notebook', 'prepare_html_exporter']
+           'render_html', 'log_notebook', 'warm_html_exporter', 'prepare_html_exporter']
 
 # %% ../../notebooks/22_recording.ipynb #567f83e5
 def innermost_cause(error: BaseException) -> BaseException:
@@ -115,15 +115,17 @@ def log_notebook(client, run_id: str, executed: Path, html: str | None = None) -
         client.log_artifact(run_id, str(page), "notebook")
 
 
+def warm_html_exporter() -> None:
+    "Make the HTML exporter ready: nbconvert imported and its templates compiled."
+    import nbformat
+
+    with _exporter_lock:
+        # rendering once compiles the exporter's templates: the first page takes 30 times the next one's time
+        _html_exporter().from_notebook_node(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("")]))
+
+
 def prepare_html_exporter() -> threading.Thread:
     "Make the HTML exporter ready in a background thread, so that importing nbconvert overlaps a running kernel."
-    def make() -> None:
-        import nbformat
-
-        with _exporter_lock:
-            # rendering once compiles the exporter's templates: the first page takes 30 times the next one's time
-            _html_exporter().from_notebook_node(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("")]))
-
-    thread = threading.Thread(target=make, name="nbs-html-exporter", daemon=True)
+    thread = threading.Thread(target=warm_html_exporter, name="nbs-html-exporter", daemon=True)
     thread.start()
     return thread
