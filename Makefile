@@ -73,7 +73,9 @@ server: $(STAMP) postgresql ## the team's MLflow server (PostgreSQL, basic auth)
 # server, the serving registry, the own-data builds) are made once, and the session's shared build is made
 # once for all workers. (Not loadgroup: pytest 9 ignores the nodeid suffix that xdist 3.8 groups by, so
 # xdist_group marks group nothing; checked with -v, where grouped tests ran on both workers.)
-PYTEST_PARALLEL := -n 3 --dist loadfile
+# --no-loadscope-reorder: modules are handed out in collection order, which tests/conftest.py makes
+# longest first (xdist's own order, most tests first, left the one-test benchmark module to the end).
+PYTEST_PARALLEL := -n 3 --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP) $(CHROMIUM) postgresql $(AIRFLOW_STAMP) ## everything CI checks: hygiene, lint, nbdev_test, pytest (browser, PostgreSQL, MLflow server and Airflow included)
 	$(BIN)/nbs check
