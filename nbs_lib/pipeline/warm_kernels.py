@@ -21,13 +21,16 @@ from jupyter_client.provisioning import LocalProvisioner
 from .head_start import die_with
 
 # %% auto #0
-__all__ = ['WARM_IMPORTS', 'WARM_START_WAIT', 'FORK_WAIT', 'read_at_start', 'serve_forks', 'ForkedKernel', 'WarmStart',
-           'WarmProvisioner', 'warm_kernels']
+__all__ = ['WARM_IMPORTS', 'IDLE_IMPORTS', 'WARM_START_WAIT', 'FORK_WAIT', 'read_at_start', 'serve_forks', 'ForkedKernel',
+           'WarmStart', 'WarmProvisioner', 'warm_kernels']
 
 # %% ../../notebooks/34_warm_kernels.ipynb #c7ca8b5b
 WARM_IMPORTS = ["ipykernel.kernelapp", "numpy", "pandas", "sklearn.base", "sklearn.pipeline", "sklearn.compose",
                 "sklearn.preprocessing", "sklearn.impute", "sklearn.model_selection", "sklearn.metrics",
                 "sklearn.linear_model", "sklearn.ensemble"]
+# imported from the first fork on, while no kernel is asked for: MLflow's 2 s would hold back the first task, which
+# does not need it; the tasks that log to MLflow later (tune, register, catalogue) find it and its stores imported
+IDLE_IMPORTS = ["mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store"]
 WARM_START_WAIT = 120  # seconds the first kernel waits for the warm process's imports before starting the usual way
 FORK_WAIT = 30  # seconds a fork may take before the warm process is given up
 _PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
@@ -35,9 +38,10 @@ _logger = logging.getLogger(__name__)
 
 
 # read by Python, the dynamic linker, IPython or the warm libraries as they start or are imported (scikit-learn's
-# configuration defaults, numpy's and BLAS's settings, joblib's workers), or by a library's thread pools
+# configuration defaults, numpy's and BLAS's settings, joblib's workers, MLflow's logging, tqdm's defaults,
+# OpenTelemetry's, protobuf's and SQLAlchemy's settings), or by a library's thread pools
 _READ_AT_START = ("PYTHON", "IPYTHON", "LD_", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "NPY_", "NUMPY_", "PANDAS_",
-                  "SKLEARN_", "SCIPY_", "JOBLIB_", "LOKY_")
+                  "SKLEARN_", "SCIPY_", "JOBLIB_", "LOKY_", "MLFLOW_", "TQDM_", "OTEL_", "PROTOCOL_BUFFERS_", "SQLALCHEMY_")
 
 
 def read_at_start(env: dict[str, str]) -> dict[str, str]:
@@ -46,23 +50,40 @@ def read_at_start(env: dict[str, str]) -> dict[str, str]:
 
 
 def serve_forks(answers: int) -> None:
-    "The warm process: import `WARM_IMPORTS`, say 'ready' on the file descriptor `answers`, then fork a kernel per request line on stdin."
-    import importlib
+    "The warm process: import `WARM_IMPORTS`, say 'ready' on the file descriptor `answers`, then fork a kernel per request line on stdin, importing `IDLE_IMPORTS` while none is asked for."
+    import select
+    import warnings
 
     die_with(os.getppid())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the build's group is the build's to handle
     for module in WARM_IMPORTS:
-        try:
-            importlib.import_module(module)
-        except ImportError:  # not installed here: a kernel that needs it imports it, or says it cannot
-            pass
+        _try_import(module)
     os.write(answers, b"ready\n")
-    for line in sys.stdin:
+    idle, forked = list(IDLE_IMPORTS), False  # idle from the first fork on: the first kernel is asked for at once
+    while True:
+        if forked and idle and not select.select([sys.stdin], [], [], 0)[0]:  # one request at a time: none is waiting in a buffer
+            with warnings.catch_warnings():  # MLflow's tqdm says ipywidgets is missing: not on the build's console
+                warnings.simplefilter("ignore")
+                _try_import(idle.pop(0))
+            continue
+        line = sys.stdin.readline()
+        if not line:  # the build closed it: done
+            return
         try:
             answer = str(_fork_kernel(json.loads(line), answers))
         except OSError as e:  # no fork (out of processes or memory): the provisioner starts that kernel the usual way
             answer = f"no fork: {e}"
         os.write(answers, f"{answer}\n".encode())
+        forked = forked or answer.isdigit()
+
+
+def _try_import(module: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:  # not installed here: a kernel that needs it imports it, or says it cannot
+        pass
 
 
 def _fork_kernel(request: dict, answers: int) -> int:
