@@ -114,3 +114,43 @@ def measure(project: Path, env: dict, repeat: int, warm_up: bool = True) -> list
         figures[0].notes.append("after one untimed round of every command: bytecode compiled, the feature "
                                 "definitions' snapshot written (a build's catalogue task leaves one too)")
     return figures
+
+
+# how `nbs predict` read, scored and wrote a CSV file before Arrow did (pandas' reader and writer, the same chunks)
+PANDAS_PREDICT = """
+import sys
+import pandas as pd
+from nbs_lib.serving.scoring import load_served
+served = load_served("models:/nbs-classifier@champion")
+names = [c.name for c in served.columns]
+for i, chunk in enumerate(pd.read_csv(sys.argv[1], chunksize=50_000)):
+    labels, probabilities = served.predict(chunk[names])
+    scores = {f"proba_{c}": probabilities[:, j] for j, c in enumerate(served.classes)}
+    chunk.assign(prediction=labels, **scores, model_name=served.name, model_version=served.version).to_csv(
+        sys.argv[2], mode="a" if i else "w", header=not i, index=False)
+"""
+
+
+def predict_rows(project: Path, env: dict, rows: int, repeat: int) -> Figure:
+    """`nbs predict` of `rows` CSV rows (the holdout drawn again and again) into CSV, in rows a second of the whole
+    process, against the same model scoring the same chunks read and written by pandas."""
+    import numpy as np
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    holdout = pq.read_table(project / "products/data/test.parquet")
+    source = project / "many.csv"
+    pacsv.write_csv(holdout.take(np.random.default_rng(0).integers(0, holdout.num_rows, rows)), source)
+    nbs = [str(BIN / "nbs"), "predict", "-q", "--input", str(source), "--output", str(project / "many-nbs.csv")]
+    pandas = [str(BIN / "python"), "-c", PANDAS_PREDICT, str(source), str(project / "many-pandas.csv")]
+    rates, memory = {"nbs": [], "pandas": []}, {"nbs": [], "pandas": []}
+    for _ in range(repeat):
+        for side, command in (("nbs", nbs), ("pandas", pandas)):
+            seconds, peak = run_process(command, project, env)
+            rates[side].append(rows / seconds)
+            memory[side].append(peak)
+    return Figure(f"nbs predict, {rows:,} CSV rows to CSV, whole process", "nbs predict (rows/s)",
+                  "the same chunks read, scored and written with pandas (rows/s)", rates["nbs"], rates["pandas"],
+                  unit="rows/s", target=">= 2.0x", higher_is_better=True,
+                  notes=[f"peak memory: nbs {max(memory['nbs'])} MiB, pandas {max(memory['pandas'])} MiB; chunks of "
+                         "50,000 rows on both sides"])

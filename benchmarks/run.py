@@ -101,6 +101,7 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
     if "commands" in chosen:
         say("commands a person waits for")
         figures += commands.measure(project, env, 1 if smoke else 5, warm_up=not smoke)
+        figures.append(commands.predict_rows(project, env, 1_000 if smoke else 1_000_000, 1 if smoke else 2))
     if "tracking" in chosen:
         say("tracking cost per task")
         figures.append(overhead.tracking_per_task(project, 3 if smoke else 20))

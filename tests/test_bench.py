@@ -22,7 +22,7 @@ FIGURES = ["nbs --help, whole process", "import nbs_lib, whole process", "nbs ex
            "nbs runs, whole process", "nbs lineage, whole process",
            "nbs promote, whole process", "nbs rollback, whole process", "nbs schedule list, whole process",
            "nbs features, whole process", "nbs monitor, the 600-prediction log, whole process",
-           "nbs predict, the 114-row holdout, whole process",
+           "nbs predict, the 114-row holdout, whole process", "nbs predict, 1,000 CSV rows to CSV, whole process",
            "MLflow's client ready on the embedded store, whole process",
            "nbs serve, ready (GET /ready 200) after the start"]
 

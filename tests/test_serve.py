@@ -378,7 +378,8 @@ def _predicting(registry, source: Path, output: Path) -> subprocess.Popen:
 def test_two_batch_runs_to_one_output_leave_it_whole_and_sigterm_leaves_nothing(registry, tmp_path):
     rows = registry["test"].drop(columns=[TARGET])
     source = tmp_path / "many.csv"
-    pd.concat([rows] * (60_000 // len(rows) + 1)).to_csv(source, index=False)  # scored for seconds, not instantly
+    header, body = rows.to_csv(index=False).split("\n", 1)
+    source.write_text(header + "\n" + body * (240_000 // len(rows) + 1))  # scored for seconds, not instantly
     output = tmp_path / "scored.csv"
     both = [_predicting(registry, source, output) for _ in range(2)]
     outcomes = [run.communicate(timeout=300) for run in both]

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -19,9 +20,12 @@ import pandas as pd
 from ..core.data import partial_file, writable_file
 from ..core.errors import ConfigError, DataError, InputError, PathError
 
+if TYPE_CHECKING:  # for annotations only: pyarrow is imported where files are read
+    import pyarrow as pa
+
 # %% auto #0
-__all__ = ['COLUMN_TYPES', 'FORMATS', 'ColumnType', 'Column', 'input_columns', 'frame_from_records', 'check_frame', 'ServedModel',
-           'load_served', 'check_files', 'predict_file']
+__all__ = ['COLUMN_TYPES', 'FORMATS', 'MISSING_TEXT', 'ColumnType', 'Column', 'input_columns', 'frame_from_records',
+           'check_frame', 'ServedModel', 'load_served', 'check_files', 'predict_file']
 
 # %% ../../notebooks/50_scoring.ipynb #48d511e9
 _EXACT_DOUBLE = 2**53  # integers up to this size convert to float64 exactly
@@ -262,6 +266,10 @@ def load_served(uri: str, client=None) -> ServedModel:
 # %% ../../notebooks/50_scoring.ipynb #d55ddca1
 FORMATS = (".csv", ".parquet", ".pq")
 
+# What pandas' read_csv reads as missing: a model's column in a CSV file means what it would to pandas.
+MISSING_TEXT = ("", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A",
+                "NA", "NULL", "NaN", "None", "n/a", "nan", "null")
+
 
 def _format(path: Path, role: str) -> str:
     suffix = path.suffix.lower()
@@ -285,67 +293,107 @@ def check_files(source: str | Path, output: str | Path) -> tuple[Path, Path]:
     return source, writable_file(output)
 
 
-def _chunks(path: Path, rows: int) -> tuple[int | None, Iterator[pd.DataFrame]]:
-    "Roughly how many rows `path` holds (the progress bar's total) and its chunks of `rows` rows."
+def _csv_tables(path: Path, rows: int) -> Iterator[pa.Table]:
+    "The CSV file `path` in tables of `rows` rows, every column as the text it holds (CSV has no types to guess from)."
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    parse = pacsv.ParseOptions(newlines_in_values=True)  # a quoted value may span lines
+    try:
+        names = pacsv.open_csv(path, parse_options=parse).schema.names  # the header, read by the same parser
+    except pa.ArrowInvalid as e:
+        if "Empty CSV file" not in str(e):
+            raise
+        raise DataError(f"the input {path} is empty: no header, no rows", path=path,
+                        hint="give --input a CSV file with a header line and a row per record") from None
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise DataError(f"the input {path} names the column {twice!r} twice in its header", path=path, column=twice,
+                        hint="give every column a name of its own")
+    text = pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=False)
+    reader = pacsv.open_csv(path, parse_options=parse, convert_options=text)
+    pending = pa.Table.from_batches([], schema=reader.schema)
+    for batch in reader:
+        pending = pa.concat_tables([pending, pa.Table.from_batches([batch])])
+        while pending.num_rows >= rows:
+            yield pending.slice(0, rows)
+            pending = pending.slice(rows)
+    if pending.num_rows:
+        yield pending
+
+
+def _chunks(path: Path, rows: int) -> tuple[int | None, Iterator[pa.Table]]:
+    "Roughly how many rows `path` holds (the progress bar's total) and its tables of `rows` rows."
     # the chunks are read lazily, so that a file that cannot be parsed fails where _read says so
     if _format(path, "input") == "csv":
         with path.open("rb") as f:
             lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
-
-        def csv_chunks() -> Iterator[pd.DataFrame]:
-            for chunk in pd.read_csv(path, chunksize=rows):
-                if not isinstance(chunk.index, pd.RangeIndex):  # pandas reads a field more than the header as the index
-                    raise pd.errors.ParserError(f"a line has more fields than the header's {len(chunk.columns)}")
-                yield chunk
-
-        return max(lines - 1, 0), csv_chunks()
+        return max(lines - 1, 0), _csv_tables(path, rows)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    def parquet_chunks() -> Iterator[pd.DataFrame]:
+    def parquet_tables() -> Iterator[pa.Table]:
         for batch in pq.ParquetFile(path).iter_batches(batch_size=rows):
-            yield batch.to_pandas()
+            yield pa.Table.from_batches([batch])
 
     try:
         total = pq.read_metadata(path).num_rows
     except (pa.ArrowInvalid, OSError):
         total = None  # not a whole Parquet file: reading its chunks says so
-    return total, parquet_chunks()
+    return total, parquet_tables()
 
 
-def _unparsed_numbers(chunk: pd.DataFrame, columns: list[Column], first_row: int) -> None:
-    "Name the first value of a CSV chunk that is not a number where the model needs one."
-    # CSV has no types: one bad value makes pandas read the whole column of its chunk as text,
-    # so the value to name is the first that does not parse, not the first that is text.
-    parse = {"double": float, "float": float, "long": int, "integer": int}
-    for column in columns:
-        if column.name not in chunk:
-            continue  # check_frame names what is missing
-        values = chunk[column.name]
-        if column.type not in parse or values.dtype.kind != "O":
+def _parsed(text: pa.ChunkedArray, column: Column, first_row: int) -> pa.ChunkedArray:
+    "A CSV column's `text` as the values of the model's `column`: missing text as null, the first value that does not parse named."
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = pc.if_else(pc.is_in(text, value_set=pa.array(MISSING_TEXT)), pa.scalar(None, pa.string()), text)
+    if column.type == "string":
+        return values
+    values = pc.utf8_trim_whitespace(values)
+    # "3.0" is a whole number written as a float: read as a float, check_frame accepts it where a whole number goes
+    targets = {"long": [pa.int64(), pa.float64()], "integer": [pa.int64(), pa.float64()], "boolean": [pa.bool_()]}
+    targets = targets.get(column.type, [pa.float64()])
+    for target in targets:
+        try:
+            return pc.cast(values, target)
+        except pa.ArrowInvalid:
             continue
-        for row, value in enumerate(values):
+
+    def parses(value: str) -> bool:
+        for target in targets:
             try:
-                if not pd.isna(value):
-                    parse[column.type](value)
-            except (TypeError, ValueError):
-                raise InputError(column.name, f"must be {column.type}, got {_shown(value)}", row=first_row + row,
-                                 hint=COLUMN_TYPES[column.type].hint) from None
+                pc.cast(pa.array([value]), target)
+                return True
+            except pa.ArrowInvalid:
+                continue
+        return False
+
+    row = next(row for row, value in enumerate(values.to_pylist()) if value is not None and not parses(value))
+    raise InputError(column.name, f"must be {column.type}, got {_shown(text[row].as_py())}", row=first_row + row,
+                     hint=f"{column.name!r} holds {_FILE_VALUES[column.type]}")
 
 
-def _scored(served: ServedModel, chunk: pd.DataFrame, first_row: int, text: bool) -> pd.DataFrame:
-    if text:
-        _unparsed_numbers(chunk, served.columns, first_row)
-    labels, probabilities = served.predict(check_frame(chunk, served.columns, first_row))
+def _scored(served: ServedModel, chunk: pa.Table, first_row: int, text: bool) -> tuple[pa.Table, dict]:
+    "`chunk` with the scores added; from a CSV file, the model's columns parsed from their text (and kept typed in Parquet)."
+    import pyarrow as pa
+
+    present = [c for c in served.columns if c.name in chunk.column_names]  # check_frame names the missing
+    typed = {c.name: _parsed(chunk.column(c.name), c, first_row) if text else chunk.column(c.name) for c in present}
+    model_input = pa.table(typed).to_pandas() if typed else pd.DataFrame(index=range(chunk.num_rows))
+    labels, probabilities = served.predict(check_frame(model_input, served.columns, first_row))
     added = {"prediction": labels}
     if probabilities is not None:
         added |= {f"proba_{c}": probabilities[:, i] for i, c in enumerate(served.classes)}
-    added |= {"model_name": served.name, "model_version": served.version}
-    clash = [name for name in added if name in chunk.columns]
+    added |= {"model_name": [served.name] * chunk.num_rows, "model_version": np.full(chunk.num_rows, served.version)}
+    clash = [name for name in added if name in chunk.column_names]
     if clash:
         raise InputError(clash[0], "is a column of the input and would be overwritten by the scores",
                          hint=f"rename it; nbs predict adds {', '.join(added)}")
-    return chunk.assign(**added)
+    for name, values in added.items():
+        chunk = chunk.append_column(name, pa.array(np.ascontiguousarray(values) if isinstance(values, np.ndarray) else values))
+    return chunk, typed
 
 
 def predict_file(served: ServedModel, source: str | Path, output: str | Path, chunk_rows: int = 50_000,
@@ -356,67 +404,86 @@ def predict_file(served: ServedModel, source: str | Path, output: str | Path, ch
     source, output = check_files(source, output)
     if chunk_rows < 1:
         raise DataError(f"chunks of {chunk_rows} rows are impossible", hint="give --chunk-rows a positive number")
-    kind = _format(output, "output")
+    kind, text = _format(output, "output"), _format(source, "input") == "csv"
     total, chunks = _chunks(source, chunk_rows)
     # a name of this run's own: two runs to one output each write whole, and the last to finish wins
     partial, writer, done = partial_file(output), None, 0
     try:
-        with tqdm(total=total, unit="rows", disable=not progress, file=sys.stderr, desc=source.name) as bar:
-            for chunk in _read(chunks, source):
-                try:
-                    scored = _scored(served, chunk, done, source.suffix.lower() == ".csv")
-                except InputError as e:  # one line naming the file, the column and the record
-                    raise DataError(f"{source}: {e.message}", path=source, column=e.field, hint=e.hint) from None
-                if kind == "csv":
-                    scored.to_csv(partial, mode="w" if done == 0 else "a", header=done == 0, index=False)
-                else:
-                    writer = _write_parquet(scored, partial, writer, done)
-                done += len(chunk)
-                bar.update(len(chunk))
-        if writer is not None:
-            writer.close()
+        with tqdm(total=total, unit="rows", disable=not progress, file=sys.stderr, desc=source.name) as bar, \
+                partial.open("wb") as out:
+            try:
+                for chunk in _read(chunks, source):
+                    try:
+                        scored, typed = _scored(served, chunk, done, text)
+                    except InputError as e:  # one line naming the file, the column and the record
+                        raise DataError(f"{source}: {e.message}", path=source, column=e.field, hint=e.hint) from None
+                    if kind == "csv":
+                        _write_csv(scored, out, header=done == 0)
+                    else:  # from CSV: the model's columns as the model read them, the others as their text
+                        for name, values in typed.items() if text else ():
+                            scored = scored.set_column(scored.column_names.index(name), name, values)
+                        writer = _write_parquet(scored, out, writer, done)
+                    done += chunk.num_rows
+                    bar.update(chunk.num_rows)
+            finally:
+                if writer is not None:
+                    writer.close()
         if done == 0:
             raise DataError(f"the input {source} has no rows", path=source)
         os.replace(partial, output)
     except BaseException:
-        if writer is not None:
-            writer.close()
         partial.unlink(missing_ok=True)
         raise
     return {"rows": done, "output": output, "model": served.name, "version": served.version}
 
 
-def _read(chunks: Iterator[pd.DataFrame], source: Path) -> Iterator[pd.DataFrame]:
+def _read(chunks: Iterator[pa.Table], source: Path) -> Iterator[pa.Table]:
     "The chunks of `source`, a file the reader cannot parse said in one line naming it (and where, when the reader says)."
     import pyarrow as pa
 
     read = 0
     try:
         for chunk in chunks:
-            if len(chunk):  # a header-only CSV reads as one empty chunk
-                yield chunk
-            read += len(chunk)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"the input {source} is empty: no header, no rows", path=source,
-                        hint="give --input a CSV file with a header line and a row per record") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, pa.ArrowInvalid, OSError) as e:
+            yield chunk
+            read += chunk.num_rows
+    except (pa.ArrowInvalid, OSError) as e:
         said = " ".join(str(e).split())[:300]
-        raise DataError(f"the input {source} cannot be read after record {read}: {said}", path=source,
+        raise DataError(f"the input {source} cannot be read at or after record {read}: {said}", path=source,
                         hint="each line needs as many fields as the header, in UTF-8; a Parquet file must be whole") from None
 
 
-def _write_parquet(scored: pd.DataFrame, path: Path, writer, first_row: int):
+def _write_csv(scored: pa.Table, out: BinaryIO, header: bool) -> None:
+    "Append `scored` to the CSV file `out`, quoting only the values that need it (as pandas and the csv module do)."
+    import csv
+    import io
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    if header:  # Arrow quotes every name of a header: the csv module quotes those that need it
+        names = io.StringIO()
+        csv.writer(names, lineterminator="\n").writerow(scored.column_names)
+        out.write(names.getvalue().encode())
+    body = io.BytesIO()
+    try:
+        pacsv.write_csv(scored, body, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+    except pa.ArrowInvalid:  # a value holds a comma, a quote or a line break: Arrow quotes every text of this chunk
+        body = io.BytesIO()
+        pacsv.write_csv(scored, body, pacsv.WriteOptions(include_header=False, quoting_style="needed"))
+    out.write(body.getbuffer())
+
+
+def _write_parquet(scored: pa.Table, out: BinaryIO, writer, first_row: int):
     "Append `scored` to the Parquet file being written (the first chunk opens it and sets its schema)."
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pandas(scored, preserve_index=False)
     if writer is None:
-        writer = pq.ParquetWriter(path, table.schema)
-        writer.write_table(table)
+        writer = pq.ParquetWriter(out, scored.schema)
+        writer.write_table(scored)
         return writer
     try:
-        writer.write_table(table.cast(writer.schema))
+        writer.write_table(scored.cast(writer.schema))
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as e:
         raise DataError(f"the chunk starting at record {first_row} has column types unlike the first chunk's: {e}",
                         hint="write CSV output, or give the input's columns one type throughout") from e
