@@ -53,16 +53,17 @@ CHAIN = ("ingest", "validate", "feature_tables", "features", "train-", "evaluate
 CHAIN_TASKS = [name.replace("train-", "train-0") for name in CHAIN]  # as trim_pipeline leaves them
 
 
-def trim_pipeline(root: Path, keep: tuple[str, ...] = CHAIN) -> None:
-    """`root`'s pipeline.yaml with only the tasks named in `keep` and a grid of one candidate (train-0, a logistic
-    regression, or a ridge regression for a quantity): the chain from data to a registered version in 7 tasks instead
-    of 15, for tests of that chain."""
+def trim_pipeline(root: Path, keep: tuple[str, ...] = CHAIN, candidates: int = 1) -> None:
+    """`root`'s pipeline.yaml with only the tasks named in `keep` and a grid of `candidates` linear models (train-0,
+    train-1, ...: logistic regressions, or ridge regressions for a quantity, with C or alpha 1, 0.5, ...): the chain from data to a registered version in 7 tasks instead of 15, for tests of that chain."""
     spec = root / "pipeline.yaml"
     pipeline = yaml.safe_load(spec.read_text())
     pipeline["tasks"] = [task for task in pipeline["tasks"] if task["name"] in keep]
+    strengths = [1.0 / 2**i for i in range(candidates)]
     for task in pipeline["tasks"]:
         if "grid" in task:
-            task["grid"] = [{"model": ["linear"], "model_params": [{"classification": {"C": 1.0}, "regression": {"alpha": 1.0}}]}]
+            task["grid"] = [{"model": ["linear"], "model_params": [{"classification": {"C": c}, "regression": {"alpha": c}}
+                                                                   for c in strengths]}]
     spec.write_text(yaml.safe_dump(pipeline, sort_keys=False))
 
 

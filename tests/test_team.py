@@ -11,10 +11,12 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from conftest import (
     CHAIN_TASKS,
     ROOT,
@@ -23,6 +25,8 @@ from conftest import (
     copy_project,
     free_port,
     run_nbs,
+    start_service,
+    stop_service,
     trim_pipeline,
 )
 
@@ -41,7 +45,13 @@ def team():
     scratch = Path(tempfile.mkdtemp(prefix="nbs-team-"))
     scratch.chmod(0o711)
     project = copy_project(scratch / "project")
-    trim_pipeline(project)  # what is tested here is where runs go, not what the tasks do: 7 tasks, not 15
+    # what is tested here is where runs go, not what the tasks do: 8 tasks, not 15; two candidates, which
+    # Airflow's scheduler runs at once; a failed task retried after 1 s, not pipeline.yaml's minute
+    trim_pipeline(project, candidates=2)
+    spec = project / "pipeline.yaml"
+    pipeline = yaml.safe_load(spec.read_text())
+    pipeline["executor"]["retry_delay"] = 1
+    spec.write_text(yaml.safe_dump(pipeline, sort_keys=False))
     commit(project, "the chain from data to a registered version")
     password = secrets.token_urlsafe(18)
     port, db_port = free_port(), free_port()
@@ -56,7 +66,7 @@ def team():
     try:
         assert started.returncode == 0, started.stdout + started.stderr
         url = state["url"]
-        yield {"project": project, "url": url, "password": password, "port": port,
+        yield {"project": project, "url": url, "password": password, "port": port, "db_port": db_port,
                "client_env": {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": ADMIN,
                               "MLFLOW_TRACKING_PASSWORD": password}}
     finally:
@@ -145,6 +155,7 @@ def test_bad_credentials_give_a_clear_error_before_anything_runs(team):
 
 
 TEAM = ["-p", "experiment=nbs-team", "-p", "model_name=nbs-team"]  # apart from the migration test's "nbs"
+TEAM_TASKS = [*CHAIN_TASKS, "train-1"]  # the team project's grid has two candidates
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +212,7 @@ def _shape(client, run_id: str) -> tuple[dict, dict]:
 def test_the_pipeline_runs_against_the_server_with_artifacts_proxied(team, local_build):
     client = _client(team)
     parent, tasks = _shape(client, local_build)
-    assert parent["status"] == "FINISHED" and sorted(tasks) == sorted(CHAIN_TASKS)
+    assert parent["status"] == "FINISHED" and sorted(tasks) == sorted(TEAM_TASKS)
     assert all(t["status"] == "FINISHED" for t in tasks.values())
     assert "notebook" in tasks["evaluate"]["artifacts"] and "dag.json" in parent["artifacts"]
     version = client.get_model_version_by_alias("nbs-team", "champion")
@@ -226,35 +237,116 @@ def test_a_task_run_needs_a_running_pipeline_run_and_end_fails_a_run_with_tasks_
     assert missing.returncode == 2 and "--pipeline-run" in missing.stderr
 
 
-def test_the_exported_dag_runs_under_airflow_and_records_what_a_local_run_does(team, local_build, tmp_path):
-    assert AIRFLOW.is_file(), f"{AIRFLOW} is missing: `make test` (or `make airflow`) installs it"
-    project, home = team["project"], tmp_path / "airflow"
-    dag_file = home / "dags" / "nbs_pipeline.py"
-    exported = run_nbs("export", "airflow", "-o", str(dag_file), cwd=project)
-    assert exported.returncode == 0, exported.stderr
-    source = dag_file.read_text()
-    assert "'retries': 1" in source and "execution_timeout': timedelta(seconds=7200)" in source
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHONPATH"))}
+def _airflow_settings(team, home: Path, api_port: int) -> dict:
+    """The environment of Airflow's processes: LocalExecutor with four task slots, its metadata in the team server's
+    PostgreSQL (database `airflow`, the password from libpq's password file), its API on 127.0.0.1, the tracking
+    server and its credentials for the tasks."""
+    project = team["project"]
+    database = f"postgresql+psycopg://nbs@127.0.0.1:{team['db_port']}/airflow"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PYTHONPATH", "AIRFLOW"))}
     env.update(team["client_env"], AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(home / "dags"),
-               AIRFLOW__CORE__LOAD_EXAMPLES="False", PLOOMBER_STATS_ENABLED="false",
-               PYTHONPATH=str(project))  # the copy's nbs_lib, for its `nbs` and kernels alike
+               AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__CORE__EXECUTOR="LocalExecutor",
+               AIRFLOW__CORE__PARALLELISM="4", AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION="False",
+               AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=database, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC=database,
+               PGPASSFILE=str(project / ".nbs-server" / "pgpass"),
+               AIRFLOW__API__HOST="127.0.0.1", AIRFLOW__API__PORT=str(api_port),
+               AIRFLOW__CORE__EXECUTION_API_SERVER_URL=f"http://127.0.0.1:{api_port}/execution/",
+               AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
+               AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_urlsafe(48), AIRFLOW__API__SECRET_KEY=secrets.token_urlsafe(48),
+               AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",  # a token for the asking, on 127.0.0.1 only
+               PLOOMBER_STATS_ENABLED="false", PYTHONPATH=str(project))  # the copy's nbs_lib, for its `nbs` and kernels
+    return env
+
+
+def _wait_for_runs(api: httpx.Client, run_ids: list[str], processes: dict, timeout: float = 1200) -> dict[str, dict]:
+    "Each DAG run of `run_ids` once it has ended, polled through Airflow's REST API while its processes run."
+    deadline, ended = time.monotonic() + timeout, {}
+    while len(ended) < len(run_ids):
+        for run_id in set(run_ids) - set(ended):
+            run = api.get(f"/api/v2/dags/nbs_pipeline/dagRuns/{run_id}").raise_for_status().json()
+            if run["state"] in ("success", "failed"):
+                ended[run_id] = run
+        stopped = [name for name, process in processes.items() if process.poll() is not None]
+        assert not stopped and time.monotonic() < deadline, (stopped, ended)
+        time.sleep(1)
+    return ended
+
+
+def _task_instances(api: httpx.Client, run_id: str) -> dict[str, dict]:
+    instances = api.get(f"/api/v2/dags/nbs_pipeline/dagRuns/{run_id}/taskInstances").raise_for_status().json()
+    return {ti["task_id"]: ti for ti in instances["task_instances"]}
+
+
+def test_the_exported_dag_runs_under_airflows_scheduler_as_a_local_run_does(team, local_build, tmp_path):
+    """Airflow's scheduler, API server and DAG processor (LocalExecutor, on the team server's PostgreSQL) run the
+    exported DAG: the grid's candidates at once, each task's run under the build's run with what a local run records,
+    a version registered; a failing task retried once (pipeline.yaml's retries), then the DAG run failed with the task's
+    runs FAILED. Each of those processes is stopped here, by its process group."""
+    assert AIRFLOW.is_file(), f"{AIRFLOW} is missing: `make test` (or `make airflow`) installs it"
+    project, home, api_port = team["project"], tmp_path / "airflow", free_port()
+    exported = run_nbs("export", "airflow", "-o", str(home / "dags" / "nbs_pipeline.py"), cwd=project)
+    assert exported.returncode == 0, exported.stderr
+    source = (home / "dags" / "nbs_pipeline.py").read_text()
+    assert "'retries': 1, 'retry_delay': timedelta(seconds=1)" in source and "timedelta(seconds=7200)" in source
+    env = _airflow_settings(team, home, api_port)
     migrated = subprocess.run([str(AIRFLOW), "db", "migrate"], env=env, capture_output=True, text=True, timeout=300)
-    assert migrated.returncode == 0, migrated.stderr[-3000:]
-    conf = {"experiment": "nbs-airflow", "model_name": "nbs-airflow", "cv_folds": 4}
-    ran = subprocess.run([str(AIRFLOW), "dags", "test", "nbs_pipeline", "-c", json.dumps(conf)], env=env,
-                         capture_output=True, text=True, timeout=1500)
-    assert ran.returncode == 0, (ran.stdout + ran.stderr)[-5000:]
+    assert migrated.returncode == 0, migrated.stderr[-3000:]  # in the `airflow` database `nbs server` made
+
+    url = f"http://127.0.0.1:{api_port}"
+    processes = {"api-server": start_service([str(AIRFLOW), "api-server", "--host", "127.0.0.1", "--port", str(api_port)],
+                                             f"{url}/api/v2/monitor/health", tmp_path,
+                                             tmp_path / "api-server.log", env, timeout=180)}
+    try:
+        for name in ("scheduler", "dag-processor"):
+            with open(tmp_path / f"{name}.log", "w") as log:
+                processes[name] = subprocess.Popen([str(AIRFLOW), name], cwd=tmp_path, env=env, stdout=log,
+                                                   stderr=subprocess.STDOUT, start_new_session=True)
+        token = httpx.get(f"{url}/auth/token").raise_for_status().json()["access_token"]
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as api:
+            deadline = time.monotonic() + 180
+            while api.get("/api/v2/dags/nbs_pipeline").status_code != 200:  # the DAG processor has not parsed it yet
+                assert time.monotonic() < deadline, (tmp_path / "dag-processor.log").read_text()[-3000:]
+                time.sleep(1)
+            runs = {}
+            for kind, conf in [("good", {"experiment": "nbs-airflow", "model_name": "nbs-airflow", "cv_folds": 4}),
+                               ("failing", {"experiment": "nbs-airflow-fails", "min_rows": 100_000})]:  # validate refuses
+                triggered = subprocess.run([str(AIRFLOW), "dags", "trigger", "nbs_pipeline", "-c", json.dumps(conf),
+                                            "-o", "json"], env=env, capture_output=True, text=True, timeout=120)
+                assert triggered.returncode == 0, triggered.stderr[-3000:]
+                printed = next(line for line in triggered.stdout.splitlines() if line.startswith("[{"))
+                runs[kind] = json.loads(printed)[0]["dag_run_id"]
+            ended = _wait_for_runs(api, list(runs.values()), processes)
+            good, failing = _task_instances(api, runs["good"]), _task_instances(api, runs["failing"])
+    finally:
+        for process in processes.values():
+            stop_service(process)
+    logs = {name: (tmp_path / f"{name}.log").read_text()[-3000:] for name in processes}
+    assert ended[runs["good"]]["state"] == "success", (good, logs["scheduler"])
+    assert {ti["state"] for ti in good.values()} == {"success"}
+    candidates = [good["train-0"], good["train-1"]]
+    assert max(ti["start_date"] for ti in candidates) < min(ti["end_date"] for ti in candidates), "the grid ran at once"
+
     client = _client(team)
     airflow_run, = client.search_runs([client.get_experiment_by_name("nbs-airflow").experiment_id],
                                       "tags.`nbs.kind` = 'pipeline'")
     local_parent, local_tasks = _shape(client, local_build)
     airflow_parent, airflow_tasks = _shape(client, airflow_run.info.run_id)
     assert airflow_parent["status"] == "FINISHED" and airflow_parent == local_parent
-    assert sorted(airflow_tasks) == sorted(local_tasks)
+    assert sorted(airflow_tasks) == sorted(local_tasks) == sorted(TEAM_TASKS)
     for name, held in local_tasks.items():
         assert airflow_tasks[name] == held, name
     assert airflow_run.data.params["cv_folds"] == "4" and airflow_run.data.params["model_name"] == "nbs-airflow"  # the conf
-    assert client.get_registered_model("nbs-airflow").latest_versions
+    version, = client.search_model_versions("name = 'nbs-airflow'")
+    assert any(key.startswith("nbs.gate.") for key in version.tags), version.tags  # the gate decided on it
+
+    assert ended[runs["failing"]]["state"] == "failed"
+    assert failing["validate"]["state"] == "failed" and failing["validate"]["try_number"] == 2, failing["validate"]
+    assert failing["features"]["state"] == "upstream_failed" and failing["end"]["state"] == "failed"
+    failed_run, = client.search_runs([client.get_experiment_by_name("nbs-airflow-fails").experiment_id],
+                                     "tags.`nbs.kind` = 'pipeline'")
+    tries = client.search_runs([failed_run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{failed_run.info.run_id}' "
+                               "and tags.`nbs.task` = 'validate'")
+    assert failed_run.info.status == "FAILED" and [t.info.status for t in tries] == ["FAILED", "FAILED"]
 
 
 def test_runs_and_models_of_the_embedded_store_move_to_the_server(team, shared_build, tmp_path):

@@ -31,7 +31,7 @@ SERVER_FOLDER = ".nbs-server"  # under the project root; git-ignored
 DEFAULT_PORT = 5001  # 5000 is `make ui`'s
 DEFAULT_DB_PORT = 5433  # beside a system PostgreSQL on 5432
 DB_USER = "nbs"
-DATABASES = ("mlflow", "mlflow_auth")  # runs and registry; users and permissions
+DATABASES = ("mlflow", "mlflow_auth", "airflow")  # runs and registry; users and permissions; Airflow's metadata
 ADMIN_USER = "admin"
 ADMIN_PASSWORD_ENV = "MLFLOW_AUTH_ADMIN_PASSWORD"  # MLflow's own variable: its auth app reads it too
 MIN_PASSWORD_LENGTH = 12
@@ -217,7 +217,7 @@ def _team_extra(module: str):
 
 
 def create_databases(files: ServerFiles, port: int) -> list[str]:
-    "Create the databases MLflow needs that are missing; their names."
+    "Create the team server's databases that are missing (MLflow's two, Airflow's); their names."
     psycopg = _team_extra("psycopg")
     with psycopg.connect(host="127.0.0.1", port=port, user=DB_USER, dbname="postgres",
                          passfile=str(files.pgpass), autocommit=True) as connection:
