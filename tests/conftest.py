@@ -268,6 +268,29 @@ def stop_service(process: subprocess.Popen) -> int:
     return process.wait()
 
 
+@pytest.fixture
+def s3(tmp_path) -> dict[str, str]:
+    "A real S3-compatible server (moto's) on 127.0.0.1, a bucket `reports` in it: the environment that reaches it."
+    port = free_port()
+    process = start_service([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                            f"http://127.0.0.1:{port}/moto-api/", tmp_path, tmp_path / "moto.log")
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    try:
+        s3_client(env).create_bucket(Bucket="reports")
+        yield env
+    finally:
+        stop_service(process)
+
+
+def s3_client(env: dict):
+    "A boto3 S3 client of the server `env` (the `s3` fixture's) reaches."
+    import boto3
+
+    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+
+
 CHROMIUM = "/usr/bin/chromium"  # Debian's, installed by `make test`; Playwright never downloads a browser here
 SCREENSHOTS = ROOT / ".nbs" / "screenshots"
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import NBS, drive, free_port, runs_of, start_service, stop_service, store
+from conftest import NBS, drive, free_port, runs_of, s3_client, store
 
 PAPERMILL = Path(sys.executable).with_name("papermill")
 SAYS = "import os\nprint(msg, type(msg).__name__, rate, type(rate).__name__, when, label, items, conf, flag)"
@@ -231,31 +231,9 @@ def test_a_bash_kernel_gets_its_parameters_from_papermills_translator(tmp_path):
     assert attempt.info.status == "FAILED" and attempt.data.tags["nbs.error.cell"] == "2"
 
 
-@pytest.fixture
-def s3(tmp_path) -> dict[str, str]:
-    "A real S3-compatible server (moto's) on 127.0.0.1, a bucket `reports` in it: the environment that reaches it."
-    port = free_port()
-    process = start_service([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
-                            f"http://127.0.0.1:{port}/moto-api/", tmp_path, tmp_path / "moto.log")
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    try:
-        _s3_client(env).create_bucket(Bucket="reports")
-        yield env
-    finally:
-        stop_service(process)
-
-
-def _s3_client(env: dict):
-    import boto3
-
-    return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
-
-
 def test_s3_notebooks_both_ways_through_papermills_handler(tmp_path, s3):
     _write_notebook(tmp_path / "in.ipynb", Case(["print(x * 2)"], "x = 1"))
-    client = _s3_client(s3)
+    client = s3_client(s3)
     client.upload_file(str(tmp_path / "in.ipynb"), "reports", "weekly.ipynb")
     done, = drive(tmp_path, [["execute", "s3://reports/weekly.ipynb", "s3://reports/out/{x}.ipynb", "-p", "x", "21"]],
                   env=s3)

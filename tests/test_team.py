@@ -25,6 +25,7 @@ from conftest import (
     copy_project,
     free_port,
     run_nbs,
+    s3_client,
     start_service,
     stop_service,
     trim_pipeline,
@@ -387,20 +388,34 @@ def test_runs_and_models_of_the_embedded_store_move_to_the_server(team, shared_b
     assert nowhere.returncode == 2 and "names no tracking server" in nowhere.stderr
 
 
-def test_a_task_on_another_checkout_takes_its_inputs_from_the_product_store(tmp_path):
+@pytest.mark.parametrize("kind", ["folder", "s3"])
+def test_a_task_on_another_checkout_takes_its_inputs_from_the_product_store(tmp_path, kind, request):
     import hashlib
 
-    store = tmp_path / "store"  # a shared folder (NFS, a mounted bucket) in production
     first, second = copy_project(tmp_path / "worker-1"), copy_project(tmp_path / "worker-2")
-    env = {"NBS_PRODUCT_STORE": str(store), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/shared.db"}
+    if kind == "folder":  # a shared folder (NFS, a mounted bucket) in production
+        store = tmp_path / "store"
+        env = {"NBS_PRODUCT_STORE": str(store)}
+
+        def stored(key: str) -> bool:
+            return (store / key).is_file()
+    else:  # no shared disk: the workers share a bucket of a real S3-compatible server on 127.0.0.1
+        env = dict(request.getfixturevalue("s3"))
+        bucket = s3_client(env)
+        bucket.create_bucket(Bucket="products")
+        env["NBS_PRODUCT_STORE"] = "s3://products/team-a"
+
+        def stored(key: str) -> bool:
+            pages = bucket.get_paginator("list_objects_v2").paginate(Bucket="products", Prefix="team-a/")
+            return f"team-a/{key}" in {item["Key"] for page in pages for item in page.get("Contents", [])}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/shared.db"
     begun = run_nbs("task", "begin", cwd=first, env=env)
     assert begun.returncode == 0, begun.stderr
     run_id = begun.stdout.strip().splitlines()[-1]
     for name in ("ingest", "validate", "feature_tables"):
         done = run_nbs("task", "run", name, "--pipeline-run", run_id, cwd=first, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-    labels = store / "products" / "data" / "labels.parquet"
-    assert labels.is_file() and (store / "products" / "data" / ".labels.parquet.metadata").is_file()
+    assert stored("products/data/labels.parquet") and stored("products/data/.labels.parquet.metadata")
 
     # features reads the feature store: the table and Feast's registry come over with the labels
     features = run_nbs("task", "run", "features", "--pipeline-run", run_id, cwd=second, env=env)
@@ -408,7 +423,7 @@ def test_a_task_on_another_checkout_takes_its_inputs_from_the_product_store(tmp_
     for fetched in ("products/data/labels.parquet", "feature_repo/data/nbs-classifier.parquet",
                     "feature_repo/data/registry.db"):
         assert f"fetched {fetched} from the product store" in features.stderr, features.stderr[-3000:]
-    assert (store / "products" / "data" / "train.parquet").is_file()  # for the next worker
+    assert stored("products/data/train.parquet")  # for the next worker
     assert (second / "products" / "data" / "columns.json").is_file()  # validate's decisions, which features reads
     assert not (second / "products" / "data" / "raw.parquet").exists()  # only its upstream tasks' products came over
     from mlflow import MlflowClient
@@ -424,6 +439,15 @@ def test_a_task_on_another_checkout_takes_its_inputs_from_the_product_store(tmp_
     lonely = run_nbs("task", "run", "features", "--pipeline-run", run_id, cwd=bare,
                      env={"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"]})
     assert lonely.returncode == 2 and "no product store is set" in lonely.stderr, lonely.stderr
+    if kind == "s3":  # a bucket that is missing or a server that does not answer: one line, before any run opens
+        pipeline_runs = len(client.search_runs([task_run.info.experiment_id], "tags.`nbs.kind` = 'pipeline'"))
+        for wrong, says in [({"NBS_PRODUCT_STORE": "s3://no-such-bucket/team-a"}, "the bucket 'no-such-bucket' does not exist"),
+                            ({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}, "no S3 server answers")]:
+            refused = run_nbs("task", "begin", cwd=bare, env={**env, **wrong})
+            assert refused.returncode == 2 and refused.stderr.startswith("nbs: error: NBS_PRODUCT_STORE: "), refused.stderr
+            assert says in refused.stderr, refused.stderr
+            assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 2, refused.stderr
+        assert len(client.search_runs([task_run.info.experiment_id], "tags.`nbs.kind` = 'pipeline'")) == pipeline_runs
 
 
 def test_nbs_server_in_the_foreground_stops_everything_on_ctrl_c():

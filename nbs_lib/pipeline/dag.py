@@ -61,6 +61,8 @@ def load_dag(root: Path, overrides: dict | None = None):
             dag.executor.parameters = {**env_values(root), **(overrides or {})}
         use_product_store(dag, root)
         dag.render(show_progress=False)
+    except ConfigError:  # nbs's own words already (a product store it cannot use), not a fault of the spec
+        raise
     except Exception as e:  # Ploomber raises many types here; all mean the spec is unusable
         # Ploomber's render report: titles between rules, then each failed task's traceback; its words before
         # the first traceback, and the line that ends it (what was raised), say it without the traceback

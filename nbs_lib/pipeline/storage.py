@@ -23,19 +23,54 @@ def product_store() -> str:
 
 
 def product_client(location: str, root: Path):
-    "A Ploomber storage client keeping products under `location` (a folder or file:// URL), as paths relative to `root`."
+    "A Ploomber storage client keeping products under `location` (a folder, a file:// URL or s3://BUCKET/PREFIX), as paths relative to `root`."
     from ploomber.clients import LocalStorageClient
 
     scheme, sep, rest = location.partition("://")
+    if sep and scheme == "s3":
+        return _s3_client(location, root)
     if sep and scheme != "file":
-        raise ConfigError(PRODUCT_STORE_ENV, f"{location!r}: only folders and file:// URLs are product stores",
-                          hint="mount object storage (gcsfuse, mountpoint-s3) or a network share and name "
-                               "its folder")
+        raise ConfigError(PRODUCT_STORE_ENV, f"{location!r}: product stores are folders, file:// and s3:// URLs",
+                          hint="for other object storage, mount it (gcsfuse, blobfuse2) and name its folder")
     folder = Path(rest if sep else location).expanduser()
     if not folder.is_absolute():
         raise ConfigError(PRODUCT_STORE_ENV, f"{location!r} is a relative path: every worker must find the same place",
                           hint="an absolute path, e.g. /mnt/shared/nbs-products")
     return LocalStorageClient(str(folder), path_to_project_root=str(Path(root).resolve()))
+
+
+def _s3_client(location: str, root: Path):
+    "Ploomber's S3 client for s3://BUCKET/PREFIX, once the bucket answers; credentials and endpoint are boto3's own (AWS_* variables, ~/.aws)."
+    try:
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+    except ImportError:
+        raise ConfigError(PRODUCT_STORE_ENV, f"{location!r}: an s3:// product store needs boto3",
+                          hint="pip install 'nbs_lib[s3]' in the project's environment") from None
+    from ploomber.clients import S3Client
+
+    bucket, _, prefix = location.removeprefix("s3://").partition("/")
+    if not bucket:
+        raise ConfigError(PRODUCT_STORE_ENV, f"{location!r} names no bucket", hint="s3://BUCKET or s3://BUCKET/PREFIX")
+    # one request, before anything runs: a store that cannot be reached fails the command, not its third task
+    checker = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
+    try:
+        checker.head_bucket(Bucket=bucket)
+    except NoCredentialsError:
+        raise ConfigError(PRODUCT_STORE_ENV, f"{location!r}: no AWS credentials were found",
+                          hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE") from None
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        said = {"404": "does not exist", "NoSuchBucket": "does not exist",
+                "403": "may not be read with these credentials"}.get(code, f"answered {code or e}")
+        raise ConfigError(PRODUCT_STORE_ENV, f"{location!r}: the bucket {bucket!r} {said} at {checker.meta.endpoint_url}",
+                          hint="create it, or name another bucket; AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL pick a "
+                               "server other than AWS") from None
+    except BotoCoreError as e:  # no answer at all: the endpoint is down or unreachable
+        raise ConfigError(PRODUCT_STORE_ENV, f"{location!r}: no S3 server answers: {e}",
+                          hint="check AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, and the network") from None
+    return S3Client(bucket, parent=prefix.strip("/"), path_to_project_root=str(Path(root).resolve()))
 
 # %% ../../notebooks/28_storage.ipynb #d2476001
 def use_product_store(dag, root: Path) -> str:
