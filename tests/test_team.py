@@ -476,3 +476,43 @@ def test_nbs_server_in_the_foreground_stops_everything_on_ctrl_c():
             server.wait()
             run_nbs("server", "stop", cwd=project)
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_the_team_server_keeps_artifacts_in_an_s3_bucket(s3):
+    "`nbs server start --artifacts-destination s3://...` on a real S3-compatible server (moto's) on 127.0.0.1."
+    scratch = Path(tempfile.mkdtemp(prefix="nbs-team-"))
+    scratch.chmod(0o711)
+    project = copy_project(scratch / "project")
+    s3_client(s3).create_bucket(Bucket="artifacts")
+    env = {**s3, "MLFLOW_AUTH_ADMIN_PASSWORD": secrets.token_urlsafe(18)}
+    ports = ["--port", str(free_port()), "--db-port", str(free_port())]
+    try:
+        missing = run_nbs("server", "start", *ports, "--artifacts-destination", "s3://no-such-bucket/mlflow", cwd=project,
+                          env=env)
+        assert missing.returncode == 2 and "the bucket 'no-such-bucket' does not exist" in missing.stderr, missing.stderr
+        assert not (project / ".nbs-server" / "postgres").exists(), "refused before PostgreSQL was set up"
+        started = run_nbs("server", "start", *ports, "--artifacts-destination", "s3://artifacts/mlflow", cwd=project,
+                          env=env, timeout=180)
+        assert started.returncode == 0, started.stdout + started.stderr
+        status = run_nbs("server", "status", cwd=project, env=env)
+        assert "artifacts in s3://artifacts/mlflow" in status.stdout, status.stdout
+        url = json.loads((project / ".nbs-server" / "server.json").read_text())["url"]
+        import nbformat
+
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")],
+                                                metadata={"kernelspec": {"name": "python3", "language": "python",
+                                                                         "display_name": "Python 3"}}),
+                       project / "answer.ipynb")
+        client_env = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": ADMIN,
+                      "MLFLOW_TRACKING_PASSWORD": env["MLFLOW_AUTH_ADMIN_PASSWORD"]}  # no AWS_*: the server writes
+        done = run_nbs("execute", "answer.ipynb", "answered.ipynb", cwd=project,
+                       env={**{k: "" for k in s3}, **client_env})
+        assert done.returncode == 0, done.stderr
+        pages = s3_client(s3).get_paginator("list_objects_v2").paginate(Bucket="artifacts", Prefix="mlflow/")
+        keys = [item["Key"] for page in pages for item in page.get("Contents", [])]
+        assert any(key.endswith("/answered.ipynb") for key in keys), keys
+        assert not any((project / ".nbs-server" / "artifacts").rglob("*.ipynb")), "nothing on the server's disk"
+    finally:
+        stopped = run_nbs("server", "stop", cwd=project, timeout=120)
+        shutil.rmtree(scratch, ignore_errors=True)
+    assert stopped.returncode == 0, stopped.stderr

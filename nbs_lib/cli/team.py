@@ -164,6 +164,9 @@ def _migrate(root: Path, source: str | None) -> int:
 @click.option("--from", "source", metavar="URI", help="with migrate: the store to copy (default: sqlite:///PROJECT/mlflow.db)")
 @click.option("--port", type=Port(), default=DEFAULT_PORT, help=f"the MLflow server's port on 127.0.0.1 (default {DEFAULT_PORT})")
 @click.option("--db-port", type=Port(), default=DEFAULT_DB_PORT, help=f"PostgreSQL's port on 127.0.0.1 (default {DEFAULT_DB_PORT})")
+@click.option("--artifacts-destination", "artifacts", metavar="URI",
+              help="with run and start: s3://BUCKET/PREFIX keeps artifacts in S3 (boto3's credentials and endpoint; "
+                   "default .nbs-server/artifacts/)")
 @root_option()
 def server(args: SimpleNamespace) -> int:
     "The team's MLflow tracking server (PostgreSQL, basic auth). ACTION run (default): start it, stop on Ctrl-C; start: start and return; stop; status; migrate: copy the runs and models of ./mlflow.db to $MLFLOW_TRACKING_URI."
@@ -181,10 +184,11 @@ def server(args: SimpleNamespace) -> int:
         if state is None:
             print("not running (`nbs server start` starts it)")
             return 3
-        print(f"running at {state['url']} (pid {state['pid']}), PostgreSQL on 127.0.0.1:{state['db_port']}")
+        print(f"running at {state['url']} (pid {state['pid']}), PostgreSQL on 127.0.0.1:{state['db_port']}, "
+              f"artifacts in {state.get('artifacts', display_path(root / '.nbs-server' / 'artifacts', root))}")
         print(f"Clients use:\n{_client_settings(state)}")
         return 0
-    state = start_server(root, port=args.port, db_port=args.db_port)
+    state = start_server(root, port=args.port, db_port=args.db_port, artifacts=args.artifacts)
     print(f"MLflow tracking server at {state['url']} (pid {state['pid']}), PostgreSQL on 127.0.0.1:"
           f"{state['db_port']}, data in {display_path(root / '.nbs-server', root)}/")
     print(f"Clients use:\n{_client_settings(state)}", flush=True)

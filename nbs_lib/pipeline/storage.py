@@ -11,7 +11,8 @@ from pathlib import Path
 from ..core.errors import ConfigError
 
 # %% auto #0
-__all__ = ['PRODUCT_STORE_ENV', 'product_store', 'product_client', 'use_product_store', 'fetch_upstream_products']
+__all__ = ['PRODUCT_STORE_ENV', 'product_store', 'product_client', 'check_s3_bucket', 'use_product_store',
+           'fetch_upstream_products']
 
 # %% ../../notebooks/28_storage.ipynb #f801fc82
 PRODUCT_STORE_ENV = "NBS_PRODUCT_STORE"
@@ -39,38 +40,44 @@ def product_client(location: str, root: Path):
     return LocalStorageClient(str(folder), path_to_project_root=str(Path(root).resolve()))
 
 
-def _s3_client(location: str, root: Path):
-    "Ploomber's S3 client for s3://BUCKET/PREFIX, once the bucket answers; credentials and endpoint are boto3's own (AWS_* variables, ~/.aws)."
+def check_s3_bucket(location: str, setting: str) -> tuple[str, str]:
+    "The bucket and prefix of `location` (s3://BUCKET/PREFIX) once the bucket answers; a ConfigError naming `setting` when it does not."
     try:
         import boto3
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
     except ImportError:
-        raise ConfigError(PRODUCT_STORE_ENV, f"{location!r}: an s3:// product store needs boto3",
+        raise ConfigError(setting, f"{location!r}: an s3:// location needs boto3",
                           hint="pip install 'nbs_lib[s3]' in the project's environment") from None
-    from ploomber.clients import S3Client
-
     bucket, _, prefix = location.removeprefix("s3://").partition("/")
     if not bucket:
-        raise ConfigError(PRODUCT_STORE_ENV, f"{location!r} names no bucket", hint="s3://BUCKET or s3://BUCKET/PREFIX")
-    # one request, before anything runs: a store that cannot be reached fails the command, not its third task
+        raise ConfigError(setting, f"{location!r} names no bucket", hint="s3://BUCKET or s3://BUCKET/PREFIX")
+    # credentials and server are boto3's own (AWS_* variables, ~/.aws); one request, before anything runs
     checker = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
     try:
         checker.head_bucket(Bucket=bucket)
     except NoCredentialsError:
-        raise ConfigError(PRODUCT_STORE_ENV, f"{location!r}: no AWS credentials were found",
+        raise ConfigError(setting, f"{location!r}: no AWS credentials were found",
                           hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE") from None
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
         said = {"404": "does not exist", "NoSuchBucket": "does not exist",
                 "403": "may not be read with these credentials"}.get(code, f"answered {code or e}")
-        raise ConfigError(PRODUCT_STORE_ENV, f"{location!r}: the bucket {bucket!r} {said} at {checker.meta.endpoint_url}",
+        raise ConfigError(setting, f"{location!r}: the bucket {bucket!r} {said} at {checker.meta.endpoint_url}",
                           hint="create it, or name another bucket; AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL pick a "
                                "server other than AWS") from None
     except BotoCoreError as e:  # no answer at all: the endpoint is down or unreachable
-        raise ConfigError(PRODUCT_STORE_ENV, f"{location!r}: no S3 server answers: {e}",
+        raise ConfigError(setting, f"{location!r}: no S3 server answers: {e}",
                           hint="check AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, and the network") from None
-    return S3Client(bucket, parent=prefix.strip("/"), path_to_project_root=str(Path(root).resolve()))
+    return bucket, prefix.strip("/")
+
+
+def _s3_client(location: str, root: Path):
+    "Ploomber's S3 client for the product store s3://BUCKET/PREFIX, once the bucket answers."
+    from ploomber.clients import S3Client
+
+    bucket, prefix = check_s3_bucket(location, PRODUCT_STORE_ENV)
+    return S3Client(bucket, parent=prefix, path_to_project_root=str(Path(root).resolve()))
 
 # %% ../../notebooks/28_storage.ipynb #d2476001
 def use_product_store(dag, root: Path) -> str:

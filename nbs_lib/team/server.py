@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import ServerError, import_extra
+from ..core.errors import ConfigError, ServerError, import_extra
 from ..core.processes import answers, stop_group, wait_until_answers
 from ..core.tracking import process_alive
 
@@ -255,13 +255,13 @@ def server_url(port: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def server_command(files: ServerFiles, port: int, db_port: int) -> list[str]:
-    "The `mlflow server` command line: basic auth, PostgreSQL store, proxied artifacts, security options."
+def server_command(files: ServerFiles, port: int, db_port: int, artifacts: str | None = None) -> list[str]:
+    "The `mlflow server` command line: basic auth, PostgreSQL store, artifacts proxied to `artifacts` (default: .nbs-server/artifacts/), security options."
     return [
         str(Path(sys.executable).with_name("mlflow")), "server",
         "--app-name", "basic-auth",
         "--backend-store-uri", database_uri("mlflow", db_port),
-        "--serve-artifacts", "--artifacts-destination", files.artifacts.as_uri(),
+        "--serve-artifacts", "--artifacts-destination", artifacts or files.artifacts.as_uri(),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}",
         "--cors-allowed-origins", f"http://127.0.0.1:{port},http://localhost:{port}",
@@ -304,10 +304,17 @@ def server_state(root: Path) -> dict | None:
 
 # %% ../../notebooks/72_server.ipynb #91f8de10
 def start_server(root: Path, port: int = DEFAULT_PORT, db_port: int = DEFAULT_DB_PORT,
-                 admin_password: str | None = None, timeout: float = 120) -> dict:
-    "Start PostgreSQL and the MLflow server of the project at `root`; what was recorded of them (url, pid, ports)."
+                 admin_password: str | None = None, timeout: float = 120, artifacts: str | None = None) -> dict:
+    "Start PostgreSQL and the MLflow server of the project at `root`, artifacts in `artifacts` (s3://BUCKET/PREFIX) or .nbs-server/artifacts/; what was recorded of them (url, pid, ports)."
+    from nbs_lib.pipeline.storage import check_s3_bucket
+
     admin_password = check_admin_password(admin_password or os.environ.get(ADMIN_PASSWORD_ENV))
     _team_extra("flask_wtf")  # MLflow's basic-auth app imports it in the server process: fail here, not in its log
+    if artifacts:  # a bucket the server could not write to would fail each client's first artifact, not the start
+        if not artifacts.startswith("s3://"):
+            raise ConfigError("--artifacts-destination", f"{artifacts!r}: the team server keeps artifacts in "
+                              ".nbs-server/artifacts/ or in s3://BUCKET/PREFIX", hint="leave it out, or name an S3 bucket")
+        check_s3_bucket(artifacts, "--artifacts-destination")
     files = ServerFiles(root)
     running = server_state(root)
     if running:
@@ -327,7 +334,7 @@ def start_server(root: Path, port: int = DEFAULT_PORT, db_port: int = DEFAULT_DB
         if answers(f"{url}/health"):
             raise ServerError("mlflow", f"something else already answers at {url}", hint="choose --port")
         with open(files.server_log, "w", encoding="utf-8") as log:
-            process = subprocess.Popen(server_command(files, port, db_port), cwd=files.folder, stdout=log,
+            process = subprocess.Popen(server_command(files, port, db_port, artifacts), cwd=files.folder, stdout=log,
                                        stderr=subprocess.STDOUT, start_new_session=True,
                                        env={**os.environ, **server_environment(files, admin_password)})
         why = wait_until_answers(f"{url}/health", process, timeout)
@@ -339,7 +346,7 @@ def start_server(root: Path, port: int = DEFAULT_PORT, db_port: int = DEFAULT_DB
         stop_postgres(files, bin_dir)
         raise
     state = {"url": url, "pid": process.pid, "pid_started": _started_at(process.pid), "port": port, "db_port": db_port,
-             "postgres_data": str(files.data), "started": time.time()}
+             "postgres_data": str(files.data), "artifacts": artifacts or str(files.artifacts), "started": time.time()}
     files.state.write_text(json.dumps(state, indent=1) + "\n", encoding="utf-8")
     return state
 
