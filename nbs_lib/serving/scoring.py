@@ -376,7 +376,7 @@ def _parsed(text: pa.ChunkedArray, column: Column, first_row: int) -> pa.Chunked
 
 
 def _scored(served: ServedModel, chunk: pa.Table, first_row: int, text: bool) -> tuple[pa.Table, dict]:
-    "`chunk` with the scores added; from a CSV file, the model's columns parsed from their text (and kept typed in Parquet)."
+    "`chunk` with the scores added, and the model's columns as the model read them (from a CSV file: parsed from their text)."
     import pyarrow as pa
 
     present = [c for c in served.columns if c.name in chunk.column_names]  # check_frame names the missing
