@@ -259,6 +259,22 @@ def _airflow_settings(team, home: Path, api_port: int) -> dict:
     return env
 
 
+def _stop_with_descendants(process: subprocess.Popen) -> None:
+    "Stop `process` by its group, then whatever it started that still runs: Airflow's task supervisors and their tasks have groups of their own."
+    import psutil
+
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    stop_service(process)
+    for child in children:  # those in a group of their own are still running only if a DAG run was cut short
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _wait_for_runs(api: httpx.Client, run_ids: list[str], processes: dict, timeout: float = 1200) -> dict[str, dict]:
     "Each DAG run of `run_ids` once it has ended, polled through Airflow's REST API while its processes run."
     deadline, ended = time.monotonic() + timeout, {}
@@ -320,7 +336,7 @@ def test_the_exported_dag_runs_under_airflows_scheduler_as_a_local_run_does(team
             good, failing = _task_instances(api, runs["good"]), _task_instances(api, runs["failing"])
     finally:
         for process in processes.values():
-            stop_service(process)
+            _stop_with_descendants(process)
     logs = {name: (tmp_path / f"{name}.log").read_text()[-3000:] for name in processes}
     assert ended[runs["good"]]["state"] == "success", (good, logs["scheduler"])
     assert {ti["state"] for ti in good.values()} == {"success"}

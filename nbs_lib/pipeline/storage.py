@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, import_extra
 
 # %% auto #0
 __all__ = ['PRODUCT_STORE_ENV', 'product_store', 'product_client', 'check_s3_bucket', 'use_product_store',
@@ -42,31 +42,28 @@ def product_client(location: str, root: Path):
 
 def check_s3_bucket(location: str, setting: str) -> tuple[str, str]:
     "The bucket and prefix of `location` (s3://BUCKET/PREFIX) once the bucket answers; a ConfigError naming `setting` when it does not."
-    try:
-        import boto3
-        from botocore.config import Config
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-    except ImportError:
-        raise ConfigError(setting, f"{location!r}: an s3:// location needs boto3",
-                          hint="pip install 'nbs_lib[s3]' in the project's environment") from None
+    feature = f"{setting} {location!r}"
+    boto3 = import_extra("boto3", "s3", feature)  # an extra: imported by name, not by statement
+    config = import_extra("botocore.config", "s3", feature)
+    errors = import_extra("botocore.exceptions", "s3", feature)
     bucket, _, prefix = location.removeprefix("s3://").partition("/")
     if not bucket:
         raise ConfigError(setting, f"{location!r} names no bucket", hint="s3://BUCKET or s3://BUCKET/PREFIX")
     # credentials and server are boto3's own (AWS_* variables, ~/.aws); one request, before anything runs
-    checker = boto3.client("s3", config=Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
+    checker = boto3.client("s3", config=config.Config(connect_timeout=5, read_timeout=10, retries={"max_attempts": 2}))
     try:
         checker.head_bucket(Bucket=bucket)
-    except NoCredentialsError:
+    except errors.NoCredentialsError:
         raise ConfigError(setting, f"{location!r}: no AWS credentials were found",
                           hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE") from None
-    except ClientError as e:
+    except errors.ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
         said = {"404": "does not exist", "NoSuchBucket": "does not exist",
                 "403": "may not be read with these credentials"}.get(code, f"answered {code or e}")
         raise ConfigError(setting, f"{location!r}: the bucket {bucket!r} {said} at {checker.meta.endpoint_url}",
                           hint="create it, or name another bucket; AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL pick a "
                                "server other than AWS") from None
-    except BotoCoreError as e:  # no answer at all: the endpoint is down or unreachable
+    except errors.BotoCoreError as e:  # no answer at all: the endpoint is down or unreachable
         raise ConfigError(setting, f"{location!r}: no S3 server answers: {e}",
                           hint="check AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL, and the network") from None
     return bucket, prefix.strip("/")
