@@ -14,8 +14,8 @@ from collections.abc import Callable
 from ..core.errors import NbsError, as_nbs_error
 
 # %% auto #0
-__all__ = ['QUICK_EXIT', 'die_with', 'ForkedService', 'LocalService', 'start_service', 'prestart_kernel', 'bind_environment',
-           'exit_quickly', 'ask_quick_exit', 'request_stop', 'stop_kernel']
+__all__ = ['QUICK_EXIT', 'die_with', 'ForkedService', 'LocalService', 'start_service', 'read_at_start', 'prestart_kernel',
+           'bind_environment', 'exit_quickly', 'ask_quick_exit', 'request_stop', 'stop_kernel']
 
 # %% ../../notebooks/23_head_start.ipynb #4bcf4c97
 def die_with(parent: int) -> None:
@@ -160,6 +160,19 @@ def start_service(factory: Callable[[], object], name: str = "nbs-service") -> F
     if "fork" in multiprocessing.get_all_start_methods():
         return ForkedService(factory, name)
     return LocalService(factory, name)
+
+# %% ../../notebooks/23_head_start.ipynb #6a3b9c04
+# read by Python, the dynamic linker, IPython or the warm libraries as they start or are imported (scikit-learn's
+# configuration defaults, numpy's and BLAS's settings, joblib's workers, MLflow's logging, tqdm's defaults,
+# OpenTelemetry's, protobuf's and SQLAlchemy's settings), or by a library's thread pools
+_READ_AT_START = ("PYTHON", "IPYTHON", "LD_", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "NPY_", "NUMPY_", "PANDAS_",
+                  "SKLEARN_", "SCIPY_", "JOBLIB_", "LOKY_", "MLFLOW_", "TQDM_", "OTEL_", "PROTOCOL_BUFFERS_", "SQLALCHEMY_")
+
+
+def read_at_start(env: dict[str, str]) -> dict[str, str]:
+    "The variables of `env` that are read when a process starts or the warm libraries are imported."
+    return {name: value for name, value in env.items() if name.startswith(_READ_AT_START) or "THREADS" in name}
+
 
 # %% ../../notebooks/23_head_start.ipynb #f97067a8
 def prestart_kernel(kernel_name: str, cwd: str | None, env: dict[str, str], startup_timeout: float):

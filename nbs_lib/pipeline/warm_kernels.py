@@ -18,11 +18,11 @@ from contextlib import contextmanager
 
 from jupyter_client.provisioning import LocalProvisioner
 
-from .head_start import die_with
+from .head_start import die_with, read_at_start
 
 # %% auto #0
-__all__ = ['WARM_IMPORTS', 'IDLE_IMPORTS', 'WARM_START_WAIT', 'FORK_WAIT', 'read_at_start', 'serve_forks', 'ForkedKernel',
-           'WarmStart', 'WarmProvisioner', 'warm_kernels']
+__all__ = ['WARM_IMPORTS', 'IDLE_IMPORTS', 'WARM_START_WAIT', 'FORK_WAIT', 'serve_forks', 'ForkedKernel', 'WarmStart',
+           'WarmProvisioner', 'warm_kernels']
 
 # %% ../../notebooks/34_warm_kernels.ipynb #c7ca8b5b
 WARM_IMPORTS = ["ipykernel.kernelapp", "numpy", "pandas", "sklearn.base", "sklearn.pipeline", "sklearn.compose",
@@ -36,17 +36,6 @@ FORK_WAIT = 30  # seconds a fork may take before the warm process is given up
 _PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
 _logger = logging.getLogger(__name__)
 
-
-# read by Python, the dynamic linker, IPython or the warm libraries as they start or are imported (scikit-learn's
-# configuration defaults, numpy's and BLAS's settings, joblib's workers, MLflow's logging, tqdm's defaults,
-# OpenTelemetry's, protobuf's and SQLAlchemy's settings), or by a library's thread pools
-_READ_AT_START = ("PYTHON", "IPYTHON", "LD_", "OMP_", "KMP_", "MKL_", "OPENBLAS_", "NPY_", "NUMPY_", "PANDAS_",
-                  "SKLEARN_", "SCIPY_", "JOBLIB_", "LOKY_", "MLFLOW_", "TQDM_", "OTEL_", "PROTOCOL_BUFFERS_", "SQLALCHEMY_")
-
-
-def read_at_start(env: dict[str, str]) -> dict[str, str]:
-    "The variables of `env` that are read when a process starts or the warm libraries are imported."
-    return {name: value for name, value in env.items() if name.startswith(_READ_AT_START) or "THREADS" in name}
 
 
 def serve_forks(answers: int) -> None:
