@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import nbformat
 import pytest
 import yaml
 
@@ -376,3 +377,80 @@ def log_predictions(path: Path, model, table, start, version: int = 1, name: str
         labels += [(f"{request_id}-{j}", int(label)) for j, label in enumerate(rows[target])]
     log.close()
     assert log.record_feedback(labels)["recorded"] == len(labels)
+
+
+# the first task of the `tiny` fixture's pipeline, which misbehaves as its `mode` parameter says
+FIRST_BODY = """\
+import os, sys, time
+from pathlib import Path
+if mode == "raise":
+    raise ValueError("bad things")
+if mode == "exit0":
+    sys.exit(0)
+if mode == "dead":
+    os._exit(1)
+if mode == "sleep":
+    time.sleep(120)
+if mode == "leak":
+    import tempfile
+    from nbs_lib.core.credentials import secret
+    from nbs_lib.core.tracking import log_artifact
+    token = secret("NBS_TEST_TOKEN")
+    print("connecting with", token)
+    log = Path(tempfile.mkdtemp()) / "connection.log"
+    log.write_text(f"token={token}\\n")
+    log_artifact(log)
+    from nbs_lib.core.tracking import log_metrics, log_table, log_tags
+    log_table({"connection": [f"token={token}"]}, "connections")
+    log_tags({"nbs.connected_with": token})
+    log_metrics({f"latency_{token}": 1.0})
+if mode == "leakraise":
+    from nbs_lib.core.credentials import secret
+    raise ConnectionError(f"the server refused {secret('NBS_TEST_TOKEN')}")
+if mode == "halfwrite":
+    Path(product["data"]).write_text("half")
+    if Path("crash.flag").exists():
+        time.sleep(120)
+Path(product["data"]).write_text(mode)"""
+
+TINY_PIPELINE = """\
+executor:
+  dotted_path: nbs_lib.pipeline.executor.TrackedExecutor
+  experiment: '{{experiment}}'
+  cell_timeout: '{{cell_timeout}}'
+  secrets: [NBS_TEST_TOKEN]
+tasks:
+  - source: first.ipynb
+    name: first
+    product:
+      nb: products/first.ipynb
+      data: products/first.txt
+    params:
+      mode: '{{mode}}'
+  - source: second.ipynb
+    name: second
+    product:
+      nb: products/second.ipynb
+      data: products/second.txt
+"""
+
+
+def _notebook(path: Path, parameters: str, *bodies: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(parameters)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, *(nbformat.v4.new_code_cell(b) for b in bodies)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    "A two-task project: `first` misbehaves as its `mode` parameter says, `second` reads it."
+    (tmp_path / "env.yaml").write_text("experiment: tiny\nmode: ok\ncell_timeout: 60\n")
+    (tmp_path / "pipeline.yaml").write_text(TINY_PIPELINE)
+    _notebook(tmp_path / "first.ipynb", 'upstream = None\nproduct = None\nmode = "ok"',
+              FIRST_BODY, "print('after')")
+    _notebook(tmp_path / "second.ipynb", 'upstream = ["first"]\nproduct = None',
+              'from pathlib import Path\nPath(product["data"]).write_text(Path(upstream["first"]["data"]).read_text())')
+    return tmp_path

@@ -4,6 +4,7 @@ security options. Every process started here is stopped here."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -255,8 +256,27 @@ def _airflow_settings(team, home: Path, api_port: int) -> dict:
                AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=str(free_port()),
                AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_urlsafe(48), AIRFLOW__API__SECRET_KEY=secrets.token_urlsafe(48),
                AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",  # a token for the asking, on 127.0.0.1 only
-               PLOOMBER_STATS_ENABLED="false", PYTHONPATH=str(project))  # the copy's nbs_lib, for its `nbs` and kernels
+               PLOOMBER_STATS_ENABLED="false", PYTHONPATH=str(project),  # the copy's nbs_lib, for its `nbs` and kernels
+               TMPDIR=str(home / "tmp"))  # where the tasks' warm worker (the DAG's NBS_WARM=1) has its socket
+    (home / "tmp").mkdir(parents=True, exist_ok=True)
     return env
+
+
+def _warm_workers(env: dict) -> list[dict]:
+    "What each warm worker the DAG's tasks started says of itself; each is stopped."
+    import psutil
+
+    from nbs_lib.cli.warm import ask_worker
+
+    said = []
+    for lock in Path(env["TMPDIR"]).glob("nbs-warm-*/*.lock"):
+        found = ask_worker(lock.with_suffix(".sock"), "status")
+        if found is not None:
+            said.append(found)
+            ask_worker(lock.with_suffix(".sock"), "stop")
+            with contextlib.suppress(psutil.NoSuchProcess):
+                psutil.Process(found["pid"]).wait(timeout=60)
+    return said
 
 
 def _stop_with_descendants(process: subprocess.Popen) -> None:
@@ -335,8 +355,11 @@ def test_the_exported_dag_runs_under_airflows_scheduler_as_a_local_run_does(team
             ended = _wait_for_runs(api, list(runs.values()), processes)
             good, failing = _task_instances(api, runs["good"]), _task_instances(api, runs["failing"])
     finally:
+        workers = _warm_workers(env)  # before Airflow's processes: one that adopted the worker would kill it
         for process in processes.values():
             _stop_with_descendants(process)
+    # the first task ran cold and started the worker; the tasks after it started from the worker
+    assert len(workers) == 1 and workers[0]["served"] >= 1, workers
     logs = {name: (tmp_path / f"{name}.log").read_text()[-3000:] for name in processes}
     assert ended[runs["good"]]["state"] == "success", (good, logs["scheduler"])
     assert {ti["state"] for ti in good.values()} == {"success"}

@@ -47,6 +47,8 @@ from airflow.sdk import DAG, Param
 
 PROJECT = os.environ.get("NBS_PROJECT", {project!r})  # the project's folder on the workers
 NBS = os.environ.get("NBS_COMMAND", {nbs!r})  # the nbs command of the project's environment
+# 1: each task starts from the worker machine's warm nbs process (`nbs warm`), not cold; 0 runs each task cold
+WARM = os.environ.get("NBS_WARM", "1")
 PIPELINE_RUN = "{{{{ ti.xcom_pull(task_ids='begin') }}}}"  # the MLflow run id `begin` printed
 
 
@@ -54,7 +56,7 @@ def nbs_task(task_id: str, command: str, **settings) -> BashOperator:
     """An Airflow task running `nbs COMMAND` in the project, with the DAG run's params."""
     # --wait: a task that finds a local build running in the project queues behind it rather than fail
     return BashOperator(task_id=task_id, bash_command=f'"$NBS" {{command}} --wait --params-json "$NBS_PARAMS"',
-                        env={{"NBS": NBS, "NBS_PARAMS": "{{{{ params | tojson }}}}"}}, append_env=True,
+                        env={{"NBS": NBS, "NBS_PARAMS": "{{{{ params | tojson }}}}", "NBS_WARM": WARM}}, append_env=True,
                         cwd=PROJECT, **settings)
 
 '''
