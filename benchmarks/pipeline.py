@@ -8,6 +8,7 @@ import contextlib
 import io
 import statistics
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from common import BIN, Figure, run_process, spread
@@ -44,14 +45,16 @@ def plain_run(project: Path, env: dict, notebooks: list[str]) -> tuple[float, in
     return run_process([str(BIN / "python"), str(Path(__file__).with_name("plain.py")), *notebooks], project, env)
 
 
-def pipeline_vs_plain(project: Path, env: dict, repeat: int, params: list[str], name: str,
-                      target: str) -> tuple[Figure, list[int], list[int]]:
-    "Forced builds and plain runs, alternated `repeat` times; the figure and the peak MiB of each."
+def pipeline_vs_plain(project: Path, env: dict, repeat: int, params: list[str], name: str, target: str,
+                      after_build: Callable[[], None] | None = None) -> tuple[Figure, list[int], list[int]]:
+    "Forced builds and plain runs, alternated `repeat` times (`after_build` called after each build); the figure and the peak MiB of each."
     built, plain, built_mib, plain_mib = [], [], [], []
     for index in range(repeat):
         seconds, mib = forced_build(project, env, params)
         built.append(seconds)
         built_mib.append(mib)
+        if after_build:
+            after_build()
         if index == 0:  # the build just run wrote the executed notebooks the plain runs read
             notebooks = build_order(project)
         seconds, mib = plain_run(project, env, notebooks)

@@ -23,12 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import commands
+import orchestrated
 import overhead
 import pipeline
 import serve
 from common import ROOT, Figure, clean_env, scratch_project, spread
 
-BENCHMARKS = ["startup", "execute", "pipeline", "grid", "tracking", "cells", "noop", "commands", "large", "serve"]
+BENCHMARKS = ["startup", "execute", "pipeline", "grid", "tracking", "cells", "noop", "orchestrated", "commands",
+              "large", "serve"]
 SMOKE_ENV = {"tune_trials": "2", "cv_folds": "2"}  # a quicker pipeline for --smoke
 # --smoke builds the chain from data to a registered version with the whole grid, without the tasks no
 # benchmark looks at, so that the suite, which runs it, waits less for it
@@ -85,16 +87,21 @@ def run(chosen: list[str], repeat: int, smoke: bool, scratch: Path) -> list[Figu
     if {"noop", "pipeline", "grid", "tracking", "large"} & set(chosen):
         say("ploomber build, then its no-op builds")
         ploomber_seconds = pipeline.ploomber_noop(project, env, 1 if smoke else 3)
-    if {"pipeline", "grid", "tracking", "noop", "commands"} & set(chosen):
+    in_builds: list[float] = []  # from one task's end to the next one's first cell, in each forced build
+    if {"pipeline", "grid", "tracking", "noop", "orchestrated", "commands"} & set(chosen):
         say("forced pipeline against plain python, default data")
         figure, built_mib, plain_mib = pipeline.pipeline_vs_plain(
-            project, env, few, [], "forced pipeline, default data (569 rows)", "<= 1.5x")
+            project, env, few, [], "forced pipeline, default data (569 rows)", "<= 1.5x",
+            after_build=lambda: in_builds.append(orchestrated.first_cell_gap(project, *orchestrated.PAIR)))
         figure.notes.append(f"peak memory of the largest process: nbs {max(built_mib)} MiB, plain {max(plain_mib)} MiB")
         if "pipeline" in chosen:
             figures.append(figure)
     if "noop" in chosen:
         say("nbs no-op builds")
         figures.append(pipeline.noop(project, env, 1 if smoke else 5, ploomber_seconds))
+    if "orchestrated" in chosen:
+        say("task start-up under an orchestrator")
+        figures += orchestrated.task_startup(project, env, 1 if smoke else 5, in_builds)
     if "grid" in chosen:
         say("grid: jobs=1 against jobs=2")
         figures.append(pipeline.grid(project, env, few))

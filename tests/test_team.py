@@ -229,9 +229,13 @@ def test_a_task_run_needs_a_running_pipeline_run_and_end_fails_a_run_with_tasks_
     begun = run_nbs("task", "begin", "-p", "experiment=nbs-steps", cwd=team["project"], env=env, timeout=120)
     assert begun.returncode == 0, begun.stderr
     run_id = begun.stdout.strip().splitlines()[-1]
+    client = _client(team)
+    from nbs_lib.core.tracking import reap_orphans
+
+    # what every local command on this host does first: `begin`'s process has ended, the orchestrator's run stays open
+    assert reap_orphans(client, "nbs-steps") == [] and client.get_run(run_id).info.status == "RUNNING"
     ended = run_nbs("task", "end", "--pipeline-run", run_id, cwd=team["project"], env=env, timeout=120)
     assert ended.returncode == 1 and "no finished run of ingest" in ended.stderr
-    client = _client(team)
     assert client.get_run(run_id).info.status == "FAILED"
     late = run_nbs("task", "run", "ingest", "--pipeline-run", run_id, cwd=team["project"], env=env, timeout=120)
     assert late.returncode == 2 and "tasks join only a RUNNING pipeline run" in late.stderr
@@ -371,7 +375,10 @@ def test_the_exported_dag_runs_under_airflows_scheduler_as_a_local_run_does(team
                                       "tags.`nbs.kind` = 'pipeline'")
     local_parent, local_tasks = _shape(client, local_build)
     airflow_parent, airflow_tasks = _shape(client, airflow_run.info.run_id)
-    assert airflow_parent["status"] == "FINISHED" and airflow_parent == local_parent
+    # the same records, and the mark of a run its orchestrator ends (no local command may take it for an orphan)
+    assert airflow_parent["status"] == "FINISHED" and airflow_parent["tags"] == sorted([*local_parent["tags"],
+                                                                                         "nbs.orchestrated"])
+    assert {**airflow_parent, "tags": local_parent["tags"]} == local_parent
     assert sorted(airflow_tasks) == sorted(local_tasks) == sorted(TEAM_TASKS)
     for name, held in local_tasks.items():
         assert airflow_tasks[name] == held, name

@@ -57,7 +57,7 @@ def _tracked_dag(root: Path, overrides: dict):
 @wait_option
 def task(args: SimpleNamespace) -> int:
     "One step of a pipeline run that an orchestrator drives. ACTION begin: open the pipeline run, print its id; run NAME: run one task in it; end: close it, FAILED unless every task finished."
-    from nbs_lib.core.tracking import get_client
+    from nbs_lib.core.tracking import ORCHESTRATED_TAG, get_client
     from nbs_lib.pipeline.executor import PIPELINE_RUN_ENV, close_joined_run
     from nbs_lib.pipeline.storage import fetch_upstream_products
 
@@ -77,7 +77,8 @@ def task(args: SimpleNamespace) -> int:
     dag = _tracked_dag(root, overrides)
     if args.action == "begin":
         with command_lock(root, args):  # no orchestrated run opens while a local build runs
-            run_id, _ = dag.executor.open_build_run(dag, list(dag.values()), get_client(), root)
+            run_id, _ = dag.executor.open_build_run(dag, list(dag.values()), get_client(), root,
+                                                    tags={ORCHESTRATED_TAG: "true"})  # no process of its own
         print(run_id)  # the last line of stdout: what Airflow hands the other tasks (XCom)
         return 0
     if args.name not in dag:

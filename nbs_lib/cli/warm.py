@@ -37,13 +37,14 @@ __all__ = ['WARM_ENV', 'IDLE_TIMEOUT', 'WARM_IMPORTS', 'worker_folder', 'worker_
 WARM_ENV = "NBS_WARM"  # "1": commands start from the warm worker, and start one for the next command when none runs
 IDLE_TIMEOUT = 900.0  # seconds without a command after which a worker ends
 # what most commands import before their first useful line: Ploomber and papermill (run, status, task), MLflow and
-# its SQL stores (every command that reads runs or the registry), pandas and pyarrow (predict, features, monitor)
+# its SQL stores (every command that reads runs or the registry), pandas and pyarrow (predict, features, monitor),
+# skops (loading a model: 6 s, most of it listing scikit-learn's estimators as trusted types)
 WARM_IMPORTS = ["nbs_lib.cli.pipeline", "nbs_lib.cli.team", "nbs_lib.cli.registry", "nbs_lib.cli.serving",
                 "nbs_lib.cli.monitoring", "nbs_lib.cli.execute", "nbs_lib.pipeline.dag", "nbs_lib.pipeline.executor",
                 "nbs_lib.pipeline.storage", "nbs_lib.core.tracking", "ploomber", "papermill", "mlflow",
                 "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
                 "mlflow.store.model_registry.sqlalchemy_store", "mlflow.store.tracking.rest_store", "pandas",
-                "pyarrow.parquet"]
+                "pyarrow.parquet", "skops.io"]
 # read when a client, a run or a request is made, never on import: one worker serves every project and every server
 _READ_LATER = {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"}
@@ -103,7 +104,7 @@ def _connect(path: Path, timeout: float | None = 5) -> socket.socket | None:
     connection.settimeout(timeout)
     try:
         connection.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):  # none started, or one that ended without removing it
+    except OSError:  # none started, one that ended without removing its socket, or one too busy to take a caller
         connection.close()
         return None
     return connection
@@ -127,8 +128,11 @@ def run_in_worker(argv: list[str], env: dict[str, str] | None = None) -> int | N
     if connection is None:
         return None
     with connection:
-        _send_request(connection, {"do": "run", "argv": argv, "cwd": os.getcwd(), "env": env, "umask": _umask(),
-                                   "stamp": code_stamp()}, fds=[0, 1, 2])
+        try:
+            _send_request(connection, {"do": "run", "argv": argv, "cwd": os.getcwd(), "env": env, "umask": _umask(),
+                                       "stamp": code_stamp()}, fds=[0, 1, 2])
+        except OSError:  # a standard stream closed (`nbs ... <&-`): nothing to hand over, it runs here
+            return None
         connection.settimeout(None)  # the command takes as long as it takes
         answers = connection.makefile("rb")
         if json.loads(answers.readline() or b"{}").get("started") is not True:
@@ -170,8 +174,8 @@ def run_warm(argv: list[str]) -> int | None:
     "`nbs ARGV` through the warm worker (NBS_WARM=1): its exit code, or None to run it in this process, a worker starting for the next command."
     try:
         done = run_in_worker(argv)
-        if done is None:
-            start_worker(dict(os.environ))
+        if done is None and ask_worker(socket_path(dict(os.environ)), "status") is None:
+            start_worker(dict(os.environ))  # none listens (or the one that did is out of date and has stopped)
         return done
     except ServerError as refused:  # a folder someone else can enter: the command runs, only slower, and says why
         print(f"nbs: warning: {refused.message}; running without the warm worker", file=sys.stderr)
@@ -275,16 +279,13 @@ def serve(key: str, idle_timeout: float = IDLE_TIMEOUT) -> None:
     gc.freeze()  # what the imports made stays out of every child's collections, and its pages shared
     folder = worker_folder()
     path = folder / f"{key}.sock"
-    lock = open(folder / f"{key}.lock", "w")
+    lock = open(folder / f"{key}.lock", "a+")  # not "w": that would wipe the pid of the worker holding it
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        deadline = time.monotonic() + 2  # one that started at the same moment binds right after taking the lock
-        while time.monotonic() < deadline:
-            if _connect(path) is not None:  # it serves: this one is not needed
-                return
-            time.sleep(0.05)
-        fcntl.flock(lock, fcntl.LOCK_EX)  # an out-of-date one, finishing its commands: this one follows it
+    except BlockingIOError:  # another serves these commands (one out of date lets go of the lock as it stops)
+        lock.close()
+        return
+    lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
     path.unlink(missing_ok=True)  # left by a worker that was killed
@@ -319,6 +320,8 @@ class _Worker:
             self.stopping = True
             self.path.unlink(missing_ok=True)
             self.listener.close()
+            for held in self.held:  # a new worker may take over now, while this one waits for its commands
+                held.close()
 
     def loop(self) -> None:
         while not (self.stopping and not self.callers and not self.gone):

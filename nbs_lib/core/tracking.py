@@ -24,11 +24,11 @@ from .errors import ServerError, TrackingError
 _logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'check_server', 'open_store', 'get_client',
-           'experiment_id', 'git_state', 'owner_tags', 'process_alive', 'reap_orphans', 'start_pipeline_run',
-           'start_task_run', 'finish_run', 'log_scrubbed_artifact', 'tag_run', 'active_run_id', 'journal_metrics',
-           'journal_tags', 'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact', 'json_artifact',
-           'table_artifact', 'who', 'RunJournal']
+__all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'ORCHESTRATED_TAG', 'check_server', 'open_store',
+           'get_client', 'experiment_id', 'git_state', 'owner_tags', 'process_alive', 'reap_orphans',
+           'start_pipeline_run', 'start_task_run', 'finish_run', 'log_scrubbed_artifact', 'tag_run', 'active_run_id',
+           'journal_metrics', 'journal_tags', 'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact',
+           'json_artifact', 'table_artifact', 'who', 'RunJournal']
 
 # %% ../../notebooks/05_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -150,8 +150,11 @@ def process_alive(pid: int, started: float | None = None) -> bool:
         return False
 
 
+ORCHESTRATED_TAG = "nbs.orchestrated"  # "true": an orchestrator's run (`nbs task begin`), ended by `nbs task end`
+
+
 def reap_orphans(client, experiment: str) -> list[str]:
-    "Mark KILLED the RUNNING runs of `experiment` whose process on this host is gone; their ids."
+    "Mark KILLED the RUNNING runs of `experiment` whose process on this host is gone (an orchestrator's run has none); their ids."
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
@@ -162,7 +165,8 @@ def reap_orphans(client, experiment: str) -> list[str]:
     reaped = []
     for run in running:
         tags = run.data.tags
-        if process_alive(int(tags["nbs.pid"]), float(tags["nbs.pid_started"])):
+        # `nbs task begin` has ended long before the orchestrator's tasks join its run
+        if tags.get(ORCHESTRATED_TAG) == "true" or process_alive(int(tags["nbs.pid"]), float(tags["nbs.pid_started"])):
             continue
         client.set_tag(run.info.run_id, "nbs.end_reason",
                        f"process {tags['nbs.pid']} on {host} ended without closing this run")

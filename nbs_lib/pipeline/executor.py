@@ -165,11 +165,11 @@ class TrackedExecutor(Executor):
         # build as parameters.json, they are what `nbs reproduce` runs the pipeline with again.
         self.parameters: dict = {}
 
-    def open_build_run(self, dag, tasks: list, client, root: Path) -> tuple[str, dict]:
-        "Start the pipeline run of a build of `tasks` of `dag`, its DAG, parameters and environment attached; its id and lineage tags."
+    def open_build_run(self, dag, tasks: list, client, root: Path, tags: dict | None = None) -> tuple[str, dict]:
+        "Start the pipeline run of a build of `tasks` of `dag` (with `tags`), its DAG, parameters and environment attached; its id and lineage tags."
         lineage, environment = run_lineage()
         parent = start_pipeline_run(client, self.experiment, [t.name for t in tasks], shared_params(tasks),
-                                    root, tags=lineage)
+                                    root, tags={**lineage, **(tags or {})})
         client.log_dict(parent, dag_description(dag), "dag.json")
         if self.parameters:
             client.log_dict(parent, self.parameters, "parameters.json")
