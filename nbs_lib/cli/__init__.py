@@ -111,14 +111,14 @@ def main(argv: list[str] | None = None) -> int:
 
     whole_process = argv is None  # not a test calling main() again and again
     argv = list(sys.argv[1:] if argv is None else argv)
-    if whole_process and os.environ.get("NBS_WARM") == "1" and argv[:1] != ["warm"]:
-        from nbs_lib.cli.warm import run_warm
-
-        warm_exit = run_warm(argv)  # forked from the warm worker, which has the imports done (cli.warm)
-        if warm_exit is not None:
-            return warm_exit
     shown = shlex.join(["nbs", *argv])
     try:
+        if whole_process and os.environ.get("NBS_WARM") == "1" and argv[:1] != ["warm"]:
+            from nbs_lib.cli.warm import run_warm
+
+            warm_exit = run_warm(argv)  # forked from the warm worker, which has the imports done (cli.warm)
+            if warm_exit is not None:
+                return warm_exit
         with nbs.make_context("nbs", papermill_pairs(argv)) as ctx:
             ctx.meta[COMMAND_LINE] = shown if len(shown) <= 200 else shown[:199] + "…"  # who holds the build lock
             return nbs.invoke(ctx) or 0

@@ -116,8 +116,11 @@ def ask_worker(path: Path, what: str) -> dict | None:
     if connection is None:
         return None
     with connection:
-        _send_request(connection, {"do": what})
-        answer = connection.makefile("rb").readline()
+        try:
+            _send_request(connection, {"do": what})
+            answer = connection.makefile("rb").readline()
+        except OSError:  # it stopped as it was asked
+            return None
     return json.loads(answer) if answer else None
 
 
@@ -139,7 +142,10 @@ def run_in_worker(argv: list[str], env: dict[str, str] | None = None) -> int | N
             return None  # out of date: it ends once its commands have, and this one starts the usual way
 
         def forward(signum, frame):  # Ctrl-C, or an orchestrator's SIGTERM: the command's to handle, as it would be
-            connection.sendall(json.dumps({"signal": signum}).encode() + b"\n")
+            try:
+                connection.sendall(json.dumps({"signal": signum}).encode() + b"\n")
+            except OSError:  # the worker has gone, and the command with it: the line below says so
+                pass
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, forward)
