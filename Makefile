@@ -128,7 +128,7 @@ deliver: $(STAMP) export ## CD on main: the full pipeline and the promotion gate
 
 cd: check-change deliver ## the whole CI/CD workflow, locally: tests, sample pipeline, full pipeline and gate
 
-bench: $(STAMP) ## the benchmark suite (15 to 21 minutes): every figure against its baseline, written to BENCHMARKS.md
+bench: $(STAMP) ## the benchmark suite (15 to 25 minutes): every figure against its baseline, written to BENCHMARKS.md
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 lock: ## re-resolve settings.ini's requirements into requirements.lock and env.yml

@@ -157,7 +157,7 @@ class ReproductionError(NbsError):
 
 # %% ../../notebooks/00_errors.ipynb #0fe4119d
 class ServerError(NbsError):
-    "A team server part (`component`: postgresql, mlflow) that could not be set up, started or stopped; its `log` says more."
+    "A server nbs runs (`component`: the team server's postgresql or mlflow, the warm worker) that could not be set up, started or stopped; its `log` says more."
 
     def __init__(self, component: str, problem: str, log: str = "", hint: str = ""):
         self.component, self.problem, self.log = component, problem, str(log)
