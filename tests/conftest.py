@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -454,3 +455,38 @@ def tiny(tmp_path: Path) -> Path:
     _notebook(tmp_path / "second.ipynb", 'upstream = ["first"]\nproduct = None',
               'from pathlib import Path\nPath(product["data"]).write_text(Path(upstream["first"]["data"]).read_text())')
     return tmp_path
+
+
+def session_leaders(pid: int) -> list:
+    "The descendants of process `pid` that lead a session of their own: a build's kernels (not the warm process they fork from)."
+    import psutil
+
+    leaders = []
+    for process in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(ProcessLookupError):
+            if os.getsid(process.pid) == process.pid:
+                leaders.append(process)
+    return leaders
+
+
+def start_sleeping_build(root: Path, *args: str, env: dict | None = None, kernels_of: int | None = None) -> tuple:
+    """`nbs run ARGS` (default `-p mode=sleep`) in the `tiny` project at `root`, returned once a task's cell runs; the
+    build's process and its kernels (the session leaders under it, or under process `kernels_of`: a warm worker)."""
+    full = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
+    full.update(PLOOMBER_STATS_ENABLED="false", **(env or {}))
+    build = subprocess.Popen([str(NBS), "run", *(args or ("-p", "mode=sleep"))], cwd=root, env=full,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    for line in build.stderr:
+        if "running  first" in line or time.monotonic() > deadline:
+            break
+    kernels: list = []
+    while not kernels and time.monotonic() < deadline:
+        time.sleep(0.2)
+        kernels = session_leaders(kernels_of or build.pid)
+    assert kernels, "the kernel never started"
+    # the nbs engine saves the executed notebook as each cell starts: a cell marked running is under way
+    while not any('"status": "running"' in p.read_text() for p in (root / "products").glob("first*.ipynb")):
+        assert time.monotonic() < deadline, "no task reached a running cell"
+        time.sleep(0.2)
+    return build, kernels

@@ -12,7 +12,15 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import NBS, TINY_PIPELINE, run_nbs, runs_of, store
+from conftest import (
+    NBS,
+    TINY_PIPELINE,
+    run_nbs,
+    runs_of,
+    session_leaders,
+    start_sleeping_build,
+    store,
+)
 
 pytestmark = pytest.mark.build  # each test builds its own two-task pipeline
 
@@ -68,34 +76,6 @@ def test_sys_exit_zero_is_a_failure_not_a_silent_truncation(tiny):
     assert not (tiny / "products/first.txt").exists()
 
 
-def _kernels(build: subprocess.Popen) -> list[psutil.Process]:
-    "The build's kernels: its descendants that lead a session of their own (the warm process they fork from does not)."
-    kernels = []
-    for process in psutil.Process(build.pid).children(recursive=True):
-        with contextlib.suppress(ProcessLookupError):
-            if os.getsid(process.pid) == process.pid:
-                kernels.append(process)
-    return kernels
-
-
-def _start_sleeping_build(root: Path, *args: str) -> tuple[subprocess.Popen, list[psutil.Process]]:
-    env = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
-    env["PLOOMBER_STATS_ENABLED"] = "false"
-    build = subprocess.Popen([str(NBS), "run", *(args or ("-p", "mode=sleep"))], cwd=root, env=env,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    for line in build.stderr:
-        if "running  first" in line or time.monotonic() > deadline:
-            break
-    kernels: list[psutil.Process] = []
-    while not kernels and time.monotonic() < deadline:
-        time.sleep(0.5)
-        kernels = _kernels(build)
-    time.sleep(2)  # let the kernel reach the sleeping cell
-    assert kernels, "the kernel never started"
-    return build, kernels
-
-
 def _stop(build: subprocess.Popen, kernels: list[psutil.Process]) -> None:
     for process in [*kernels]:
         if process.is_running():
@@ -106,7 +86,7 @@ def _stop(build: subprocess.Popen, kernels: list[psutil.Process]) -> None:
 
 
 def test_sigterm_mid_build_ends_runs_killed_and_stops_the_kernel(tiny):
-    build, kernels = _start_sleeping_build(tiny)
+    build, kernels = start_sleeping_build(tiny)
     try:
         build.send_signal(signal.SIGTERM)
         assert build.wait(30) == 128 + signal.SIGTERM
@@ -131,12 +111,12 @@ tasks:
       mode: [sleep, sleep, sleep]
 """
     (tiny / "pipeline.yaml").write_text(pipeline)
-    build, kernels = _start_sleeping_build(tiny, "--force")
+    build, kernels = start_sleeping_build(tiny, "--force")
     try:
         deadline = time.monotonic() + 60
         while len(kernels) < 2 and time.monotonic() < deadline:
             time.sleep(0.5)
-            kernels = _kernels(build)
+            kernels = session_leaders(build.pid)
         time.sleep(2)  # let the second kernel reach its sleeping cell too
         assert len(kernels) == 2, "two tasks should run at once"
         build.send_signal(signal.SIGTERM)
@@ -149,7 +129,7 @@ tasks:
 
 
 def test_sigkilled_build_is_marked_killed_by_the_next_command(tiny):
-    build, kernels = _start_sleeping_build(tiny)
+    build, kernels = start_sleeping_build(tiny)
     try:
         build.kill()
         build.wait(10)
@@ -170,7 +150,7 @@ def test_a_product_half_written_by_a_killed_build_is_rebuilt(tiny):
     product = tiny / "products/first.txt"
     assert product.read_text() == "halfwrite"
     (tiny / "crash.flag").touch()
-    build, kernels = _start_sleeping_build(tiny, "--force", "-p", "mode=halfwrite")
+    build, kernels = start_sleeping_build(tiny, "--force", "-p", "mode=halfwrite")
     try:
         deadline = time.monotonic() + 60
         while product.read_text() != "half" and time.monotonic() < deadline:
@@ -214,7 +194,7 @@ def test_a_secret_never_reaches_a_notebook_param_tag_or_artifact(tiny):
 
 
 def test_one_build_at_a_time_a_second_is_refused_or_queues_and_takes_over_from_a_killed_holder(tiny):
-    build, kernels = _start_sleeping_build(tiny, "--force", "-p", "mode=sleep")
+    build, kernels = start_sleeping_build(tiny, "--force", "-p", "mode=sleep")
     try:
         refused = run_nbs("run", "--force", cwd=tiny)
         assert refused.returncode == 75, refused.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import NBS, ROOT, run_nbs, runs_of
+from conftest import NBS, ROOT, run_nbs, runs_of, start_sleeping_build
 
 pytestmark = pytest.mark.build  # each test builds the tiny pipeline
 
@@ -50,31 +50,6 @@ def warm(tiny: Path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _kernels_of(pid: int) -> list[psutil.Process]:
-    "The kernels under process `pid`: its descendants that lead a session of their own."
-    return [p for p in psutil.Process(pid).children(recursive=True) if os.getsid(p.pid) == p.pid]
-
-
-def _start_sleeping_build(root: Path, env: dict, worker: int) -> tuple[subprocess.Popen, list[psutil.Process]]:
-    "`nbs run -p mode=sleep` through the worker, once its first task's kernel runs."
-    build = subprocess.Popen([str(NBS), "run", "-p", "mode=sleep"], cwd=root, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PLOOMBER_STATS_ENABLED": "false", **env}, start_new_session=True)
-    deadline = time.monotonic() + 60
-    for line in build.stderr:
-        if "running  first" in line or time.monotonic() > deadline:
-            break
-    kernels: list[psutil.Process] = []
-    while not kernels and time.monotonic() < deadline:
-        time.sleep(0.2)
-        kernels = _kernels_of(worker)
-    assert kernels, "the kernel never started"
-    executed = root / "products" / "first.ipynb"
-    while '"status": "running"' not in (executed.read_text() if executed.exists() else ""):  # the sleeping cell
-        assert time.monotonic() < deadline, "the first task never reached its sleeping cell"
-        time.sleep(0.2)
-    return build, kernels
-
-
 def test_a_build_through_the_warm_worker_says_exits_and_records_what_a_cold_one_does(tiny, warm):
     cold = run_nbs("run", "-p", "mode=raise", cwd=tiny, env={**warm["env"], "NBS_WARM": "0"})
     hot = run_nbs("run", "-p", "mode=raise", cwd=tiny, env=warm["env"])
@@ -101,7 +76,7 @@ def test_a_build_through_the_warm_worker_says_exits_and_records_what_a_cold_one_
 
 
 def test_sigterm_to_the_caller_stops_the_build_and_its_kernel_as_a_cold_build_stops(tiny, warm):
-    build, kernels = _start_sleeping_build(tiny, warm["env"], warm["pid"])
+    build, kernels = start_sleeping_build(tiny, env=warm["env"], kernels_of=warm["pid"])
     try:
         build.send_signal(signal.SIGTERM)
         assert build.wait(30) == 128 + signal.SIGTERM
@@ -118,7 +93,7 @@ def test_sigterm_to_the_caller_stops_the_build_and_its_kernel_as_a_cold_build_st
 
 
 def test_a_caller_killed_outright_takes_its_build_and_kernel_with_it(tiny, warm):
-    build, kernels = _start_sleeping_build(tiny, warm["env"], warm["pid"])
+    build, kernels = start_sleeping_build(tiny, env=warm["env"], kernels_of=warm["pid"])
     try:
         build.kill()  # SIGKILL: the caller cannot pass anything on; the worker sees its connection close
         build.wait(30)
