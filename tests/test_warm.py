@@ -75,6 +75,20 @@ def test_a_build_through_the_warm_worker_says_exits_and_records_what_a_cold_one_
     assert f"warm worker pid {warm['pid']}," in status and "4 commands served, 0 running" in status, status
 
 
+def test_a_worker_told_to_stop_ends_after_the_commands_it_runs(tiny, warm):
+    env = {**os.environ, "PLOOMBER_STATS_ENABLED": "false", **warm["env"]}
+    build = subprocess.Popen([str(NBS), "run"], cwd=tiny, env=env, stderr=subprocess.PIPE, text=True)
+    for line in build.stderr:
+        if "running  first" in line:
+            break
+    worker = psutil.Process(warm["pid"])
+    worker.terminate()  # as `nbs warm stop` or a shutdown asks it
+    said = build.stderr.read()
+    assert build.wait(120) == 0, said
+    assert (tiny / "products" / "second.txt").read_text() == "ok"
+    worker.wait(60)
+
+
 def test_sigterm_to_the_caller_stops_the_build_and_its_kernel_as_a_cold_build_stops(tiny, warm):
     build, kernels = start_sleeping_build(tiny, env=warm["env"], kernels_of=warm["pid"])
     try:

@@ -310,14 +310,15 @@ class _Worker:
         self.held = held  # what a command must not keep: the worker's lock
         self.callers: dict[socket.socket, int] = {}  # a caller's connection: its command's pid
         self.gone: dict[int, float] = {}  # the pid of a command whose caller left: when it gets SIGKILL
-        self.stopping = False
+        self.stopping = self.asked_to_stop = False
         self.started, self.served, self.last = time.time(), 0, time.monotonic()
         self.wake, wake_end = socket.socketpair()
         wake_end.setblocking(False)
         self.wake_end = wake_end
         signal.set_wakeup_fd(wake_end.fileno())  # a SIGCHLD or SIGTERM wakes the select below
         signal.signal(signal.SIGCHLD, lambda *_: None)
-        signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        # only noted: closing the listener inside the handler would pull it out from under the select below
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "asked_to_stop", True))
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def stop(self) -> None:
@@ -337,6 +338,9 @@ class _Worker:
             waiting = [self.wake, *self.callers] + ([] if self.stopping else [self.listener])
             timeout = 1.0 if self.gone or not self.callers else None
             readable, _, _ = select.select(waiting, [], [], timeout)
+            if self.asked_to_stop:
+                self.stop()
+                readable = [ready for ready in readable if ready is not self.listener]
             for ready in readable:
                 if ready is self.wake:
                     self.wake.recv(4096)
@@ -349,7 +353,11 @@ class _Worker:
         self.stop()
 
     def accept(self) -> None:
-        connection, _ = self.listener.accept()
+        try:
+            connection, _ = self.listener.accept()
+        except OSError as e:  # out of descriptors, or the caller gave up: the next one is served
+            _logger.warning("a caller not accepted: %s", e)
+            return
         fds: list[int] = []
         try:
             request, fds = _read_request(connection)
@@ -379,7 +387,11 @@ class _Worker:
             connection.close()
 
     def fork(self, connection: socket.socket, request: dict, fds: list[int]) -> None:
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as e:  # out of memory or processes: the caller runs its command itself
+            _say(connection, {"refused": str(e)})
+            return
         if pid == 0:
             _become_command(request, fds, [self.listener, self.wake, self.wake_end, connection, *self.callers, *self.held])
         self.callers[connection] = pid
@@ -400,7 +412,10 @@ class _Worker:
             self.gone[pid] = time.monotonic() + _KILL_AFTER
             return
         for line in said.splitlines():
-            signum = json.loads(line).get("signal")
+            try:
+                signum = json.loads(line).get("signal")
+            except (ValueError, AttributeError):  # not a caller of ours: nothing to pass on
+                continue
             if signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 self._signal(pid, signum)
 
