@@ -157,9 +157,15 @@ def shared_build_output(shared_build: Path) -> dict:
     return json.loads((shared_build.parent / "outcome.json").read_text())
 
 
+def nbs_env(env: dict | None = None) -> dict:
+    "This process's environment for an `nbs` it starts, less a store or run a test left set in it, with `env` over it."
+    return {**{k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}},
+            "PLOOMBER_STATS_ENABLED": "false", **(env or {})}
+
+
 def run_nbs(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     "Run the installed `nbs` command in `cwd` with the embedded store of that folder, or with what `env` sets."
-    env = {**{k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}, **(env or {})}
+    env = nbs_env(env)
     env["PLOOMBER_STATS_ENABLED"] = "false"
     if (cwd / "nbs_lib").is_dir():  # the copy's library, for `nbs` and its kernels alike
         env["PYTHONPATH"] = str(cwd)
@@ -472,9 +478,7 @@ def session_leaders(pid: int) -> list:
 def start_sleeping_build(root: Path, *args: str, env: dict | None = None, kernels_of: int | None = None) -> tuple:
     """`nbs run ARGS` (default `-p mode=sleep`) in the `tiny` project at `root`, returned once a task's cell runs; the
     build's process and its kernels (the session leaders under it, or under process `kernels_of`: a warm worker)."""
-    full = {k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}
-    full.update(PLOOMBER_STATS_ENABLED="false", **(env or {}))
-    build = subprocess.Popen([str(NBS), "run", *(args or ("-p", "mode=sleep"))], cwd=root, env=full,
+    build = subprocess.Popen([str(NBS), "run", *(args or ("-p", "mode=sleep"))], cwd=root, env=nbs_env(env),
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 60
     for line in build.stderr:

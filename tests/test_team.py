@@ -261,8 +261,8 @@ def _airflow_settings(team, home: Path, api_port: int) -> dict:
                AIRFLOW__API_AUTH__JWT_SECRET=secrets.token_urlsafe(48), AIRFLOW__API__SECRET_KEY=secrets.token_urlsafe(48),
                AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="True",  # a token for the asking, on 127.0.0.1 only
                PLOOMBER_STATS_ENABLED="false", PYTHONPATH=str(project),  # the copy's nbs_lib, for its `nbs` and kernels
-               TMPDIR=str(home / "tmp"))  # where the tasks' warm worker (the DAG's NBS_WARM=1) has its socket
-    (home / "tmp").mkdir(parents=True, exist_ok=True)
+               # the tasks' warm worker (the DAG's NBS_WARM=1) keeps its socket here: a short path (107 bytes at most)
+               TMPDIR=tempfile.mkdtemp(prefix="nbs-af-"))
     return env
 
 
@@ -362,6 +362,7 @@ def test_the_exported_dag_runs_under_airflows_scheduler_as_a_local_run_does(team
         workers = _warm_workers(env)  # before Airflow's processes: one that adopted the worker would kill it
         for process in processes.values():
             _stop_with_descendants(process)
+        shutil.rmtree(env["TMPDIR"], ignore_errors=True)
     # the first task ran cold and started the worker; the tasks after it started from the worker
     assert len(workers) == 1 and workers[0]["served"] >= 1, workers
     logs = {name: (tmp_path / f"{name}.log").read_text()[-3000:] for name in processes}

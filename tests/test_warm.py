@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import NBS, ROOT, run_nbs, runs_of, start_sleeping_build
+from conftest import NBS, ROOT, nbs_env, run_nbs, runs_of, start_sleeping_build
 
 pytestmark = pytest.mark.build  # each test builds the tiny pipeline
 
@@ -64,7 +64,7 @@ def test_a_build_through_the_warm_worker_says_exits_and_records_what_a_cold_one_
     assert _statuses(tiny) == sorted([("pipeline", "FAILED"), ("first", "FAILED")] * 2 +
                                      [("pipeline", "FINISHED"), ("first", "FINISHED"), ("second", "FINISHED")])
 
-    env = {**os.environ, "PLOOMBER_STATS_ENABLED": "false", **warm["env"]}
+    env = nbs_env(warm["env"])
     callers = [subprocess.Popen([str(NBS), "runs", "-n", "5"], cwd=tiny, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]  # at once
     answers = [caller.communicate(timeout=120) for caller in callers]
@@ -76,7 +76,7 @@ def test_a_build_through_the_warm_worker_says_exits_and_records_what_a_cold_one_
 
 
 def test_a_worker_told_to_stop_ends_after_the_commands_it_runs(tiny, warm):
-    env = {**os.environ, "PLOOMBER_STATS_ENABLED": "false", **warm["env"]}
+    env = nbs_env(warm["env"])
     build = subprocess.Popen([str(NBS), "run"], cwd=tiny, env=env, stderr=subprocess.PIPE, text=True)
     for line in build.stderr:
         if "running  first" in line:
