@@ -280,13 +280,10 @@ def serve(key: str, idle_timeout: float = IDLE_TIMEOUT) -> None:
     import fcntl
 
     stamp = code_stamp()  # before the imports: a file changed while they ran makes this worker out of date
-    _import_warm()
-    gc.collect()
-    gc.freeze()  # what the imports made stays out of every child's collections, and its pages shared
     folder = worker_folder()
     path = folder / f"{key}.sock"
     lock = open(folder / f"{key}.lock", "a+")  # not "w": that would wipe the pid of the worker holding it
-    try:
+    try:  # before the imports: a second worker started meanwhile leaves at once instead of importing for nothing
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:  # another serves these commands (one out of date lets go of the lock as it stops)
         lock.close()
@@ -294,6 +291,9 @@ def serve(key: str, idle_timeout: float = IDLE_TIMEOUT) -> None:
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
+    _import_warm()
+    gc.collect()
+    gc.freeze()  # what the imports made stays out of every child's collections, and its pages shared
     path.unlink(missing_ok=True)  # left by a worker that was killed
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
