@@ -28,7 +28,10 @@ FIGURES = ["nbs --help, whole process", "import nbs_lib, whole process", "nbs ex
                "nbs status", "nbs models", "nbs runs", "nbs lineage", "nbs promote", "nbs rollback", "nbs schedule list",
                "nbs features", "nbs monitor, the 600-prediction log", "nbs predict, the 114-row holdout")],
            "task start-up under an orchestrator, cold", "task start-up under an orchestrator, warm worker",
-           "nbs serve, ready (GET /ready 200) after the start"]
+           "task start-up under an orchestrator, tracking server, cold",
+           "task start-up under an orchestrator, tracking server, warm worker",
+           "nbs serve, ready (GET /ready 200) after the start",
+           "nbs serve, ready (GET /ready 200) after the start, warm worker"]
 
 
 @pytest.mark.build

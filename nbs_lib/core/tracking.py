@@ -24,7 +24,8 @@ from .errors import ServerError, TrackingError
 _logger = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'ORCHESTRATED_TAG', 'check_server', 'open_store',
+__all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'HEADER_PROVIDERS_LEFT_OUT',
+           'HEADER_PROVIDER_GROUP', 'ORCHESTRATED_TAG', 'check_server', 'load_header_providers', 'open_store',
            'get_client', 'experiment_id', 'git_state', 'owner_tags', 'process_alive', 'reap_orphans',
            'start_pipeline_run', 'start_task_run', 'finish_run', 'log_scrubbed_artifact', 'tag_run', 'active_run_id',
            'journal_metrics', 'journal_tags', 'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact',
@@ -61,6 +62,39 @@ def check_server(uri: str, timeout: float = 10) -> None:
         raise ServerError("mlflow", f"{uri} answered {answer.status_code}: {answer.text[:200]}",
                           hint="is MLFLOW_TRACKING_URI the server's address, as `nbs server status` prints it?")
 
+# %% ../../notebooks/05_tracking.ipynb #649a902a
+# Entry-point providers, by top-level package, that add headers only inside their own package's work.
+HEADER_PROVIDERS_LEFT_OUT = ("feast",)
+HEADER_PROVIDER_GROUP = "mlflow.request_header_provider"
+
+
+def load_header_providers() -> None:
+    "Load MLflow's request-header providers, without those of `HEADER_PROVIDERS_LEFT_OUT` whose package is not imported."
+    import importlib
+    import sys
+
+    registry = "mlflow.tracking.request_header.registry"
+    if registry in sys.modules:
+        return
+    from mlflow.utils import plugins
+
+    every = plugins.get_entry_points
+
+    def kept(group: str) -> list:
+        found = every(group)
+        if group != HEADER_PROVIDER_GROUP:
+            return found
+        return [point for point in found
+                if not (point.module.split(".")[0] in HEADER_PROVIDERS_LEFT_OUT
+                        and point.module.split(".")[0] not in sys.modules)]
+
+    # MLflow reads the entry points once, when the registry is first imported; it offers no other way to choose them.
+    plugins.get_entry_points = kept
+    try:
+        importlib.import_module(registry)
+    finally:
+        plugins.get_entry_points = every
+
 # %% ../../notebooks/05_tracking.ipynb #ec0ad499
 @lru_cache(maxsize=8)
 def open_store(uri: str):
@@ -69,6 +103,7 @@ def open_store(uri: str):
 
     if uri.startswith(("http://", "https://")):
         check_server(uri)
+        load_header_providers()
     if not uri.startswith("sqlite:///"):
         return MlflowClient(tracking_uri=uri)
     # MLflow creates a new SQLite store's tables when a client first opens it; two processes
