@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import fcntl
 import getpass
+import importlib
 import json
 import logging
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from functools import lru_cache
@@ -70,9 +72,6 @@ HEADER_PROVIDER_GROUP = "mlflow.request_header_provider"
 
 def load_header_providers() -> None:
     "Load MLflow's request-header providers, without those of `HEADER_PROVIDERS_LEFT_OUT` whose package is not imported."
-    import importlib
-    import sys
-
     registry = "mlflow.tracking.request_header.registry"
     if registry in sys.modules:
         return
