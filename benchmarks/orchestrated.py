@@ -70,8 +70,10 @@ def task_startup(project: Path, env: dict, repeat: int, in_builds: list[float]) 
             envs[store, True] = {**envs[store, False], "TMPDIR": folder, "NBS_WARM": "1"}
         # one worker serves both stores (the tracking URI is read per command); its imports are not timed
         run_process([NBS, "warm", "start"], project, envs["embedded", True])
-        runs = {store: _pipeline_run(project, envs[store, False]) for store in ("embedded", "server")}
+        runs: dict[str, str] = {}
         try:
+            for store in ("embedded", "server"):
+                runs[store] = _pipeline_run(project, envs[store, False])
             for _ in range(repeat):
                 for (store, warm), gap in gaps.items():
                     gap.append(_orchestrated(project, envs[store, warm], runs[store]))
