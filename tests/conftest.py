@@ -166,7 +166,6 @@ def nbs_env(env: dict | None = None) -> dict:
 def run_nbs(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     "Run the installed `nbs` command in `cwd` with the embedded store of that folder, or with what `env` sets."
     env = nbs_env(env)
-    env["PLOOMBER_STATS_ENABLED"] = "false"
     if (cwd / "nbs_lib").is_dir():  # the copy's library, for `nbs` and its kernels alike
         env["PYTHONPATH"] = str(cwd)
     return subprocess.run([str(NBS), *args], cwd=cwd, env=env, capture_output=True, text=True,
@@ -175,8 +174,7 @@ def run_nbs(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None
 
 def drive(project: Path, argvs: list[list[str]], env: dict | None = None) -> list[subprocess.CompletedProcess]:
     "`nbs ARGV` for each of `argvs` in `project`, one after the other in one process (tests/nbs_driver.py)."
-    env = {**{k: v for k, v in os.environ.items() if k not in {"MLFLOW_TRACKING_URI", "NBS_RUN_ID"}}, **(env or {})}
-    env["PLOOMBER_STATS_ENABLED"] = "false"
+    env = nbs_env(env)
     if (project / "nbs_lib").is_dir():  # the copy's library, as run_nbs does
         env["PYTHONPATH"] = str(project)
     ran = subprocess.run([sys.executable, str(Path(__file__).with_name("nbs_driver.py"))], input=json.dumps(argvs),
