@@ -176,6 +176,9 @@ def _papermill_logging(level: str | None, log_output: bool, given: str) -> None:
 
 def _notebook_help(nb, shown: str, language: str | None) -> int:
     "Print the parameters `nb` declares, as papermill's --help-notebook does: 0, or 1 when it has no parameters cell."
+    from nbs_lib.pipeline.papermill_entry import import_papermill
+
+    import_papermill()
     from papermill.translators import papermill_translators
 
     from nbs_lib.pipeline.execute import notebook_language, parameters_cell

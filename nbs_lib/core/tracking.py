@@ -27,8 +27,8 @@ _logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'HEADER_PROVIDERS_LEFT_OUT',
-           'HEADER_PROVIDER_GROUP', 'ORCHESTRATED_TAG', 'check_server', 'load_header_providers', 'open_store',
-           'get_client', 'experiment_id', 'git_state', 'owner_tags', 'process_alive', 'reap_orphans',
+           'HEADER_PROVIDER_GROUP', 'STORE_MODULES', 'ORCHESTRATED_TAG', 'check_server', 'load_header_providers',
+           'open_store', 'get_client', 'experiment_id', 'git_state', 'owner_tags', 'process_alive', 'reap_orphans',
            'start_pipeline_run', 'start_task_run', 'finish_run', 'log_scrubbed_artifact', 'tag_run', 'active_run_id',
            'journal_metrics', 'journal_tags', 'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact',
            'json_artifact', 'table_artifact', 'who', 'RunJournal']
@@ -95,6 +95,11 @@ def load_header_providers() -> None:
         plugins.get_entry_points = every
 
 # %% ../../notebooks/05_tracking.ipynb #ec0ad499
+# what a process that opens the embedded store imports, 2 s here: MLflow's client and its SQL stores (a process that
+# will open it can import them ahead, as warm kernels and the monitor's kernel do)
+STORE_MODULES = ("mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store")
+
+
 @lru_cache(maxsize=8)
 def open_store(uri: str):
     "An MlflowClient on `uri`; a new SQLite store's tables are created under a lock, safe across processes."

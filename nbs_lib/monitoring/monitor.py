@@ -9,14 +9,18 @@ import json
 from pathlib import Path
 
 from ..core.errors import ConfigError
+from ..core.tracking import STORE_MODULES
 from ..ml.feature_store import feature_view_name
 from .live import check_window, since_time
 
 # %% auto #0
-__all__ = ['MONITOR_NOTEBOOK', 'monitor_parameters', 'run_monitor', 'summary_lines']
+__all__ = ['MONITOR_NOTEBOOK', 'MONITOR_IMPORTS', 'monitor_parameters', 'run_monitor', 'summary_lines']
 
 # %% ../../notebooks/64_monitor.ipynb #8b7c5e8a
 MONITOR_NOTEBOOK = Path("notebooks/monitoring/monitor.ipynb")  # the report: a notebook of the project
+# what the report's kernel imports (its first cell's libraries, MLflow's client and stores for the champion, scipy's
+# tests for drift), in the order it needs them: imported while MLflow opens in the recording process
+MONITOR_IMPORTS = ("pandas", "matplotlib.pyplot", *STORE_MODULES, "scipy.stats")
 
 
 def monitor_parameters(root: Path, declared: dict, log: Path, reference: Path | None = None, since: str = "24h",
@@ -52,7 +56,7 @@ def run_monitor(root: Path, declared: dict, params: dict) -> dict:
     summary_file.unlink(missing_ok=True)  # what is read back below is this run's, or nothing
     experiment = f"{declared.get('experiment', 'nbs')}-monitoring"
     done = execute_notebook(root / MONITOR_NOTEBOOK, root / declared.get("products", "products") / "monitoring" /
-                            "monitor.ipynb", params, experiment=experiment, root=root)
+                            "monitor.ipynb", params, experiment=experiment, root=root, kernel_imports=MONITOR_IMPORTS)
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
     return {"output": done["output"], "run_id": done["run_id"], "experiment": experiment, "summary": summary}
 

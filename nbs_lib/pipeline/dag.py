@@ -41,6 +41,9 @@ JOBS = "jobs"  # `-p jobs=N`: tasks at once, in any project, whether or not it d
 # %% ../../notebooks/33_dag.ipynb #e871359c
 def load_dag(root: Path, overrides: dict | None = None):
     "The Ploomber DAG of `root`/pipeline.yaml, rendered with `overrides` over env.yaml, its products kept in $NBS_PRODUCT_STORE too if set."
+    from nbs_lib.pipeline.papermill_entry import import_papermill
+
+    import_papermill()  # before Ploomber, which imports papermill
     from ploomber.spec import DAGSpec
 
     from nbs_lib.pipeline.executor import TrackedExecutor, parallel_jobs, tracking_in_place_of

@@ -17,6 +17,10 @@ from pathlib import Path
 import nbformat
 from jupyter_core.utils import run_sync
 from nbclient.exceptions import CellTimeoutError, DeadKernelError
+
+from .papermill_entry import import_papermill
+
+import_papermill()  # this module may be the first to import papermill
 from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, NotebookExecutionManager
 

@@ -44,6 +44,7 @@ from nbs_lib.pipeline.head_start import (
     LocalService,
     ask_quick_exit,
     bind_environment,
+    preload_modules,
     prestart_kernel,
     request_stop,
     start_service,
@@ -61,6 +62,7 @@ from nbs_lib.pipeline.notebook_io import (
     text_notebook_format,
     write_notebook,
 )
+from .papermill_entry import import_papermill
 from nbs_lib.pipeline.recording import (
     copy_metrics_to_parent,
     describe_failure,
@@ -219,6 +221,7 @@ def output_location(output: str | Path | None, name: str, root: Path, params: di
         return str(Path(root) / "products" / "executed" / f"{name}.ipynb")
     if not any(brace in str(output) for brace in "{}"):  # nothing to fill: no need to import papermill
         return str(output)
+    import_papermill()
     from papermill.exceptions import PapermillMissingParameterException
     from papermill.parameterize import add_builtin_parameters, parameterize_path
 
@@ -311,11 +314,12 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
                      experiment: str = "nbs", timeout: float | None = None, retries: int = 0,
                      backoff: float = 5.0, secrets: list[str] | None = None, root: str | Path = ".",
                      options: PapermillOptions | None = None, nb=None,
-                     records: ForkedService | LocalService | None = None) -> dict:
+                     records: ForkedService | LocalService | None = None, kernel_imports: tuple[str, ...] = ()) -> dict:
     """Execute `notebook` (a path, `-` or a URL) into `output` (the same kinds), retrying a failure `retries` times; one MLflow run, a child per attempt.
 
     `nb` is the notebook already read from `notebook` (standard input cannot be read twice); `records`,
-    the `ExecutionRecords` service its caller started ahead (else one starts here). All that can be
+    the `ExecutionRecords` service its caller started ahead (else one starts here); `kernel_imports`, modules the
+    notebook imports, which a Python kernel imports meanwhile instead of waiting idle (`preload_modules`). All that can be
     refused is refused before the first run starts, so a refusal leaves nothing RUNNING."""
     options = options or PapermillOptions()
     root, source = Path(root).resolve(), str(notebook)
@@ -352,7 +356,8 @@ def execute_notebook(notebook: str | Path, output: str | Path | None = None, par
         work = staging / f"{name}.ipynb" if staging else Path(target)
         run = _Execution(nb, recorded, shown, name, target, work, params, kernel, options, timeout,
                          set(secret_values.values()), root,
-                         early_kernel=kernel_name if kernel_language.lower() == "python" else None)
+                         early_kernel=kernel_name if kernel_language.lower() == "python" else None,
+                         kernel_imports=kernel_imports)
         if options.prepare_only:
             return run.prepare()
         own = records is None
@@ -440,14 +445,14 @@ class _Execution:
     secret_values: set[str]
     root: Path
     early_kernel: str | None = None  # a Python kernel, started while MLflow opens: its run is bound later
+    kernel_imports: tuple[str, ...] = ()  # what that kernel imports while MLflow opens
     _early = None  # the client of that kernel, until the first attempt ends
     _stop_requested = False  # whether that kernel was asked to shut down
     _kernel_restarts = 0  # 1 once that kernel died starting: papermill's is the one started once more
 
     def papermill(self, output: Path | None, **kwargs):
         "papermill's execute_notebook with the nbs engine on a copy of the notebook, as the options say; the notebook it returns."
-        import papermill
-
+        papermill = import_papermill()
         o = self.options
         return papermill.execute_notebook(
             copy.deepcopy(self.nb), None if output is None else str(output), parameters=self.params,
@@ -477,7 +482,7 @@ class _Execution:
                                               self.options.start_timeout)
             except Exception:  # not launched (a kernel spec naming a missing program): papermill's start says why
                 self._early = None
-        import papermill  # noqa: F401  the point: its import overlaps MLflow's
+        import_papermill()  # the point: its import overlaps MLflow's
 
         prepare_html_exporter()  # the page is rendered here, where the time is spare
         self._early_kernel_step(lambda early: early.start_new_kernel_client())  # its first answer, meanwhile too
@@ -517,6 +522,8 @@ class _Execution:
         "Run the attempts under one execution run, recorded through `records` (an `ExecutionRecords` service), then deliver the last one's notebook; what was done, or an ExecutionError."
         try:
             self.start_kernel_ahead()
+            if self.kernel_imports:  # while MLflow opens in the recording process, the kernel would be idle
+                self._early_kernel_step(lambda early: preload_modules(early, self.kernel_imports))
             for run_id in records.call("reap_orphans", experiment):
                 _logger.info(f"marked run {run_id} KILLED: the process that ran it is gone")
             owner = owner_tags()  # this process runs the notebook: the runs are its own, not the recording process's

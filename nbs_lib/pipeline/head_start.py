@@ -15,7 +15,7 @@ from ..core.errors import NbsError, as_nbs_error
 
 # %% auto #0
 __all__ = ['QUICK_EXIT', 'die_with', 'ForkedService', 'LocalService', 'start_service', 'read_at_start', 'prestart_kernel',
-           'bind_environment', 'exit_quickly', 'ask_quick_exit', 'request_stop', 'stop_kernel']
+           'bind_environment', 'exit_quickly', 'ask_quick_exit', 'request_stop', 'stop_kernel', 'preload_modules']
 
 # %% ../../notebooks/23_head_start.ipynb #4bcf4c97
 def die_with(parent: int) -> None:
@@ -246,3 +246,24 @@ def stop_kernel(client, requested: bool = False) -> None:
         run_sync(client.km.finish_shutdown)(pollinterval=0.01)
     # not asked again: an exited kernel leaves that request in the socket, whose closing waits 0.1 s for it
     run_sync(client.km.shutdown_kernel)(now=requested)
+
+# %% ../../notebooks/23_head_start.ipynb #d6fa04b8
+_PRELOAD = """def _nbs_preload(modules):
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+
+
+try:
+    _nbs_preload({modules!r})
+finally:
+    del _nbs_preload"""
+
+
+def preload_modules(client, modules: list[str]) -> None:
+    "Have the Python kernel of `client`, answering already, import `modules` (any not installed left out), not waiting for it: its next request waits instead."
+    client.kc.execute(_PRELOAD.format(modules=list(modules)), silent=True, store_history=False)

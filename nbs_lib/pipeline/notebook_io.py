@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 
 from ..core.config import display_path
 from ..core.errors import ConfigError, PathError
+from .papermill_entry import import_papermill
 
 # %% auto #0
 __all__ = ['STREAM', 'REMOTE_CLIENTS', 'location_kind', 'public_location', 'scrub_location', 'shown_location', 'check_client',
@@ -38,6 +39,7 @@ def location_kind(path: str) -> str:
     scheme = _URL.match(path)
     if scheme is None:
         return "local"
+    import_papermill()
     from papermill.iorw import LocalHandler, papermill_io
 
     if isinstance(papermill_io.get_handler(path), LocalHandler):  # papermill's fallback for any unknown scheme
@@ -106,6 +108,7 @@ def read_text(path: str | Path, what: str = "notebook") -> str:
                               hint="pipe one in: nbs execute - out.ipynb < in.ipynb")
         return sys.stdin.read()
     check_client(path)
+    import_papermill()
     from papermill.iorw import papermill_io
 
     try:
@@ -154,6 +157,7 @@ def write_notebook(text: str, path: str) -> None:
         sys.stdout.buffer.write(text.encode("utf-8"))
         sys.stdout.flush()
         return
+    import_papermill()
     from papermill.iorw import papermill_io
 
     papermill_io.write(text, path, extensions=[])

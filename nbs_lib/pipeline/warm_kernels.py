@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 from jupyter_client.provisioning import LocalProvisioner
 
+from ..core.tracking import STORE_MODULES
 from .head_start import die_with, read_at_start
 
 # %% auto #0
@@ -30,7 +31,7 @@ WARM_IMPORTS = ["ipykernel.kernelapp", "numpy", "pandas", "sklearn.base", "sklea
                 "sklearn.linear_model", "sklearn.ensemble"]
 # imported from the first fork on, while no kernel is asked for: MLflow's 2 s would hold back the first task, which
 # does not need it; the tasks that log to MLflow later (tune, register, catalogue) find it and its stores imported
-IDLE_IMPORTS = ["mlflow", "mlflow.store.tracking.sqlalchemy_store", "mlflow.store.model_registry.sqlalchemy_store"]
+IDLE_IMPORTS = list(STORE_MODULES)
 WARM_START_WAIT = 120  # seconds the first kernel waits for the warm process's imports before starting the usual way
 FORK_WAIT = 30  # seconds a fork may take before the warm process is given up
 _PR_SET_CHILD_SUBREAPER = 36  # prctl(2)
