@@ -9,7 +9,7 @@ import atexit
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from ..core.errors import NbsError, as_nbs_error
 
@@ -264,6 +264,6 @@ finally:
     del _nbs_preload"""
 
 
-def preload_modules(client, modules: list[str]) -> None:
+def preload_modules(client, modules: Sequence[str]) -> None:
     "Have the Python kernel of `client`, answering already, import `modules` (any not installed left out), not waiting for it: its next request waits instead."
     client.kc.execute(_PRELOAD.format(modules=list(modules)), silent=True, store_history=False)

@@ -30,6 +30,8 @@ class _DeferredEngine:
         self._entry_point, self._engine = entry_point, None
 
     def __getattr__(self, name: str):
+        if name.startswith("_"):  # its own attributes, before they are set (a copy), are not the engine's
+            raise AttributeError(name)
         if self._engine is None:
             self._engine = self._entry_point.load()
         return getattr(self._engine, name)
