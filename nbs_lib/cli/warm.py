@@ -38,13 +38,14 @@ WARM_ENV = "NBS_WARM"  # "1": commands start from the warm worker, and start one
 IDLE_TIMEOUT = 900.0  # seconds without a command after which a worker ends
 # what most commands import before their first useful line: Ploomber and papermill (run, status, task), MLflow and
 # its SQL stores (every command that reads runs or the registry), pandas and pyarrow (predict, features, monitor),
-# skops (loading a model: 6 s, most of it listing scikit-learn's estimators as trusted types)
-WARM_IMPORTS = ["nbs_lib.cli.pipeline", "nbs_lib.cli.team", "nbs_lib.cli.registry", "nbs_lib.cli.serving",
+# skops (loading a model: 6 s, most of it listing scikit-learn's estimators as trusted types; first, as
+# `load_served` says why)
+WARM_IMPORTS = ["skops.io", "nbs_lib.cli.pipeline", "nbs_lib.cli.team", "nbs_lib.cli.registry", "nbs_lib.cli.serving",
                 "nbs_lib.cli.monitoring", "nbs_lib.cli.execute", "nbs_lib.pipeline.dag", "nbs_lib.pipeline.executor",
                 "nbs_lib.pipeline.storage", "nbs_lib.core.tracking", "ploomber", "papermill", "mlflow",
                 "mlflow.tracking", "mlflow.store.tracking.sqlalchemy_store",
                 "mlflow.store.model_registry.sqlalchemy_store", "mlflow.store.tracking.rest_store", "pandas",
-                "pyarrow.parquet", "skops.io"]
+                "pyarrow.parquet"]
 # read when a client, a run or a request is made, never on import: one worker serves every project and every server
 _READ_LATER = {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID"}
