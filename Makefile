@@ -68,9 +68,10 @@ server: $(STAMP) postgresql ## the team's MLflow server (PostgreSQL, basic auth)
 
 # pytest on three workers for two cores: much of a test's time is a kernel or a server starting, a process
 # importing or a request waiting, so a third worker fills the cores (a fresh clone's pytest: 17.5, 19 and 23 minutes
-# in three runs, against 20 to 21 with two on earlier days; the machines are noisy). --dist loadfile keeps each
-# module on one worker, so a module's fixtures (the team
-# server, the serving registry, the own-data builds) are made once, and the session's shared build is made
+# in three runs, against 20 to 21 with two on earlier days; the machines are noisy). A fourth does not help: 29.7
+# minutes against 25.6 with three on 2026-12-03, the modules' test times 1.25 to 1.86x longer (all but one): the
+# cores are what the suite waits for. --dist loadfile keeps each module on one worker, so a module's fixtures (the
+# team server, the serving registry, the own-data builds) are made once, and the session's shared build is made
 # once for all workers. (Not loadgroup: pytest 9 ignores the nodeid suffix that xdist 3.8 groups by, so
 # xdist_group marks group nothing; checked with -v, where grouped tests ran on both workers.)
 # --no-loadscope-reorder: modules are handed out in collection order, which tests/conftest.py makes

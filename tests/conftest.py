@@ -302,12 +302,13 @@ SCREENSHOTS = ROOT / ".nbs" / "screenshots"
 
 
 # The modules that take longest, longest first (seconds of test time, --durations=0 on 2 cores, 2026-12-03:
-# 537, 481, 447, 319, 295, 271, 238, 233; the next is 126). The Makefile's --no-loadscope-reorder has
-# xdist hand modules out in this order; by its own (most tests first) the 5-minute benchmark smoke test was
-# the last module to start, 4 minutes alone at the end of a 23-minute run. A module missing here only runs
-# later; it still runs.
-SLOWEST_FIRST = ["test_team.py", "test_pipeline.py", "test_own_data.py", "test_faults.py", "test_bench.py",
-                 "test_papermill_compat.py", "test_execute.py", "test_ploomber_projects.py"]
+# 700, 628, 528, 476, 293, 266, 236, 196, 149, 137, 136, 125; the next is 98). The Makefile's
+# --no-loadscope-reorder has xdist hand modules out in this order, so the one-test benchmark smoke module, which
+# no worker can share, starts first; by xdist's own order (most tests first) it was the last module to start,
+# 4 minutes alone at the end of a 23-minute run. A module missing here only runs later; it still runs.
+SLOWEST_FIRST = ["test_bench.py", "test_team.py", "test_pipeline.py", "test_own_data.py", "test_faults.py",
+                 "test_ploomber_projects.py", "test_execute.py", "test_papermill_compat.py", "test_readme.py",
+                 "test_reproduce.py", "test_warm.py", "test_serve.py"]
 
 
 def pytest_collection_modifyitems(items) -> None:
