@@ -79,8 +79,11 @@ def scratch_project(folder: Path) -> Path:
     # environments, 270 MB and 11,000 files for Airflow's alone, products, stores, the feature store's data) is
     # never copied
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, check=True).stdout.decode().split("\0")
-    for name in filter(None, listed):
+                            capture_output=True)
+    if listed.returncode != 0:
+        raise SystemExit(f"benchmarks: git cannot list the sources in {ROOT} ({listed.stderr.decode().strip()}); "
+                         "the benchmarks copy what git lists: run them in a git checkout of the project")
+    for name in filter(None, listed.stdout.decode().split("\0")):
         if (ROOT / name).is_file():  # a tracked file deleted in the working tree is left out, as it is there
             (project / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, project / name)
