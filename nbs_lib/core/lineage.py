@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['LIBRARY_DIGEST_PARAM', 'DATA_DIGEST_PARAM', 'file_digest', 'library_digest', 'imports_digest', 'notebook_code',
-           'installed_packages', 'run_lineage', 'product_files', 'source_path', 'product_digests', 'pin_library_code',
-           'pin_data_files', 'dag_description']
+__all__ = ['LIBRARY_DIGEST_PARAM', 'DATA_DIGEST_PARAM', 'KEPT_ENVIRONMENTS', 'file_digest', 'library_digest', 'imports_digest',
+           'notebook_code', 'installed_packages', 'run_lineage', 'product_files', 'source_path', 'product_digests',
+           'pin_library_code', 'pin_data_files', 'dag_description']
 
 # %% ../../notebooks/04_lineage.ipynb #f7ed63b4
 def file_digest(path: str | Path) -> str:
@@ -131,12 +131,13 @@ def notebook_code(path: str | Path) -> str:
 def installed_packages(cache: Path | None = None) -> str:
     """The installed distributions as `name==version` lines, sorted: the environment a run used.
 
-    Reading every package's metadata takes half a second, on every `nbs execute`; the answer is kept
-    in `cache` (default ~/.cache/nbs) under a key that changes whenever a package is installed or
-    removed: the modification times of the folders Python imports from."""
+    Reading every package's metadata takes half a second, on every `nbs execute`, build and orchestrated
+    task; the answer is kept in `cache` (default ~/.cache/nbs, the newest KEPT_ENVIRONMENTS) under a key that
+    changes whenever a package is installed or removed: the modification times of the folders on sys.path that
+    hold distributions. Not the others: a project folder on PYTHONPATH changes with every build's files."""
     import sys
 
-    seen = [f"{folder}:{os.stat(folder).st_mtime_ns}" for folder in sys.path if os.path.isdir(folder)]
+    seen = [f"{folder}:{os.stat(folder).st_mtime_ns}" for folder in sys.path if _holds_distributions(folder)]
     key = hashlib.sha256("\n".join([sys.prefix, *seen]).encode()).hexdigest()[:32]
     cache = cache or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nbs"
     kept = cache / f"packages-{key}.txt"
@@ -153,9 +154,29 @@ def installed_packages(cache: Path | None = None) -> str:
         partial = kept.with_name(f".{kept.name}.{os.getpid()}")
         partial.write_text(packages, encoding="utf-8")
         os.replace(partial, kept)
+        _forget_old_environments(cache)
     except OSError:
         pass
     return packages
+
+
+KEPT_ENVIRONMENTS = 8  # environments whose package lists stay cached (a few virtual environments, each updated now and then)
+
+
+def _holds_distributions(folder: str) -> bool:
+    "Whether `folder` (an entry of sys.path) is a folder with installed distributions' metadata in it."
+    try:
+        with os.scandir(folder or ".") as entries:
+            return any(e.name.endswith((".dist-info", ".egg-info")) for e in entries)
+    except OSError:  # a zip file, or a folder that is gone
+        return False
+
+
+def _forget_old_environments(cache: Path) -> None:
+    "Remove all but the newest KEPT_ENVIRONMENTS package lists from `cache`."
+    kept = sorted(cache.glob("packages-*.txt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    for old in kept[KEPT_ENVIRONMENTS:]:
+        old.unlink(missing_ok=True)
 
 
 def run_lineage() -> tuple[dict[str, str], str]:

@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .papermill_entry import import_papermill
+
+import_papermill()  # before Ploomber, which imports papermill and ploomber-engine: their unused parts stay unrun
 from ploomber.constants import TaskStatus
 from ploomber.executors.abc import Executor
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, field_validator
