@@ -166,9 +166,9 @@ KEPT_ENVIRONMENTS = 8  # environments whose package lists stay cached (a few vir
 def _holds_distributions(folder: str) -> bool:
     "Whether `folder` (an entry of sys.path) is a folder with installed distributions' metadata in it."
     try:
-        with os.scandir(folder or ".") as entries:
+        with os.scandir(folder) as entries:
             return any(e.name.endswith((".dist-info", ".egg-info")) for e in entries)
-    except OSError:  # a zip file, or a folder that is gone
+    except OSError:  # a zip file, a folder that is gone, or '' (the current folder: left out, as before)
         return False
 
 
