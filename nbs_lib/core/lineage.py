@@ -14,8 +14,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['LIBRARY_DIGEST_PARAM', 'DATA_DIGEST_PARAM', 'KEPT_ENVIRONMENTS', 'file_digest', 'library_digest', 'imports_digest',
-           'notebook_code', 'installed_packages', 'run_lineage', 'product_files', 'source_path', 'product_digests',
-           'pin_library_code', 'pin_data_files', 'dag_description']
+           'notebook_code', 'environment_cache', 'keep_cached', 'installed_packages', 'run_lineage', 'product_files',
+           'source_path', 'product_digests', 'pin_library_code', 'pin_data_files', 'dag_description']
 
 # %% ../../notebooks/04_lineage.ipynb #f7ed63b4
 def file_digest(path: str | Path) -> str:
@@ -128,19 +128,40 @@ def notebook_code(path: str | Path) -> str:
     return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
 
 # %% ../../notebooks/04_lineage.ipynb #73c373ec
-def installed_packages(cache: Path | None = None) -> str:
-    """The installed distributions as `name==version` lines, sorted: the environment a run used.
-
-    Reading every package's metadata takes half a second, on every `nbs execute`, build and orchestrated
-    task; the answer is kept in `cache` (default ~/.cache/nbs, the newest KEPT_ENVIRONMENTS) under a key that
-    changes whenever a package is installed or removed: the modification times of the folders on sys.path that
-    hold distributions. Not the others: a project folder on PYTHONPATH changes with every build's files."""
+def environment_cache(kind: str, cache: Path | None = None) -> Path:
+    """The file in `cache` (default $XDG_CACHE_HOME/nbs, else ~/.cache/nbs) that keeps this environment's answer of
+    `kind` ('packages', 'candidates'), under a key that changes whenever a package is installed or removed: the
+    modification times of the folders on sys.path that hold distributions. Not the others: a project folder on
+    PYTHONPATH changes with every build's files."""
     import sys
 
     seen = [f"{folder}:{os.stat(folder).st_mtime_ns}" for folder in sys.path if _holds_distributions(folder)]
     key = hashlib.sha256("\n".join([sys.prefix, *seen]).encode()).hexdigest()[:32]
     cache = cache or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nbs"
-    kept = cache / f"packages-{key}.txt"
+    return cache / f"{kind}-{key}.txt"
+
+
+def keep_cached(kept: Path, text: str) -> None:
+    "Write `text` whole to `kept` (an `environment_cache` file), then remove all but the newest KEPT_ENVIRONMENTS of its kind."
+    try:  # a cache that cannot be written only costs the next process the same work
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        partial = kept.with_name(f".{kept.name}.{os.getpid()}")
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, kept)
+        kind = kept.name.rsplit("-", 1)[0]
+        newest_first = sorted(kept.parent.glob(f"{kind}-*.txt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in newest_first[KEPT_ENVIRONMENTS:]:
+            old.unlink(missing_ok=True)
+    except OSError:  # another process removed one of them meanwhile, or the folder is read-only
+        pass
+
+
+def installed_packages(cache: Path | None = None) -> str:
+    """The installed distributions as `name==version` lines, sorted: the environment a run used.
+
+    Reading every package's metadata takes half a second, on every `nbs execute`, build and orchestrated
+    task; the answer is kept in this environment's `environment_cache` (in `cache`)."""
+    kept = environment_cache("packages", cache)
     try:
         return kept.read_text(encoding="utf-8")
     except OSError:
@@ -149,18 +170,11 @@ def installed_packages(cache: Path | None = None) -> str:
 
     pins = {f"{d.metadata['Name']}=={d.version}" for d in distributions() if d.metadata["Name"]}
     packages = "\n".join(sorted(pins, key=str.lower)) + "\n"
-    try:  # a cache that cannot be written only costs the next run the same half second
-        cache.mkdir(parents=True, exist_ok=True)
-        partial = kept.with_name(f".{kept.name}.{os.getpid()}")
-        partial.write_text(packages, encoding="utf-8")
-        os.replace(partial, kept)
-        _forget_old_environments(cache)
-    except OSError:
-        pass
+    keep_cached(kept, packages)
     return packages
 
 
-KEPT_ENVIRONMENTS = 8  # environments whose package lists stay cached (a few virtual environments, each updated now and then)
+KEPT_ENVIRONMENTS = 8  # environments whose answers stay cached, of each kind (a few virtual environments, each updated now and then)
 
 
 def _holds_distributions(folder: str) -> bool:
@@ -171,12 +185,6 @@ def _holds_distributions(folder: str) -> bool:
     except OSError:  # a zip file, a folder that is gone, or '' (the current folder: left out, as before)
         return False
 
-
-def _forget_old_environments(cache: Path) -> None:
-    "Remove all but the newest KEPT_ENVIRONMENTS package lists from `cache`."
-    kept = sorted(cache.glob("packages-*.txt"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    for old in kept[KEPT_ENVIRONMENTS:]:
-        old.unlink(missing_ok=True)
 
 
 def run_lineage() -> tuple[dict[str, str], str]:

@@ -11,11 +11,12 @@ import pandas as pd
 
 from ..core.data import write_atomic
 from ..core.errors import ParameterError
+from ..core.lineage import environment_cache, keep_cached
 from .features import build_preprocessor, feature_spec
 
 # %% auto #0
-__all__ = ['SHORT_NAMES', 'MODEL_NAMES', 'BASELINE', 'estimator_class', 'make_estimator', 'check_candidate', 'train_model',
-           'save_model', 'load_model']
+__all__ = ['SHORT_NAMES', 'MODEL_NAMES', 'BASELINE', 'KEPT_CHECKS', 'estimator_class', 'make_estimator', 'check_candidate',
+           'train_model', 'save_model', 'load_model']
 
 # %% ../../notebooks/13_train.ipynb #f2386f27
 # Short names stand for a classifier and a regressor of one family, so one grid serves both tasks;
@@ -94,11 +95,21 @@ def make_estimator(model: str, model_params: dict | None = None, seed: int = 42,
         raise ParameterError("model_params", f"does not fit {cls.__name__}: {e}", valid=list(valid)) from e
 
 # %% ../../notebooks/13_train.ipynb #533dc8c3
-def check_candidate(model: str, model_params: dict | None = None, task: str = "auto") -> None:
-    "Refuse, before anything runs, a candidate that cannot train: an unknown `model`, or `model_params` it does not take (for `task`; when auto, for some task, and a per-task entry for its own task)."
+def check_candidate(model: str, model_params: dict | None = None, task: str = "auto", cache: Path | None = None) -> None:
+    """Refuse, before anything runs, a candidate that cannot train: an unknown `model`, or `model_params` it does not take (for `task`; when auto, for some task, and a per-task entry for its own task).
+
+    A check that passed for one of scikit-learn's own estimators is remembered in this environment's
+    `environment_cache` (in `cache`) with the library's digest: importing scikit-learn to check again took
+    1 to 2 s of CPU at the start of every build."""
     from nbs_lib.ml.columns import TASKS, is_per_task
 
     params = model_params or {}
+    # an estimator of one's own may change under the same environment and library: only scikit-learn's are remembered
+    key = _candidate_key(model, params, task) if model in SHORT_NAMES or model.startswith("sklearn.") else None
+    kept = environment_cache("candidates", cache)
+    passed = _passed_checks(kept) if key else []
+    if key in passed:
+        return
     per_task = is_per_task(params)
     tasks = TASKS if task == "auto" else (task,)
     if per_task and task == "auto":
@@ -111,6 +122,30 @@ def check_candidate(model: str, model_params: dict | None = None, task: str = "a
             refusals.append(e)
     if refusals and (per_task or len(refusals) == len(tasks)):
         raise refusals[0]
+    if key:
+        keep_cached(kept, "".join(f"{k}\n" for k in [*passed[-KEPT_CHECKS + 1:], key]))
+
+
+KEPT_CHECKS = 256  # passed checks remembered per environment: every candidate of several projects' grids
+
+
+def _candidate_key(model: str, params: dict, task: str) -> str:
+    "What a check of `model` with `params` for `task` answers from: those and the library that checks them."
+    import hashlib
+    import json
+
+    from nbs_lib.core.lineage import library_digest
+
+    spec = json.dumps([model, params, task, library_digest()["all"]], sort_keys=True, default=repr)
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def _passed_checks(kept: Path) -> list[str]:
+    "The keys of the checks that passed, oldest first, from the cache file `kept`."
+    try:
+        return kept.read_text(encoding="utf-8").split()
+    except OSError:
+        return []
 
 # %% ../../notebooks/13_train.ipynb #4f05121c
 def train_model(train: pd.DataFrame, target: str, model: str = "logistic_regression",
