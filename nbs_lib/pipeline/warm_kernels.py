@@ -5,6 +5,7 @@
 # %% ../../notebooks/34_warm_kernels.ipynb #47e04fab
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -78,6 +79,7 @@ def _try_import(module: str) -> None:
 
 def _fork_kernel(request: dict, answers: int) -> int:
     "Fork the kernel `request` describes through a middle process, so it is not this process's child; its process id."
+    gc.freeze()  # what is imported so far stays out of the kernel's collections, its exit's too (see above)
     pid_pipe = os.pipe()
     middle = os.fork()
     if middle == 0:
