@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..core.data import write_atomic
 from ..core.errors import ParameterError
-from ..core.lineage import environment_cache, keep_cached
+from ..core.lineage import environment_cache, keep_cached, library_digest
 from .features import build_preprocessor, feature_spec
 
 # %% auto #0
@@ -106,8 +106,8 @@ def check_candidate(model: str, model_params: dict | None = None, task: str = "a
     params = model_params or {}
     # an estimator of one's own may change under the same environment and library: only scikit-learn's are remembered
     key = _candidate_key(model, params, task) if model in SHORT_NAMES or model.startswith("sklearn.") else None
-    kept = environment_cache("candidates", cache)
-    passed = _passed_checks(kept) if key else []
+    kept = environment_cache("candidates", cache) if key else None
+    passed = _passed_checks(kept) if kept else []
     if key in passed:
         return
     per_task = is_per_task(params)
@@ -122,7 +122,7 @@ def check_candidate(model: str, model_params: dict | None = None, task: str = "a
             refusals.append(e)
     if refusals and (per_task or len(refusals) == len(tasks)):
         raise refusals[0]
-    if key:
+    if kept:
         keep_cached(kept, "".join(f"{k}\n" for k in [*passed[-KEPT_CHECKS + 1:], key]))
 
 
@@ -133,8 +133,6 @@ def _candidate_key(model: str, params: dict, task: str) -> str:
     "What a check of `model` with `params` for `task` answers from: those and the library that checks them."
     import hashlib
     import json
-
-    from nbs_lib.core.lineage import library_digest
 
     spec = json.dumps([model, params, task, library_digest()["all"]], sort_keys=True, default=repr)
     return hashlib.sha256(spec.encode()).hexdigest()
