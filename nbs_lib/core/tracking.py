@@ -27,11 +27,12 @@ _logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'HEADER_PROVIDERS_LEFT_OUT',
-           'HEADER_PROVIDER_GROUP', 'STORE_MODULES', 'ORCHESTRATED_TAG', 'check_server', 'load_header_providers',
-           'open_store', 'get_client', 'experiment_id', 'git_state', 'owner_tags', 'process_alive', 'reap_orphans',
-           'start_pipeline_run', 'start_task_run', 'finish_run', 'log_scrubbed_artifact', 'tag_run', 'active_run_id',
-           'journal_metrics', 'journal_tags', 'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact',
-           'json_artifact', 'table_artifact', 'who', 'RunJournal']
+           'HEADER_PROVIDER_GROUP', 'STORE_MODULES', 'ORCHESTRATED_TAG', 'UNIQUE_VIOLATIONS', 'check_server',
+           'load_header_providers', 'open_store', 'get_client', 'experiment_id', 'git_state', 'owner_tags',
+           'process_alive', 'reap_orphans', 'start_pipeline_run', 'start_task_run', 'finish_run',
+           'log_scrubbed_artifact', 'tag_run', 'log_dataset_inputs', 'active_run_id', 'journal_metrics', 'journal_tags',
+           'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact', 'json_artifact', 'table_artifact',
+           'who', 'RunJournal']
 
 # %% ../../notebooks/05_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -281,6 +282,22 @@ def tag_run(client, run_id: str, tags: dict[str, str]) -> None:
     from mlflow.entities import RunTag
 
     client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+
+# %% ../../notebooks/05_tracking.ipynb #9b3e7d41
+# what each store says when an insert meets the row another process wrote a moment before: SQLite, PostgreSQL, MySQL
+UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value violates unique constraint", "Duplicate entry")
+
+
+def log_dataset_inputs(client, run_id: str, inputs: list) -> None:
+    "Log the dataset `inputs` (DatasetInput) to run `run_id`, once more when another run inserted one of them at the same moment."
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except MlflowException as e:
+        if not any(said in str(e) for said in UNIQUE_VIOLATIONS):
+            raise
+        client.log_inputs(run_id, datasets=inputs)  # the dataset is there now: this call only links it
 
 # %% ../../notebooks/05_tracking.ipynb #3ad61dee
 def active_run_id() -> str | None:

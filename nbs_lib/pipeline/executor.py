@@ -42,6 +42,7 @@ from nbs_lib.core.tracking import (
     RunJournal,
     finish_run,
     get_client,
+    log_dataset_inputs,
     log_scrubbed_artifact,
     reap_orphans,
     start_pipeline_run,
@@ -305,7 +306,7 @@ def log_upstream_inputs(client, run_id: str, task, root: Path) -> None:
         for key, (path, digest) in product_digests(upstream.product).items() if _is_data(path)
     ]
     if inputs:
-        client.log_inputs(run_id, datasets=inputs)
+        log_dataset_inputs(client, run_id, inputs)  # the grid's candidates read the same files at the same moment
 
 
 def log_outputs(client, run_id: str, task, root: Path) -> None:
