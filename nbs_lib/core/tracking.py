@@ -27,12 +27,12 @@ _logger = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['RUN_ID_ENV', 'JOURNAL_ENV', 'JOURNAL_RECORDS', 'PARAM_VALUE_LIMIT', 'HEADER_PROVIDERS_LEFT_OUT',
-           'HEADER_PROVIDER_GROUP', 'STORE_MODULES', 'ORCHESTRATED_TAG', 'UNIQUE_VIOLATIONS', 'check_server',
-           'load_header_providers', 'open_store', 'get_client', 'experiment_id', 'git_state', 'owner_tags',
-           'process_alive', 'reap_orphans', 'start_pipeline_run', 'start_task_run', 'finish_run',
+           'HEADER_PROVIDER_GROUP', 'STORE_MODULES', 'ORCHESTRATED_TAG', 'UNIQUE_VIOLATIONS', 'JOURNAL_PREFIX',
+           'check_server', 'load_header_providers', 'open_store', 'get_client', 'experiment_id', 'git_state',
+           'owner_tags', 'process_alive', 'reap_orphans', 'start_pipeline_run', 'start_task_run', 'finish_run',
            'log_scrubbed_artifact', 'tag_run', 'log_dataset_inputs', 'active_run_id', 'journal_metrics', 'journal_tags',
            'log_metrics', 'log_table', 'log_tags', 'log_params', 'log_artifact', 'json_artifact', 'table_artifact',
-           'who', 'RunJournal']
+           'who', 'sweep_dead_journals', 'RunJournal']
 
 # %% ../../notebooks/05_tracking.ipynb #282fbbf9
 RUN_ID_ENV = "NBS_RUN_ID"
@@ -436,13 +436,34 @@ def who() -> str:
     return f"{server_user} ({local})" if server_user else local
 
 # %% ../../notebooks/05_tracking.ipynb #5297c841
+JOURNAL_PREFIX = "nbs-journal-"
+
+
+def _journal_prefix(pid: int) -> str:
+    return f"{JOURNAL_PREFIX}{pid}@{socket.gethostname()}-"  # the host: another container's PIDs are not ours to judge
+
+
+def sweep_dead_journals(folder: str | Path | None = None) -> list[Path]:
+    "Remove the journals in `folder` (default: the temporary folder) whose process on this host is gone; the ones removed."
+    # A build killed outright (SIGKILL, the OOM killer) cannot remove its own: what its kernels logged would stay
+    # there, unreplayed, with no secret scrubbed from it. The next task on the machine sweeps it.
+    swept = []
+    for journal in Path(folder or tempfile.gettempdir()).glob(f"{JOURNAL_PREFIX}*@{socket.gethostname()}-*"):
+        owner = journal.name.removeprefix(JOURNAL_PREFIX).split("@", 1)[0]
+        if owner.isdigit() and not process_alive(int(owner)):
+            shutil.rmtree(journal, ignore_errors=True)
+            swept.append(journal)
+    return swept
+
+
 class RunJournal:
     "Where one task's kernel records what it logs, and the replay of those records into its MLflow run."
 
     def __init__(self, run_id: str, secrets: set[str] | None = None):
         "A journal of run `run_id`; the values in `secrets` are scrubbed from every record it replays."
         self.run_id, self.secrets = run_id, {s for s in (secrets or ()) if s}
-        self.folder = Path(tempfile.mkdtemp(prefix="nbs-journal-"))
+        sweep_dead_journals()
+        self.folder = Path(tempfile.mkdtemp(prefix=_journal_prefix(os.getpid())))
         self.offset = 0  # bytes of the records file replayed so far
         self.refused: str | None = None  # why MLflow refused a record; the task must then fail
 
