@@ -59,7 +59,7 @@ $(AIRFLOW_STAMP): requirements-airflow.lock
 	$(AIRFLOW_VENV)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 	@# compiled as .venv is: where PYTHONDONTWRITEBYTECODE is set, each Airflow process (API server, scheduler, DAG
 	@# processor, task runners) compiled Airflow and its dependencies from source at every start (importing Airflow's
-	@# models and task SDK: 3.2 s of CPU without bytecode, 1.4 s with it; compiling all of it once: about 9 s of CPU)
+	@# models and task SDK: 3.2 s of CPU without bytecode, 1.4 s with it; compiling all of it once: about 10 s of CPU)
 	$(AIRFLOW_VENV)/bin/uv pip install --quiet --python $(AIRFLOW_VENV)/bin/python --no-deps --compile-bytecode -r requirements-airflow.lock
 	$(AIRFLOW_VENV)/bin/pip check
 	@touch $(AIRFLOW_STAMP)

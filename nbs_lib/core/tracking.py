@@ -289,15 +289,16 @@ UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value violates u
 
 
 def log_dataset_inputs(client, run_id: str, inputs: list) -> None:
-    "Log the dataset `inputs` (DatasetInput) to run `run_id`, once more when another run inserted one of them at the same moment."
+    "Log the dataset `inputs` (DatasetInput) to run `run_id`, again when another run inserted one of them at the same moment."
     from mlflow.exceptions import MlflowException
 
-    try:
-        client.log_inputs(run_id, datasets=inputs)
-    except MlflowException as e:
-        if not any(said in str(e) for said in UNIQUE_VIOLATIONS):
-            raise
-        client.log_inputs(run_id, datasets=inputs)  # the dataset is there now: this call only links it
+    for attempt in range(3):  # a grid wider than two at once can collide on one file after another
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as e:  # nothing of the call was written; the next one finds the dataset and links it
+            if attempt == 2 or not any(said in str(e) for said in UNIQUE_VIOLATIONS):
+                raise
 
 # %% ../../notebooks/05_tracking.ipynb #3ad61dee
 def active_run_id() -> str | None:

@@ -76,7 +76,7 @@ def plot_distributions(frame: pd.DataFrame, target: str, path: str | Path, shown
     figure, axes = plt.subplots(rows, 4, figsize=(16, 3 * rows), squeeze=False)
     for ax, column in zip(axes.flat, columns, strict=False):
         for label, group in frame.groupby(target_groups(frame, target))[column]:
-            # one filled outline per group, not a rectangle per bin: the same picture, drawn in a third of the time
+            # one filled outline per group, not a rectangle per bin: the same picture, 0.75 s instead of 1.14 here
             ax.hist(_finite(group.to_frame()).iloc[:, 0].dropna(), bins=30, alpha=0.5, label=str(label), histtype="stepfilled")
         ax.set_title(column, fontsize=9)
     for ax in axes.flat[len(columns):]:
