@@ -452,8 +452,9 @@ def sweep_dead_journals(folder: str | Path | None = None) -> list[Path]:
     for journal in Path(folder or tempfile.gettempdir()).glob(f"{JOURNAL_PREFIX}*@{socket.gethostname()}-*"):
         owner = journal.name.removeprefix(JOURNAL_PREFIX).split("@", 1)[0]
         if owner.isdigit() and not process_alive(int(owner)):
-            shutil.rmtree(journal, ignore_errors=True)
-            swept.append(journal)
+            shutil.rmtree(journal, ignore_errors=True)  # another user's stays: not ours to remove, nor to report
+            if not journal.exists():
+                swept.append(journal)
     return swept
 
 
