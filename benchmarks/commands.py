@@ -13,9 +13,14 @@ from common import BIN, Figure, run_process
 from serve import free_port, stop
 
 FLOOR = "from mlflow.tracking import MlflowClient"  # what every command that must ask MLflow pays first
-# the floor under that of a command on the embedded store: MLflow's client ready on it, one registry query
-STORE_READY = ("from mlflow import MlflowClient; import os; MlflowClient(os.environ['MLFLOW_TRACKING_URI'])"
-               ".search_registered_models(); import gc; gc.freeze()")  # no last collection at exit, as nbs
+# the floor under that of a command on the embedded store: MLflow's client ready on it, one registry query; the
+# collector as an nbs command has it (COMMAND_GC_THRESHOLD while it imports, no last collection at exit)
+STORE_READY = ("import gc; from nbs_lib.cli import COMMAND_GC_THRESHOLD; gc.set_threshold(COMMAND_GC_THRESHOLD); "
+               "from mlflow import MlflowClient; import os; MlflowClient(os.environ['MLFLOW_TRACKING_URI'])"
+               ".search_registered_models(); gc.freeze()")
+# the floor under `nbs predict` and `nbs serve`: that, and skops imported first, as they import it (it lists
+# scikit-learn's estimators as trusted types when imported), nothing loaded or read
+SCORING_READY = STORE_READY.replace("from mlflow import", "import skops.io; from mlflow import")
 
 
 def _serve(project: Path, env: dict, port: int, *options: str) -> tuple[subprocess.Popen, float]:
@@ -78,7 +83,7 @@ def measure(project: Path, env: dict, repeat: int, warm_up: bool = True) -> list
     }
     run_process([nbs, "run", "-q"], project, env)  # up to date, as after a person's build: not timed
     traffic(project, env)  # what nbs monitor reports on: not timed
-    floor, store_ready, serving, serving_warm = [], [], [], []
+    floor, store_ready, scoring_ready, serving, serving_warm = [], [], [], [], []
     times = {(name, warm): [] for name in commands for warm in (False, True)}
     with tempfile.TemporaryDirectory(prefix="nbs-warm-", dir="/tmp") as folder:
         warm_env = {**env, "TMPDIR": folder, "NBS_WARM": "1"}
@@ -88,9 +93,11 @@ def measure(project: Path, env: dict, repeat: int, warm_up: bool = True) -> list
                 timed = round_ >= warm_up
                 seconds = run_process([str(BIN / "python"), "-c", FLOOR], project, env)[0]
                 ready = run_process([str(BIN / "python"), "-c", STORE_READY], project, env)[0]
+                scoring = run_process([str(BIN / "python"), "-c", SCORING_READY], project, env)[0]
                 if timed:
                     floor.append(seconds)
                     store_ready.append(ready)
+                    scoring_ready.append(scoring)
                 for name, (arguments, _, _) in commands.items():
                     for warm in (False, True):
                         seconds = run_process([nbs, *arguments], project, warm_env if warm else env)[0]
@@ -117,10 +124,15 @@ def measure(project: Path, env: dict, repeat: int, warm_up: bool = True) -> list
     figures[len(commands)].notes.append("each command forked from the warm worker (`nbs warm`), started beforehand "
                                         "and not timed: what a second command in a row waits for with NBS_WARM=1")
     figures.append(Figure("MLflow's client ready on the embedded store, whole process", "import, open the store, one "
-                          "registry query (no last collection at exit, as nbs)", f"python -c '{FLOOR}'", store_ready,
+                          "registry query (the collector as in nbs)", f"python -c '{FLOOR}'", store_ready,
                           floor, notes=["the floor under every command above that reads the registry or the runs: "
                                         "the SQLAlchemy store's own imports and first query come on top of the "
                                         "baseline; nbs may not go under it without reading MLflow's tables itself"]))
+    figures.append(Figure("MLflow's client ready and skops imported, whole process", "import skops.io, then as the "
+                          "row above, nothing loaded", f"python -c '{FLOOR}'", scoring_ready, floor,
+                          notes=["the floor under nbs predict and nbs serve, which load a model with skops: its "
+                                 "import lists scikit-learn's estimators as trusted types, importing all of "
+                                 "scikit-learn"]))
     figures.append(Figure("nbs serve, ready (GET /ready 200) after the start", "nbs serve on the champion, the "
                           "feature store opening in the background", f"python -c '{FLOOR}'", serving, floor,
                           target="<= 4 s", absolute_target=4.0))

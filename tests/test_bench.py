@@ -24,6 +24,7 @@ FIGURES = ["nbs --help, whole process", "import nbs_lib, whole process", "nbs ex
            "nbs features, whole process", "nbs monitor, the 600-prediction log, whole process",
            "nbs predict, the 114-row holdout, whole process", "nbs predict, 1,000 CSV rows to CSV, whole process",
            "MLflow's client ready on the embedded store, whole process",
+           "MLflow's client ready and skops imported, whole process",
            *[f"{name}, warm worker, whole process" for name in (
                "nbs status", "nbs models", "nbs runs", "nbs lineage", "nbs promote", "nbs rollback", "nbs schedule list",
                "nbs features", "nbs monitor, the 600-prediction log", "nbs predict, the 114-row holdout")],
