@@ -15,12 +15,13 @@ from serve import free_port, stop
 FLOOR = "from mlflow.tracking import MlflowClient"  # what every command that must ask MLflow pays first
 # the floor under that of a command on the embedded store: MLflow's client ready on it, one registry query; the
 # collector as an nbs command has it (COMMAND_GC_THRESHOLD while it imports, no last collection at exit)
-STORE_READY = ("import gc; from nbs_lib.cli import COMMAND_GC_THRESHOLD; gc.set_threshold(COMMAND_GC_THRESHOLD); "
-               "from mlflow import MlflowClient; import os; MlflowClient(os.environ['MLFLOW_TRACKING_URI'])"
-               ".search_registered_models(); gc.freeze()")
+_AS_NBS = "import gc; from nbs_lib.cli import COMMAND_GC_THRESHOLD; gc.set_threshold(COMMAND_GC_THRESHOLD); "
+_CLIENT_READY = ("from mlflow import MlflowClient; import os; MlflowClient(os.environ['MLFLOW_TRACKING_URI'])"
+                 ".search_registered_models(); gc.freeze()")
+STORE_READY = _AS_NBS + _CLIENT_READY
 # the floor under `nbs predict` and `nbs serve`: that, and skops imported first, as they import it (it lists
 # scikit-learn's estimators as trusted types when imported), nothing loaded or read
-SCORING_READY = STORE_READY.replace("from mlflow import", "import skops.io; from mlflow import")
+SCORING_READY = _AS_NBS + "import skops.io; " + _CLIENT_READY
 
 
 def _serve(project: Path, env: dict, port: int, *options: str) -> tuple[subprocess.Popen, float]:
