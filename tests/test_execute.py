@@ -299,10 +299,15 @@ def test_a_text_notebook_runs_as_jupytext_reads_it_into_an_ipynb(tmp_path):
 
 def test_a_kernel_whose_program_is_missing_is_one_line_and_a_failed_run(tmp_path):
     _job_on_kernel(tmp_path, "gone", [str(tmp_path / "no-such-python"), "-f", "{connection_file}"])
-    done = run_nbs("execute", "job.ipynb", cwd=tmp_path, env={"JUPYTER_PATH": str(tmp_path / "jupyter")})
+    scratch = tmp_path / "tmp"  # the temporary folder of nbs and its kernels: what is left in it is left on the machine
+    scratch.mkdir()
+    done = run_nbs("execute", "job.ipynb", cwd=tmp_path, env={"JUPYTER_PATH": str(tmp_path / "jupyter"),
+                                                             "TMPDIR": str(scratch)})
     assert done.returncode == 1 and "FileNotFoundError" in done.stderr and "no-such-python" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "without saying how it went" not in done.stderr
     assert {r.info.status for r in runs_of(tmp_path)} == {"FAILED"}
+    # each start wrote a connection file, ports and signing key, for a kernel that never launched
+    assert [p.name for p in scratch.rglob("*") if p.is_file() and '"key"' in p.read_text(errors="replace")] == []
 
 
 def test_a_cell_tagged_metrics_records_the_numbers_it_assigns_without_an_import(tmp_path):

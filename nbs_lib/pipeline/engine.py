@@ -25,7 +25,7 @@ from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, NotebookExecutionManager
 
 from ..core.tracking import JOURNAL_ENV, journal_metrics, journal_tags
-from .head_start import ask_quick_exit
+from .head_start import ask_quick_exit, launching
 
 # %% auto #0
 __all__ = ['ERROR_MARKER_TAG', 'METRICS_TAG', 'KERNEL_DIED_AT_START', 'exit_note', 'locate_failed_cell', 'assigned_names',
@@ -183,7 +183,8 @@ class _KillableClient(PapermillNotebookClient):
 
     def start_new_kernel(self, **kwargs) -> None:
         self._start_kwargs = kwargs
-        super().start_new_kernel(**kwargs)
+        with launching(self):
+            super().start_new_kernel(**kwargs)
         with _running_lock:
             _running_kernels[id(self)] = self.km
 

@@ -6,16 +6,18 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ..core.errors import NbsError, as_nbs_error
 
 # %% auto #0
-__all__ = ['QUICK_EXIT', 'die_with', 'ForkedService', 'LocalService', 'start_service', 'read_at_start', 'prestart_kernel',
-           'bind_environment', 'exit_quickly', 'ask_quick_exit', 'request_stop', 'stop_kernel', 'preload_modules']
+__all__ = ['QUICK_EXIT', 'die_with', 'ForkedService', 'LocalService', 'start_service', 'read_at_start', 'launching',
+           'prestart_kernel', 'bind_environment', 'exit_quickly', 'ask_quick_exit', 'request_stop', 'stop_kernel',
+           'preload_modules']
 
 # %% ../../notebooks/23_head_start.ipynb #4bcf4c97
 def die_with(parent: int) -> None:
@@ -175,6 +177,19 @@ def read_at_start(env: dict[str, str]) -> dict[str, str]:
 
 
 # %% ../../notebooks/23_head_start.ipynb #f97067a8
+@contextlib.contextmanager
+def launching(client) -> Iterator[None]:
+    "Around starting the kernel of `client`: if it does not launch, its connection file goes too, signing key and all."
+    # jupyter_client writes the file (ports and the key that signs every message) before it launches the kernel,
+    # and removes it when the kernel shuts down: a kernel that never launched never shuts down, so it stayed in /tmp
+    try:
+        yield
+    except BaseException:
+        if client.km is not None:
+            client.km.cleanup_connection_file()
+        raise
+
+
 def prestart_kernel(kernel_name: str, cwd: str | None, env: dict[str, str], startup_timeout: float):
     "A notebook client whose kernel `kernel_name` is starting in `cwd` with `env`; hand its `km` and `kc` to papermill."
     import nbformat
@@ -182,7 +197,8 @@ def prestart_kernel(kernel_name: str, cwd: str | None, env: dict[str, str], star
 
     client = NotebookClient(nbformat.v4.new_notebook(), kernel_name=kernel_name, startup_timeout=startup_timeout)
     client.km = client.create_kernel_manager()
-    client.start_new_kernel(cwd=cwd, env=env)
+    with launching(client):
+        client.start_new_kernel(cwd=cwd, env=env)
     return client
 
 
