@@ -179,9 +179,10 @@ def read_at_start(env: dict[str, str]) -> dict[str, str]:
 # %% ../../notebooks/23_head_start.ipynb #f97067a8
 @contextlib.contextmanager
 def launching(client) -> Iterator[None]:
-    "Around starting the kernel of `client`: if it does not launch, its connection file goes too, signing key and all."
+    "Around starting the kernel of `client`: if the start raises, the connection file written for it goes, signing key and all."
     # jupyter_client writes the file (ports and the key that signs every message) before it launches the kernel,
-    # and removes it when the kernel shuts down: a kernel that never launched never shuts down, so it stayed in /tmp
+    # and removes it when the kernel shuts down: a start that failed (its program missing) is never shut down, so
+    # the file stayed in /tmp
     try:
         yield
     except BaseException:
